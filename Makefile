@@ -1,0 +1,26 @@
+# The two set-up commands of README: `make pipeline` (the embedded default) and `make test`.
+# Each creates .venv in the repository root and installs what it needs.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: pipeline test install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+pipeline: $(STAMP)
+	.venv/bin/dvc config --local core.analytics false
+	.venv/bin/dvc repro
+	.venv/bin/gendd-pipe info data/store.zarr
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf .venv data

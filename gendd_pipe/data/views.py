@@ -1,0 +1,127 @@
+"""Replayable views: a crop box and a flip, stored as fractions of the source image.
+
+A view is ``(top, left, height, width, hflip)`` with the box in fractions of the
+source image. View 0 is the deterministic eval view, the box that timm's eval
+transform (resize the short edge to ``size / crop_pct``, center crop ``size``)
+cuts from the source. Views ``1..V-1`` follow torchvision's RandomResizedCrop
+sampling plus a horizontal flip, drawn from a generator seeded by
+``(seed, key, view)`` so that re-runs and resumes write identical views.
+
+`render_view` is the one way pixels are made from a view, for the teacher at
+extraction and for the student at training time: PIL resamples the box straight
+from the source (``Image.resize(box=...)``), so a view replays exactly at any
+output size, and view 0 matches resize-then-crop to float precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.transforms import str_to_pil_interp
+from torchvision.transforms.functional import normalize, pil_to_tensor
+
+VIEW_FIELDS = ("top", "left", "height", "width", "hflip")
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """How the cached views of each image are drawn."""
+
+    count: int = 4  # views per image; view 0 is the eval view
+    scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range (timm's default)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
+    hflip: float = 0.5  # probability of a horizontal flip in views 1..count-1
+    seed: int = 0  # with (key, view) this fixes every view
+
+    def __post_init__(self):
+        if self.count < 1:
+            raise ValueError(f"views.count must be >= 1, got {self.count}")
+
+
+def view_rng(seed: int, key: str, view: int) -> np.random.Generator:
+    """A generator that depends only on (seed, key, view), stable across processes."""
+    digest = hashlib.sha256(f"{seed}\x00{key}\x00{view}".encode()).digest()
+    return np.random.default_rng(np.frombuffer(digest, dtype=np.uint32))
+
+
+def eval_view(width: int, height: int, size: tuple[int, int], crop_pct: float, crop_mode: str) -> np.ndarray:
+    """The box timm's eval transform cuts from a ``width x height`` image, as a view.
+
+    Args:
+        width: Source image width in pixels.
+        height: Source image height in pixels.
+        size: Output (height, width).
+        crop_pct: timm's crop fraction; the short edge is first resized to ``size / crop_pct``.
+        crop_mode: ``center`` (keep aspect, resize the short edge) or ``squash``.
+    """
+    out_h, out_w = size
+    scale_h, scale_w = math.floor(out_h / crop_pct), math.floor(out_w / crop_pct)
+    if crop_mode == "squash":
+        new_h, new_w = scale_h, scale_w
+    elif crop_mode in ("center", None):
+        if scale_h != scale_w:
+            raise ValueError("center crop of a non-square input size is not supported")
+        # torchvision Resize(int): the short edge becomes scale, the long edge is truncated.
+        if width <= height:
+            new_w, new_h = scale_w, int(scale_w * height / width)
+        else:
+            new_h, new_w = scale_h, int(scale_h * width / height)
+    else:
+        raise ValueError(f"crop_mode {crop_mode!r} is not supported (use center or squash)")
+    # torchvision CenterCrop offsets, in resized pixels, then as fractions.
+    top, left = int(round((new_h - out_h) / 2.0)), int(round((new_w - out_w) / 2.0))
+    return np.array([top / new_h, left / new_w, out_h / new_h, out_w / new_w, 0.0], dtype=np.float32)
+
+
+def random_view(width: int, height: int, cfg: ViewConfig, rng: np.random.Generator) -> np.ndarray:
+    """A random-resized-crop box plus flip, sampled as torchvision's RandomResizedCrop does."""
+    area = width * height
+    log_ratio = np.log(cfg.ratio)
+    for _ in range(10):
+        target_area = area * rng.uniform(*cfg.scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            break
+    else:  # fall back to a central crop within the ratio bounds
+        in_ratio = width / height
+        if in_ratio < min(cfg.ratio):
+            w, h = width, int(round(width / min(cfg.ratio)))
+        elif in_ratio > max(cfg.ratio):
+            w, h = int(round(height * max(cfg.ratio))), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    flip = float(rng.random() < cfg.hflip)
+    return np.array([top / height, left / width, h / height, w / width, flip], dtype=np.float32)
+
+
+def sample_views(
+    key: str, width: int, height: int, cfg: ViewConfig, size: tuple[int, int], crop_pct: float, crop_mode: str
+) -> np.ndarray:
+    """All ``cfg.count`` views of one image, shape (V, 5), view 0 the eval view."""
+    views = [eval_view(width, height, size, crop_pct, crop_mode)]
+    views += [random_view(width, height, cfg, view_rng(cfg.seed, key, v)) for v in range(1, cfg.count)]
+    return np.stack(views)
+
+
+def render_view(image: Image.Image, view: np.ndarray, size: tuple[int, int], interpolation: str) -> Image.Image:
+    """Cut a view's box from ``image`` and resample it to ``size`` (height, width)."""
+    top, left, height, width, flip = (float(v) for v in view)
+    w, h = image.size
+    box = (left * w, top * h, (left + width) * w, (top + height) * h)
+    out = image.resize((size[1], size[0]), resample=str_to_pil_interp(interpolation), box=box)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip >= 0.5 else out
+
+
+def to_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """PIL RGB image -> normalized float tensor (3, H, W), as timm's eval transform ends."""
+    return normalize(pil_to_tensor(image).float().div_(255), mean, std)

@@ -1,0 +1,258 @@
+"""Extraction: run a teacher once over image shards and write a feature store.
+
+One Dask task per input shard builds (once per worker) the teacher, streams the
+shard, renders every view of every image with `render_view`, and writes one
+feature shard whose ``complete`` attribute is the commit. The driver writes the
+manifest and the teacher head first, skips shards that are already complete
+(resume), and finally records the shard list and skipped samples in the manifest.
+Everything written derives from the inputs and the config, so a resumed run
+writes the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from gendd_pipe import __version__
+from gendd_pipe.data.shards import Sample, ShardReader, expand_urls, shard_name
+from gendd_pipe.data.views import ViewConfig, render_view, sample_views, to_tensor
+from gendd_pipe.errors import GenddError
+from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher, create_teacher
+from gendd_pipe.store.format import FORMAT_VERSION, MANIFEST_ATTR, SHARDS, check_compatible, parse_logits
+from gendd_pipe.store.writer import is_complete, open_root, write_root, write_shard
+
+PROGRESS_TOPIC = "gendd-pipe-progress"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How a store is extracted. Output-affecting fields are recorded in the manifest."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    logits: str = "full"  # full | topk:K
+    batch_size: int = 64  # images per teacher forward
+    chunk_size: int = 256  # samples per Zarr chunk
+    clevel: int = 5  # Blosc zstd level
+    on_error: str = "fail"  # fail | skip (skipped samples are recorded in the manifest)
+    workers: int = 1  # Dask LocalCluster worker processes; 0 runs in this process
+    scheduler: str | None = None  # address of an existing Dask scheduler (overrides workers)
+    threads: int | None = None  # torch threads per worker; default: cores / workers
+
+
+def requested_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
+    """Everything that fixes the bytes of a store, plus an empty shard list."""
+    return {
+        "format_version": FORMAT_VERSION,
+        **teacher.manifest(),
+        "views": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg.views).items()},
+        "logits": parse_logits(cfg.logits),
+        "storage": {"features_dtype": "float16", "codec": "blosc-zstd-bitshuffle", "clevel": cfg.clevel,
+                    "chunk_size": cfg.chunk_size},
+        "shards": [],
+        "skipped": [],
+        "tool_version": __version__,
+    }
+
+
+def _batches(samples: Iterator[Sample], teacher: Teacher, cfg: ExtractConfig, on_skip: Callable) -> Iterator[tuple]:
+    """Render every view of every sample and group them into teacher batches of whole images."""
+    dc, size = teacher.data_config, teacher.input_hw
+    per_batch = max(1, cfg.batch_size // cfg.views.count)
+    pending: list[tuple[Sample, np.ndarray]] = []
+    for item in samples:
+        if not isinstance(item, Sample):
+            on_skip(item)
+            continue
+        views = sample_views(item.key, *item.image.size, cfg.views, size, dc["crop_pct"], dc.get("crop_mode", "center"))
+        pending.append((item, views))
+        if len(pending) == per_batch:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
+def _forward(teacher: Teacher, batch: list, logits: dict) -> tuple[np.ndarray, ...]:
+    dc, size = teacher.data_config, teacher.input_hw
+    images = torch.stack([
+        to_tensor(render_view(sample.image, view, size, dc["interpolation"]), dc["mean"], dc["std"])
+        for sample, views in batch for view in views
+    ])  # (B*V, 3, H, W)
+    features, out = teacher(images)  # (B*V, D), (B*V, C)
+    n, v = len(batch), len(batch[0][1])
+    features = features.reshape(n, v, -1).numpy().astype(np.float16)
+    out = out.reshape(n, v, -1)
+    if logits["mode"] == "full":
+        return features, out.numpy().astype(np.float16)
+    values, indices = out.topk(logits["k"], dim=-1)
+    return features, values.numpy().astype(np.float16), indices.numpy().astype(np.int32)
+
+
+def _report(images: int) -> None:
+    """Tell the driver's progress bar about finished images (no-op outside a Dask worker)."""
+    try:
+        from distributed import get_worker
+
+        get_worker().log_event(PROGRESS_TOPIC, images)
+    except ValueError:
+        pass
+
+
+def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[int], None] = _report) -> dict:
+    """Extract one input shard into the feature shard of the same name. Runs as one Dask task.
+
+    Returns:
+        The shard's manifest entry plus its skipped samples.
+    """
+    teacher = cached_teacher(cfg.teacher, cfg.threads)
+    logits = parse_logits(cfg.logits)
+    name, reader = shard_name(url), ShardReader(url, cfg.on_error)
+    skipped: list[dict] = []
+    keys, labels, views, outputs = [], [], [], []
+    for batch in _batches(iter(reader), teacher, cfg, lambda s: skipped.append({"key": s.key, "reason": s.reason})):
+        keys += [sample.key for sample, _ in batch]
+        labels += [sample.label for sample, _ in batch]
+        views.append(np.stack([v for _, v in batch]))
+        outputs.append(_forward(teacher, batch, logits))
+        report(len(batch))
+    n, dup = len(keys), len(keys) - len(set(keys))
+    if dup:
+        raise GenddError(f"{url}: {dup} duplicate sample keys; keys must be unique within a shard")
+    v, d, c = cfg.views.count, teacher.num_features, teacher.num_classes
+    names = ["features", "logits"] if logits["mode"] == "full" else ["features", "topk_values", "topk_indices"]
+    widths = [d, c] if logits["mode"] == "full" else [d, logits["k"], logits["k"]]
+    dtypes = [np.float16, np.float16, np.int32]
+    arrays = {
+        "keys": np.array(keys, dtype=str) if n else np.zeros(0, dtype="<U1"),
+        "labels": np.array(labels, dtype=np.int64),
+        "views": np.concatenate(views) if n else np.zeros((0, v, 5), np.float32),
+    }
+    for i, (key, width, dtype) in enumerate(zip(names, widths, dtypes)):
+        arrays[key] = np.concatenate([o[i] for o in outputs]) if n else np.zeros((0, v, width), dtype)
+    attrs = {"source": url, "source_sha256": reader.sha256, "count": n, "skipped": skipped}
+    write_shard(open_root(store), name, arrays, attrs, cfg.chunk_size, cfg.clevel)
+    return {"name": name, "source": url, "count": n, "skipped": skipped}
+
+
+@contextmanager
+def dask_client(cfg: ExtractConfig):
+    """A client on the given scheduler, or on a fresh LocalCluster of ``cfg.workers`` processes."""
+    import logging
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    if cfg.scheduler:
+        with Client(cfg.scheduler) as client:
+            yield client
+        return
+    # Dask's default worker environment sets MALLOC_TRIM_THRESHOLD_=65536, which makes torch's large
+    # allocations 2-3x slower; workers get only their thread counts.
+    threads = str(cfg.threads or 1)
+    environ = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
+            LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                         silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
+
+
+def _threads(cfg: ExtractConfig) -> ExtractConfig:
+    if cfg.threads or cfg.scheduler:
+        return cfg
+    from dataclasses import replace
+
+    return replace(cfg, threads=max(1, (os.cpu_count() or 1) // max(1, cfg.workers)))
+
+
+def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool = True) -> dict:
+    """Extract every input shard into ``store``, resuming where a previous run stopped.
+
+    Args:
+        patterns: Shard paths, brace patterns or fsspec URLs.
+        store: Store path or URL (created if missing).
+        cfg: Extraction settings.
+        progress: Show a rich progress bar.
+
+    Returns:
+        The final manifest.
+    """
+    from gendd_pipe.progress import ExtractProgress
+
+    urls = expand_urls(patterns)
+    names = [shard_name(u) for u in urls]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise GenddError(f"two input shards are both named {dup!r}; feature shards are named by file name")
+    store = store if "://" in store else os.path.abspath(store)
+    cfg = _threads(cfg)
+    teacher = create_teacher(cfg.teacher)
+    manifest = requested_manifest(teacher, cfg)
+    root = open_root(store)
+    if MANIFEST_ATTR in root.attrs:
+        manifest = dict(root.attrs[MANIFEST_ATTR])
+        check_compatible(store, manifest, requested_manifest(teacher, cfg))
+        _check_sources(store, root, urls)
+    else:
+        write_root(root, manifest, teacher.head())
+    todo = [u for u in urls if not is_complete(root, shard_name(u))]
+    results = []
+    try:
+        with ExtractProgress(len(urls), len(urls) - len(todo), enabled=progress) as bar:
+            if cfg.workers == 0 and not cfg.scheduler:
+                for url in todo:
+                    results.append(extract_shard(url, store, cfg, report=bar.add_images))
+                    bar.shard_done()
+            elif todo:
+                results = _run_on_dask(todo, store, cfg, bar)
+    finally:
+        manifest = _finalize(root, manifest, urls)
+    return manifest
+
+
+def _run_on_dask(todo: list[str], store: str, cfg: ExtractConfig, bar) -> list[dict]:
+    from distributed import as_completed
+
+    results = []
+    with dask_client(cfg) as client:
+        client.subscribe_topic(PROGRESS_TOPIC, lambda event: bar.add_images(event[1]))
+        futures = [client.submit(extract_shard, url, store, cfg, key=f"extract-{shard_name(url)}", pure=False)
+                   for url in todo]
+        for future in as_completed(futures):
+            results.append(future.result())
+            bar.shard_done()
+    return results
+
+
+def _check_sources(store: str, root, urls: list[str]) -> None:
+    """A complete feature shard must come from the same input shard as the one now given."""
+    for url in urls:
+        name = shard_name(url)
+        if is_complete(root, name):
+            source = root[f"{SHARDS}/{name}"].attrs["source"]
+            if source != url:
+                raise GenddError(f"{store}: shard {name} was extracted from {source}, not {url}; use a new --out")
+
+
+def _finalize(root, manifest: dict, urls: list[str]) -> dict:
+    """Record every complete shard (earlier ones first, then this run's in input order) in the manifest."""
+    order = [s["name"] for s in manifest["shards"]] + [shard_name(u) for u in urls]
+    shards, skipped, seen = [], [], set()
+    for name in order:
+        if name in seen or not is_complete(root, name):
+            continue
+        seen.add(name)
+        attrs = root[f"{SHARDS}/{name}"].attrs
+        shards.append({"name": name, "source": attrs["source"], "count": attrs["count"],
+                       "source_sha256": attrs["source_sha256"]})
+        skipped += [{"shard": name, **s} for s in attrs["skipped"]]
+    manifest = {**manifest, "shards": shards, "skipped": skipped}
+    root.attrs[MANIFEST_ATTR] = manifest
+    return manifest

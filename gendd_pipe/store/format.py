@@ -1,0 +1,61 @@
+"""Feature store format version 1: names, codecs, the manifest and what makes two stores compatible.
+
+Layout (a Zarr v3 group; see README "The feature store")::
+
+    store.zarr/                 attrs["gendd_pipe"] = manifest
+      teacher/head_weight (C, D) float32, teacher/head_bias (C,) float32
+      shards/<name>/            attrs: source, source_sha256, count, skipped, complete
+        keys (n,) str, labels (n,) int64, views (n, V, 5) float32,
+        features (n, V, D) float16, logits (n, V, C) float16
+        or topk_values (n, V, k) float16 + topk_indices (n, V, k) int32
+"""
+
+from __future__ import annotations
+
+import re
+
+from zarr.codecs import BloscCodec
+
+from gendd_pipe.errors import GenddError
+
+FORMAT_VERSION = 1
+MANIFEST_ATTR = "gendd_pipe"
+SHARDS = "shards"
+HEAD_WEIGHT, HEAD_BIAS = "teacher/head_weight", "teacher/head_bias"
+COMPLETE = "complete"
+
+# Fields that must agree before a store is extended or resumed: anything that changes the bytes.
+COMPATIBLE_SECTIONS = ("format_version", "teacher", "preprocessing", "views", "logits", "storage")
+
+
+def compressor(clevel: int = 5) -> BloscCodec:
+    """Blosc zstd with bit shuffle: fp16 features compress well once their bits are grouped."""
+    return BloscCodec(cname="zstd", clevel=clevel, shuffle="bitshuffle")
+
+
+def parse_logits(mode: str) -> dict:
+    """``full`` or ``topk:K`` -> the manifest's ``logits`` section."""
+    if mode == "full":
+        return {"mode": "full"}
+    match = re.fullmatch(r"topk:(\d+)", mode)
+    if not match or int(match.group(1)) < 1:
+        raise GenddError(f"logits mode must be full or topk:K with K >= 1, not {mode!r}")
+    return {"mode": "topk", "k": int(match.group(1))}
+
+
+def check_compatible(store: str, existing: dict, requested: dict) -> None:
+    """Refuse to extend a store whose bytes would come from another teacher or recipe."""
+    if existing.get("format_version") != FORMAT_VERSION:
+        raise GenddError(f"{store}: format version {existing.get('format_version')} is not {FORMAT_VERSION}")
+    for section in COMPATIBLE_SECTIONS:
+        old, new = existing.get(section), requested.get(section)
+        if old != new:
+            fields = sorted(k for k in (old or {}) | (new or {}) if (old or {}).get(k) != (new or {}).get(k))
+            raise GenddError(
+                f"{store}: written with another {section} ({', '.join(fields)} differ: "
+                f"{_short(old, fields)} vs requested {_short(new, fields)}); refusing to mix, use a new --out"
+            )
+
+
+def _short(section: dict | None, fields: list[str]) -> str:
+    return str({k: (section or {}).get(k) for k in fields[:3]})

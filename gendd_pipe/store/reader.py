@@ -1,0 +1,89 @@
+"""Opening a feature store: the Python API a team uses without ever seeing the teacher.
+
+    >>> store = FeatureStore.open("s3://bucket/store.zarr")
+    >>> store.manifest["teacher"]["name"], store.num_samples
+    >>> weight, bias = store.head()
+    >>> shard = store.shard("train-000000"); shard["features"][:8]   # zarr arrays
+    >>> lazy = store.to_dask()                                       # whole-store dask arrays
+
+Only shards whose ``complete`` attribute is set are visible.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from gendd_pipe.errors import GenddError
+from gendd_pipe.store.format import COMPLETE, FORMAT_VERSION, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, SHARDS
+
+
+class FeatureStore:
+    """A read-only view of a feature store (format version 1)."""
+
+    def __init__(self, root: zarr.Group, url: str):
+        self.root, self.url = root, url
+        if MANIFEST_ATTR not in root.attrs:
+            raise GenddError(f"{url}: not a gendd-pipe feature store (no '{MANIFEST_ATTR}' manifest)")
+        self.manifest: dict = dict(root.attrs[MANIFEST_ATTR])
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise GenddError(f"{url}: format version {self.manifest.get('format_version')} is not {FORMAT_VERSION}")
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict | None = None) -> "FeatureStore":
+        """Open a store by local path or fsspec URL (``s3://``, ``gs://``, ``file://`` ...)."""
+        try:
+            root = zarr.open_group(url, mode="r", zarr_format=3, storage_options=storage_options)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise GenddError(f"{url}: no feature store here") from exc
+        return cls(root, url)
+
+    @property
+    def shard_names(self) -> list[str]:
+        """Complete shards, in manifest order, then any complete ones the manifest does not list yet."""
+        group = self.root.get(SHARDS)
+        present = {name for name, g in group.groups() if g.attrs.get(COMPLETE)} if group is not None else set()
+        listed = [s["name"] for s in self.manifest["shards"] if s["name"] in present]
+        return listed + sorted(present - set(listed))
+
+    @property
+    def logits_mode(self) -> str:
+        return self.manifest["logits"]["mode"]
+
+    @property
+    def num_views(self) -> int:
+        return self.manifest["views"]["count"]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(int(self.shard(n).attrs["count"]) for n in self.shard_names)
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """The teacher's classifier: weight (C, D) and bias (C,), float32."""
+        return self.root[HEAD_WEIGHT][...], self.root[HEAD_BIAS][...]
+
+    def shard(self, name: str) -> zarr.Group:
+        """One complete feature shard; its arrays are lazy zarr arrays."""
+        group = self.root.get(f"{SHARDS}/{name}")
+        if group is None or not group.attrs.get(COMPLETE):
+            raise GenddError(f"{self.url}: shard {name!r} is missing or incomplete")
+        return group
+
+    def read_shard(self, name: str) -> dict[str, np.ndarray]:
+        """All arrays of one shard as numpy, read in one go (what the student's loader does per shard)."""
+        group = self.shard(name)
+        return {key: array[...] for key, array in group.arrays()}
+
+    def to_dask(self) -> dict:
+        """Whole-store dask arrays (concatenated over complete shards, in `shard_names` order)."""
+        import dask.array as da
+
+        names = self.shard_names
+        if not names:
+            raise GenddError(f"{self.url}: no complete shards")
+        keys = [k for k, _ in self.shard(names[0]).arrays() if k != "keys"]
+        return {k: da.concatenate([da.from_zarr(self.shard(n)[k]) for n in names]) for k in keys}
+
+    def __repr__(self) -> str:
+        t = self.manifest["teacher"]
+        return f"FeatureStore({self.url!r}, teacher={t['name']}, shards={len(self.shard_names)}, views={self.num_views})"
