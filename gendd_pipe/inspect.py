@@ -1,0 +1,131 @@
+"""Looking into a store: `summarize` (what `gendd-pipe info` prints) and `verify`.
+
+`verify` checks that every listed shard is complete and self-consistent (array
+lengths, view and feature widths, unique keys, finite values), and optionally
+re-runs N random (sample, view) pairs through the teacher named in the
+manifest, from the source shards, and reports the cosine similarity of the
+recomputed features to the stored ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gendd_pipe.data.shards import Sample, ShardReader
+from gendd_pipe.data.views import render_view, to_tensor
+from gendd_pipe.errors import GenddError
+from gendd_pipe.models.teacher import TeacherConfig, create_teacher
+from gendd_pipe.store.reader import FeatureStore
+
+PAYLOAD = ("features", "logits", "topk_values")  # arrays compared against raw fp32
+
+
+def summarize(store: FeatureStore) -> dict:
+    """Manifest summary plus sizes: bytes on disk and compression against raw fp32."""
+    m = store.manifest
+    stored = raw = payload_stored = samples = 0
+    for name in store.shard_names:
+        group = store.shard(name)
+        samples += int(group.attrs["count"])
+        for key, array in group.arrays():
+            size = array.nbytes_stored()
+            stored += size
+            if key in PAYLOAD:
+                raw += array.size * 4
+                payload_stored += size
+    views = samples * m["views"]["count"]
+    return {
+        "store": store.url,
+        "teacher": m["teacher"],
+        "preprocessing": m["preprocessing"],
+        "views": m["views"],
+        "logits": m["logits"],
+        "shards": len(store.shard_names),
+        "samples": samples,
+        "skipped": len(m["skipped"]),
+        "bytes_stored": stored,
+        "bytes_per_view": stored / views if views else 0.0,
+        "raw_fp32_bytes": raw,
+        "compression_ratio": raw / payload_stored if payload_stored else 0.0,
+        "tool_version": m["tool_version"],
+    }
+
+
+def check_shard(store: FeatureStore, name: str) -> list[str]:
+    """Problems found in one shard (empty if consistent)."""
+    m, group, problems = store.manifest, store.shard(name), []
+    data = store.read_shard(name)
+    n = int(group.attrs["count"])
+    widths = {"views": 5, "features": m["teacher"]["num_features"]}
+    if m["logits"]["mode"] == "full":
+        widths["logits"] = m["teacher"]["num_classes"]
+    else:
+        widths["topk_values"] = widths["topk_indices"] = m["logits"]["k"]
+    for key in ("keys", "labels", *widths):
+        if key not in data:
+            problems.append(f"shard {name}: array {key} is missing")
+        elif len(data[key]) != n:
+            problems.append(f"shard {name}: {key} has {len(data[key])} rows, count says {n}")
+        elif key in widths and data[key].shape[1:] != (m["views"]["count"], widths[key]):
+            problems.append(f"shard {name}: {key} has shape {data[key].shape}, expected (n, {m['views']['count']}, {widths[key]})")
+    if "keys" in data and len(set(data["keys"].tolist())) != len(data["keys"]):
+        problems.append(f"shard {name}: duplicate keys")
+    for key in ("features", "logits", "topk_values"):
+        if key in data and not np.isfinite(data[key].astype(np.float32)).all():
+            problems.append(f"shard {name}: {key} holds NaN or inf")
+    return problems
+
+
+def recompute(store: FeatureStore, count: int, seed: int = 0) -> list[dict]:
+    """Re-run ``count`` random (sample, view) pairs through the teacher; one record per pair."""
+    m = store.manifest
+    t = m["teacher"]
+    teacher = create_teacher(TeacherConfig(t["name"], t["weights"], m["preprocessing"]["input_size_override"],
+                                           t.get("init_seed", 0)))
+    if teacher.weights_sha256 != t["weights_sha256"]:
+        raise GenddError(f"{store.url}: teacher weights {t['weights']} now hash to {teacher.weights_sha256[:12]}, "
+                         f"the store was written with {t['weights_sha256'][:12]}")
+    rng = np.random.default_rng(seed)
+    picks = [(name, i) for name in store.shard_names for i in range(int(store.shard(name).attrs["count"]))]
+    chosen = sorted(rng.choice(len(picks), size=min(count, len(picks)), replace=False).tolist())
+    by_shard: dict[str, list[int]] = {}
+    for c in chosen:
+        by_shard.setdefault(picks[c][0], []).append(picks[c][1])
+    dc, records = teacher.data_config, []
+    for name, rows in by_shard.items():
+        group = store.shard(name)
+        wanted = {str(group["keys"][r]): r for r in rows}
+        for sample in ShardReader(group.attrs["source"], on_error="skip"):
+            if not isinstance(sample, Sample) or sample.key not in wanted:
+                continue
+            row = wanted[sample.key]
+            view = int(rng.integers(m["views"]["count"]))
+            x = to_tensor(render_view(sample.image, group["views"][row, view], teacher.input_hw, dc["interpolation"]),
+                          dc["mean"], dc["std"])
+            feature = teacher(x[None])[0][0].numpy()
+            stored = group["features"][row, view].astype(np.float32)
+            cosine = float(feature @ stored / (np.linalg.norm(feature) * np.linalg.norm(stored) + 1e-12))
+            records.append({"shard": name, "key": sample.key, "view": view, "cosine": cosine})
+    return records
+
+
+def verify(store: FeatureStore, recompute_count: int = 0, seed: int = 0, min_cosine: float = 0.99) -> dict:
+    """Check every shard, and optionally recompute samples; ``ok`` is False on any problem."""
+    listed = [s["name"] for s in store.manifest["shards"]]
+    problems = [f"shard {n}: listed in the manifest but missing or incomplete"
+                for n in listed if n not in store.shard_names]
+    for name in store.shard_names:
+        problems += check_shard(store, name)
+    records = recompute(store, recompute_count, seed) if recompute_count else []
+    cosines = [r["cosine"] for r in records]
+    problems += [f"shard {r['shard']}: key {r['key']} view {r['view']}: recomputed cosine {r['cosine']:.4f} "
+                 f"< {min_cosine}" for r in records if r["cosine"] < min_cosine]
+    return {
+        "store": store.url,
+        "shards": len(store.shard_names),
+        "problems": problems,
+        "recomputed": len(records),
+        "cosine_min": min(cosines) if cosines else None,
+        "cosine_mean": float(np.mean(cosines)) if cosines else None,
+        "ok": not problems,
+    }

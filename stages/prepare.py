@@ -1,0 +1,18 @@
+"""Stage `prepare`: write the train/val image shards of the recipe's data set."""
+
+from __future__ import annotations
+
+from gendd_pipe.data.prepare import PrepareConfig, folder_records, mnist5k_records, prepare
+from stages.params import build, load_section
+
+
+def run(section: dict) -> dict:
+    """``section``: dataset (mnist5k or an ImageFolder path), out, and the PrepareConfig fields."""
+    dataset, out = section["dataset"], section["out"]
+    cfg = build(PrepareConfig, {k: v for k, v in section.items() if k not in ("dataset", "out")}, "prepare")
+    records, classes = mnist5k_records() if dataset == "mnist5k" else folder_records(dataset)
+    return prepare(records, classes, out, cfg, dataset)  # also writes out/prepare.json
+
+
+if __name__ == "__main__":
+    run(load_section("prepare"))
