@@ -27,7 +27,7 @@ app = typer.Typer(help="Offline teacher-feature cache and GenDD distillation.", 
                   pretty_exceptions_enable=False)
 prepare_app = typer.Typer(help="Write ImageNet-style WebDataset shards from real image sets.", no_args_is_help=True)
 app.add_typer(prepare_app, name="prepare")
-console = Console()
+console = Console(soft_wrap=True)  # messages stay one line however narrow the terminal
 P, E, V, T = PrepareConfig(), ExtractConfig(), ViewConfig(), TeacherConfig()
 
 
@@ -159,3 +159,5 @@ def verify_command(store: Annotated[str, typer.Argument(help="Store path or URL.
     console.print(line + (", ok" if report["ok"] else f", {len(report['problems'])} problems"), highlight=False)
     if not report["ok"]:
         raise typer.Exit(1)
+if __name__ == "__main__":
+    app()
