@@ -3,6 +3,8 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export HF_HUB_OFFLINE := 1
+# dvc.yaml stages call `python`: make it the venv's.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 .PHONY: pipeline test install clean
 
@@ -15,9 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 pipeline: $(STAMP)
-	.venv/bin/dvc config --local core.analytics false
-	.venv/bin/dvc repro
-	.venv/bin/gendd-pipe info data/store.zarr
+	dvc config --local core.analytics false
+	dvc repro
+	gendd-pipe info data/store.zarr
 
 test: $(STAMP)
 	$(PY) -m pytest
