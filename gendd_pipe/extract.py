@@ -12,10 +12,9 @@ writes the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -165,10 +164,9 @@ def dask_client(cfg: ExtractConfig):
 
 
 def _threads(cfg: ExtractConfig) -> ExtractConfig:
+    """Split the machine's cores among the local workers, unless told otherwise."""
     if cfg.threads or cfg.scheduler:
         return cfg
-    from dataclasses import replace
-
     return replace(cfg, threads=max(1, (os.cpu_count() or 1) // max(1, cfg.workers)))
 
 
@@ -203,32 +201,29 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
     else:
         write_root(root, manifest, teacher.head())
     todo = [u for u in urls if not is_complete(root, shard_name(u))]
-    results = []
     try:
         with ExtractProgress(len(urls), len(urls) - len(todo), enabled=progress) as bar:
             if cfg.workers == 0 and not cfg.scheduler:
                 for url in todo:
-                    results.append(extract_shard(url, store, cfg, report=bar.add_images))
+                    extract_shard(url, store, cfg, report=bar.add_images)
                     bar.shard_done()
             elif todo:
-                results = _run_on_dask(todo, store, cfg, bar)
-    finally:
+                _run_on_dask(todo, store, cfg, bar)
+    finally:  # shards that completed stay listed even when another one failed
         manifest = _finalize(root, manifest, urls)
     return manifest
 
 
-def _run_on_dask(todo: list[str], store: str, cfg: ExtractConfig, bar) -> list[dict]:
+def _run_on_dask(todo: list[str], store: str, cfg: ExtractConfig, bar) -> None:
     from distributed import as_completed
 
-    results = []
     with dask_client(cfg) as client:
         client.subscribe_topic(PROGRESS_TOPIC, lambda event: bar.add_images(event[1]))
         futures = [client.submit(extract_shard, url, store, cfg, key=f"extract-{shard_name(url)}", pure=False)
                    for url in todo]
         for future in as_completed(futures):
-            results.append(future.result())
+            future.result()  # re-raises a task's GenddError here
             bar.shard_done()
-    return results
 
 
 def _check_sources(store: str, root, urls: list[str]) -> None:

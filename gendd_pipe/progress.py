@@ -36,7 +36,3 @@ class ExtractProgress:
 
     def shard_done(self) -> None:
         self._progress.advance(self._task)
-
-    @property
-    def rate(self) -> float:
-        return self.images / max(time.perf_counter() - self.start, 1e-9)

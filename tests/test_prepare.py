@@ -25,7 +25,7 @@ def test_mnist5k_shards_are_stratified_and_reproducible(tmp_path, mnist_records)
     assert val[0].image.size == (28, 28)
     train_keys = {s.key for p in a["train"]["shards"] for s in ShardReader(str(tmp_path / "a" / p))}
     assert len(train_keys) == 4000 and not train_keys & {s.key for s in val}
-    b = prepare(mnist_records, classes, str(tmp_path / "b"), cfg, "mnist5k")
+    prepare(mnist_records, classes, str(tmp_path / "b"), cfg, "mnist5k")
     for shard in a["train"]["shards"] + a["val"]["shards"]:
         assert _md5(tmp_path / "a" / shard) == _md5(tmp_path / "b" / shard)
     assert json.load(open(tmp_path / "a" / "prepare.json"))["classes"] == classes

