@@ -196,7 +196,7 @@ def test_dask_cluster_extraction_equals_in_process(tmp_path, digit_shards):
             np.testing.assert_array_equal(value, b.read_shard(name)[key])
 
 
-def test_unreadable_source_is_hashed_and_samples_are_decoded(digit_shards):
+def test_shard_reader_decodes_samples_and_hashes_the_source(digit_shards):
     reader = ShardReader(digit_shards[0])
     samples = list(reader)
     assert len(samples) == 40 and samples[0].image.mode == "RGB"
