@@ -195,8 +195,8 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
     manifest = requested_manifest(teacher, cfg)
     root = open_root(store)
     if MANIFEST_ATTR in root.attrs:
-        manifest = dict(root.attrs[MANIFEST_ATTR])
-        check_compatible(store, manifest, requested_manifest(teacher, cfg))
+        requested, manifest = manifest, dict(root.attrs[MANIFEST_ATTR])
+        check_compatible(store, manifest, requested)
         _check_sources(store, root, urls)
     else:
         write_root(root, manifest, teacher.head())
