@@ -1,4 +1,4 @@
-"""The ``gendd-pipe`` command line: prepare, extract, info, verify.
+"""The ``gendd-pipe`` command line: prepare, extract, info, verify, distill, evaluate.
 
 A thin front end over the library (the DVC stages are the other one). Errors a
 user can cause print as one line and exit 1; defaults come from the config
@@ -16,10 +16,17 @@ from rich.console import Console
 from rich.table import Table
 
 from gendd_pipe.data.prepare import PrepareConfig, folder_records, mnist5k_records, prepare
+from gendd_pipe.data.loader import LoaderConfig
 from gendd_pipe.data.views import ViewConfig
+from gendd_pipe.distill.config import DistillConfig
+from gendd_pipe.distill.evaluate import evaluate_checkpoint
+from gendd_pipe.distill.methods import METHODS, GenddConfig, LogitConfig
+from gendd_pipe.distill.train import distill
 from gendd_pipe.errors import GenddError
 from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.inspect import summarize, verify
+from gendd_pipe.models.gendd_head import SAMPLERS, HeadConfig
+from gendd_pipe.models.student import StudentConfig
 from gendd_pipe.models.teacher import TeacherConfig
 from gendd_pipe.store.reader import FeatureStore
 
@@ -29,6 +36,7 @@ prepare_app = typer.Typer(help="Write ImageNet-style WebDataset shards from real
 app.add_typer(prepare_app, name="prepare")
 console = Console(soft_wrap=True)  # messages stay one line however narrow the terminal
 P, E, V, T = PrepareConfig(), ExtractConfig(), ViewConfig(), TeacherConfig()
+D, L, K, G, H = DistillConfig(), LoaderConfig(), LogitConfig(), GenddConfig(), HeadConfig()
 
 
 def user_errors(command):
@@ -159,5 +167,92 @@ def verify_command(store: Annotated[str, typer.Argument(help="Store path or URL.
     console.print(line + (", ok" if report["ok"] else f", {len(report['problems'])} problems"), highlight=False)
     if not report["ok"]:
         raise typer.Exit(1)
+def _choice(value: str, choices, what: str) -> str:
+    if value not in choices:
+        raise typer.BadParameter(f"{what} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
+@app.command("distill")
+@user_errors
+def distill_command(
+    store: Annotated[str, typer.Option(help="Feature store path or URL.")],
+    shards: Annotated[list[str], typer.Option(help="Train image shards (repeatable; patterns or URLs).")],
+    val_shards: Annotated[list[str], typer.Option(help="Val image shards (repeatable).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Run directory: checkpoints, metrics.jsonl, summary.json.")],
+    student: Annotated[str, typer.Option(help="timm model name of the student.")] = D.student.name,
+    method: Annotated[str, typer.Option(help=" | ".join(METHODS) + ".")] = D.method,
+    unsupervised: Annotated[bool, typer.Option(help="No label enters any loss.")] = D.unsupervised,
+    input_size: Annotated[int | None, typer.Option(help="Student input size (square); default timm's.")] = None,
+    epochs: Annotated[int, typer.Option()] = D.epochs,
+    batch_size: Annotated[int, typer.Option(help="Samples per step per process.")] = L.batch_size,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = D.lr,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay of the student.")] = D.weight_decay,
+    warmup_epochs: Annotated[int, typer.Option(help="Linear learning-rate warmup.")] = D.warmup_epochs,
+    seed: Annotated[int, typer.Option()] = D.seed,
+    temperature: Annotated[float, typer.Option(help="kd/dkd/gdkd softmax temperature.")] = K.temperature,
+    logit_std: Annotated[bool, typer.Option(help="kd/dkd/gdkd: standardize logits first.")] = K.logit_std,
+    kd_warmup: Annotated[int, typer.Option(help="dkd/gdkd: epochs to ramp the distillation term.")] = K.warmup_epochs,
+    gdkd_k: Annotated[int, typer.Option(help="gdkd: teacher top-k partition.")] = K.k,
+    smooth: Annotated[float, typer.Option(help="gendd: Distribution Contraction weight (0 when unsupervised).")] = G.smooth,
+    centers: Annotated[str, typer.Option(help="gendd: raw | scaled class centers.")] = G.centers,
+    stage1_epochs: Annotated[int, typer.Option(help="gendd: warmup into the frozen teacher classifier.")] = G.stage1_epochs,
+    head_depth: Annotated[int, typer.Option(help="gendd: diffusion head blocks.")] = H.depth,
+    head_width: Annotated[int, typer.Option(help="gendd: diffusion head width.")] = H.width,
+    diffusion_batch_mul: Annotated[int, typer.Option(help="gendd: noisy copies per token.")] = H.diffusion_batch_mul,
+    sampling_steps: Annotated[int, typer.Option(help="gendd: sampling steps at validation.")] = H.sampling_steps,
+    cfg_scale: Annotated[float, typer.Option("--cfg", help="gendd: classifier-free guidance scale.")] = H.cfg,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = L.workers,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Train a student from a feature store, without the teacher (GenDD or a logit baseline)."""
+    try:
+        cfg = DistillConfig(
+            method=method, unsupervised=unsupervised, student=StudentConfig(student, input_size), epochs=epochs,
+            lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
+            loader=LoaderConfig(batch_size, L.shuffle_buffer, workers),
+            logit=LogitConfig(temperature=temperature, logit_std=logit_std, warmup_epochs=kd_warmup, k=gdkd_k),
+            gendd=GenddConfig(head=HeadConfig(depth=head_depth, width=head_width,
+                                              diffusion_batch_mul=diffusion_batch_mul,
+                                              sampling_steps=sampling_steps, cfg=cfg_scale),
+                              smooth=smooth, centers=centers, stage1_epochs=stage1_epochs),
+        )
+    except ValueError as exc:  # a config field out of range
+        raise GenddError(str(exc)) from None
+    summary = distill(store, shards, val_shards, out, cfg, resume=resume, progress=not quiet)
+    for which in ("best", "last"):
+        scores = ", ".join(f"{k} {v['top1']:.2f}" for k, v in summary[which].items() if isinstance(v, dict))
+        console.print(f"{which} epoch {summary[which]['epoch']}: top-1 {scores}", highlight=False)
+    console.print(f"{out}: {summary['images_per_s']:.0f} images/s in training", highlight=False)
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_command(
+    checkpoint: Annotated[str, typer.Argument(help="Student checkpoint (last.pt or best.pt of a run).")],
+    val_shards: Annotated[list[str], typer.Option(help="Val image shards (repeatable).")],
+    train_shards: Annotated[list[str] | None, typer.Option(help="Train shards to fit a linear probe on.")] = None,
+    steps: Annotated[int | None, typer.Option(help="gendd: sampling steps (default the head's).")] = None,
+    cfg_scale: Annotated[float | None, typer.Option("--cfg", help="gendd: guidance scale.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="gendd: sampling temperature.")] = None,
+    sampler: Annotated[str | None, typer.Option(help="gendd: " + " | ".join(SAMPLERS) + ".")] = None,
+    samples: Annotated[int, typer.Option(help="gendd: sampled features averaged per image.")] = 1,
+    input_size: Annotated[int | None, typer.Option(help="Refuse a checkpoint trained at another size.")] = None,
+    batch_size: Annotated[int, typer.Option()] = L.batch_size,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Write the JSON here as well.")] = None,
+):
+    """Score a student: its own head, GenDD sampled features, and (with --train-shards) a linear probe."""
+    sampling = {"steps": steps, "cfg": cfg_scale, "temperature": temperature,
+                "sampler": _choice(sampler, SAMPLERS, "--sampler") if sampler else None}
+    result = evaluate_checkpoint(checkpoint, val_shards, train_shards, batch_size, samples,
+                                 {k: v for k, v in sampling.items() if v is not None}, input_size)
+    text = json.dumps(result, indent=2)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
 if __name__ == "__main__":
     app()

@@ -7,7 +7,8 @@ import time
 from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.inspect import summarize
 from gendd_pipe.store.reader import FeatureStore
-from stages.params import build, load_section, write_json
+from gendd_pipe.config import build
+from stages.params import load_section, write_json
 
 
 def run(section: dict) -> dict:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from gendd_pipe.data.prepare import PrepareConfig, folder_records, mnist5k_records, prepare
-from stages.params import build, load_section
+from gendd_pipe.config import build
+from stages.params import load_section
 
 
 def run(section: dict) -> dict:

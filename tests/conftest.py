@@ -63,3 +63,25 @@ def mnist_records():
 def digit_shards(tmp_path, mnist_records) -> list[str]:
     """Three small shards of real MNIST digits (ImageNet style, png + cls), 40 digits each."""
     return write_shards(mnist_records[:120], str(tmp_path / "digits"), "train", 40)
+
+
+@pytest.fixture(scope="session")
+def digit_store(tmp_path_factory, mnist_records):
+    """Real MNIST digits as train (2 x 48) and val (1 x 48) shards, and a store of a small seeded teacher.
+
+    The teacher (resnet18, random weights from seed 0, 32 px, 1000 classes) keeps every
+    code path real while staying fast; its accuracy is not what these tests check.
+    """
+    from gendd_pipe.data.views import ViewConfig
+    from gendd_pipe.extract import ExtractConfig, extract
+    from gendd_pipe.models.teacher import TeacherConfig
+
+    root = tmp_path_factory.mktemp("digits")
+    mixed = mnist_records[::25]  # 200 digits, 20 of each class, in class order
+    train = write_shards(mixed[0::2][:96], str(root / "shards"), "train", 48)
+    val = write_shards(mixed[1::2][:48], str(root / "shards"), "val", 48)
+    store = str(root / "store.zarr")
+    cfg = ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=32),
+                        views=ViewConfig(count=3, scale=(0.5, 1.0), hflip=0.0, seed=0), workers=0)
+    extract(train + val, store, cfg, progress=False)
+    return {"train": train, "val": val, "store": store, "root": root}

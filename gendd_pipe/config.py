@@ -1,0 +1,29 @@
+"""Config dicts (params.yaml sections, checkpoint records) -> the library's frozen dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from gendd_pipe.errors import GenddError
+
+
+def build(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from a dict, recursing into nested dataclasses; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise GenddError(f"params {where or cls.__name__}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = build(hint, value or {}, f"{where}.{name}" if where else name)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise GenddError(f"params {where or cls.__name__}: {exc}") from exc

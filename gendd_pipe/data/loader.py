@@ -1,0 +1,162 @@
+"""Streaming images beside their cached teacher outputs: the student's WebDataset loaders.
+
+`train_pipeline` is a webdataset pipeline over the image shards. For each shard a
+worker opens, it reads the matching feature shard from the store as one block
+(`FeatureStore.read_shard`) and joins sample by sample on the key, so there are
+no per-sample random reads of Zarr chunks. Each sample then picks one of its
+cached views and re-applies that view's crop and flip to the source image at the
+student's input size: the student sees the pixels the teacher saw.
+
+Shards are shuffled per epoch, samples pass a shuffle buffer, and shards are
+split by node (torchrun rank) and by DataLoader worker. Every random choice
+derives from (seed, epoch), so an epoch replays identically after a resume.
+
+`eval_pipeline` streams images alone (the student's eval view), for validation
+and for fitting a linear probe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
+from gendd_pipe.data.views import eval_view, render_view, to_tensor
+from gendd_pipe.errors import GenddError
+from gendd_pipe.store.reader import FeatureStore
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How samples are streamed to the student."""
+
+    batch_size: int = 128  # samples per step (per process under torchrun)
+    shuffle_buffer: int = 1000  # samples held in the shuffle buffer
+    workers: int = 0  # DataLoader worker processes (0 loads in the training process)
+
+
+def check_shards(store: FeatureStore, urls: list[str]) -> dict[str, int]:
+    """Every image shard must have a complete feature shard; returns name -> sample count."""
+    have = set(store.shard_names)
+    counts = {}
+    for url in urls:
+        name = shard_name(url)
+        if name not in have:
+            raise GenddError(f"{url}: store {store.url} has no complete feature shard {name!r} (run extract on it)")
+        counts[name] = int(store.shard(name).attrs["count"])
+    return counts
+
+
+def _skipped_keys(store: FeatureStore) -> dict[str, set[str]]:
+    skipped: dict[str, set[str]] = {}
+    for entry in store.manifest.get("skipped", []):
+        if entry.get("key") is not None:
+            skipped.setdefault(entry["shard"], set()).add(entry["key"])
+    return skipped
+
+
+def join_shard(url: str, features: dict[str, np.ndarray], skipped: set[str]):
+    """Yield ``(sample, row)`` pairs of an image shard and its feature shard, checking keys in order.
+
+    Samples the extract skipped (recorded in the manifest) are passed over; any
+    other disagreement is a `GenddError` naming the shard and the key.
+    """
+    keys, row = features["keys"], 0
+    for item in ShardReader(url, on_error="skip"):
+        if isinstance(item, Skipped):
+            continue
+        if row < len(keys) and item.key == keys[row]:
+            yield item, row
+            row += 1
+        elif item.key not in skipped:
+            expected = repr(str(keys[row])) if row < len(keys) else "the end of the feature shard"
+            raise GenddError(f"{url}: sample {item.key!r} does not match the store (expected {expected}); "
+                             "the store was built from other shards")
+    if row != len(keys):
+        raise GenddError(f"{url}: shard ended after {row} samples but the store has {len(keys)} "
+                         f"(first missing key {str(keys[row])!r})")
+
+
+def _joined(urls, store_url: str, skipped: dict[str, set[str]]):
+    """Pipeline stage: ``{"url": ...}`` dicts -> joined samples with their cached teacher outputs."""
+    store = FeatureStore.open(store_url)
+    for item in urls:
+        url = item["url"]
+        name = shard_name(url)
+        block = store.read_shard(name)
+        for sample, row in join_shard(url, block, skipped.get(name, set())):
+            yield {"sample": sample, "views": block["views"][row], "features": block["features"][row],
+                   **({"logits": block["logits"][row]} if "logits" in block else {})}
+
+
+def _each(src, fn):
+    """Pipeline stage: ``fn`` applied to every item (plain, so no bookkeeping keys are added)."""
+    for item in src:
+        yield fn(item)
+
+
+def view_choice(seed: int, epoch: int, key: str, count: int) -> int:
+    """Which cached view a sample uses in an epoch: uniform, from (seed, epoch, key)."""
+    digest = hashlib.sha256(f"{seed}\x00{epoch}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % count
+
+
+def _render_train(item: dict, data_config: dict, seed: int, epoch: int) -> dict:
+    sample: Sample = item["sample"]
+    v = view_choice(seed, epoch, sample.key, len(item["views"]))
+    image = render_view(sample.image, item["views"][v], data_config["input_size"][1:], data_config["interpolation"])
+    out = {"key": sample.key, "image": to_tensor(image, data_config["mean"], data_config["std"]),
+           "label": sample.label, "view": v,
+           "feature": torch.from_numpy(item["features"][v].astype(np.float32))}
+    if "logits" in item:
+        out["logits"] = torch.from_numpy(item["logits"][v].astype(np.float32))
+    return out
+
+
+def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg: LoaderConfig, seed: int,
+                   epoch: int) -> DataLoader:
+    """One epoch of training batches: ``key``, ``image``, ``label``, ``view``, ``feature`` and (full stores)
+    ``logits``."""
+    order = list(urls)
+    random.Random(f"{seed}:{epoch}:shards").shuffle(order)
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(order),
+        wds.split_by_node,
+        wds.split_by_worker,
+        partial(_joined, store_url=store.url, skipped=_skipped_keys(store)),
+        wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100),
+                    rng=random.Random(f"{seed}:{epoch}:samples")),
+        partial(_each, fn=partial(_render_train, data_config=data_config, seed=seed, epoch=epoch)),
+    )
+    return DataLoader(pipeline, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=True)
+
+
+def _images(urls):
+    for item in urls:
+        for sample in ShardReader(item["url"], on_error="fail"):
+            yield sample
+
+
+def _render_eval(sample: Sample, data_config: dict) -> dict:
+    size = data_config["input_size"][1:]
+    view = eval_view(*sample.image.size, size, data_config["crop_pct"], data_config.get("crop_mode", "center"))
+    image = render_view(sample.image, view, size, data_config["interpolation"])
+    return {"image": to_tensor(image, data_config["mean"], data_config["std"]), "label": sample.label}
+
+
+def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, workers: int = 0) -> DataLoader:
+    """Batches of ``image`` (the eval view: resize + center crop) and ``label``, in shard order."""
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(list(urls)),
+        wds.split_by_worker,
+        _images,
+        partial(_each, fn=partial(_render_eval, data_config=data_config)),
+    )
+    return DataLoader(pipeline, batch_size=batch_size, num_workers=workers)

@@ -1,0 +1,231 @@
+"""The distill loop: a student trained from a feature store, without the teacher.
+
+`distill` checks the store against the shards and the method, builds the student
+and method, and trains with AdamW (beta2 ramped as the official GenDD code
+does), a per-step cosine schedule with linear warmup (timm's
+`CosineLRScheduler`), one checkpoint per epoch (``last.pt``, plus ``best.pt``
+when the primary predictor improves) and one JSON line of metrics per epoch
+(``metrics.jsonl``). ``resume`` continues a killed run from ``last.pt``; each
+epoch seeds its own randomness from (seed, epoch), so a resumed run replays the
+epochs an uninterrupted one would have run. Under torchrun the method is
+wrapped in DDP, shards are split by rank and rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from timm.scheduler import CosineLRScheduler
+
+from gendd_pipe.data.loader import check_shards, train_pipeline
+from gendd_pipe.data.shards import expand_urls, shard_name
+from gendd_pipe.distill.checkpoint import load_state, read_checkpoint, save_checkpoint
+from gendd_pipe.distill.config import DistillConfig
+from gendd_pipe.distill.evaluate import evaluate
+from gendd_pipe.distill.methods import METHODS, Method, TeacherHead, create_method
+from gendd_pipe.errors import GenddError
+from gendd_pipe.models.student import create_student
+from gendd_pipe.store.reader import FeatureStore
+
+LAST, BEST, METRICS, SUMMARY = "last.pt", "best.pt", "metrics.jsonl", "summary.json"
+
+
+def check_method(store: FeatureStore, cfg: DistillConfig, counts: dict[str, int]) -> None:
+    """Refuse a method the store cannot feed: top-k logits, missing labels, or unsupervised misuse."""
+    cls = METHODS[cfg.method]
+    if cls.needs_logits and store.logits_mode != "full":
+        raise GenddError(f"{store.url}: method {cfg.method} needs full teacher logits but the store keeps "
+                         f"{store.logits_mode} logits (re-extract with --logits full, or use gendd or ce)")
+    if cfg.unsupervised and cls.needs_labels:
+        raise GenddError(f"method {cfg.method} needs labels and cannot run --unsupervised (use gendd, kd or gdkd)")
+    if cfg.unsupervised and cfg.method == "gendd" and cfg.gendd.stage1_epochs:
+        raise GenddError("gendd.stage1_epochs trains on labels; set it to 0 for an unsupervised run")
+    if cfg.unsupervised:
+        return
+    num_classes = store.manifest["teacher"]["num_classes"]
+    for name in counts:
+        labels = store.shard(name)["labels"][...]
+        if (labels < 0).any():
+            raise GenddError(f"{store.url}: shard {name} has unlabeled samples (label -1); "
+                             f"method {cfg.method} is supervised (pass --unsupervised)")
+        if labels.max() >= num_classes:
+            raise GenddError(f"{store.url}: shard {name} has label {labels.max()} but the teacher has "
+                             f"{num_classes} classes")
+
+
+def teacher_head(store: FeatureStore, first_shard: str) -> TeacherHead:
+    weight, bias = store.head()
+    features = store.shard(first_shard)["features"][:, 0].astype(np.float32)  # view 0 of the first shard
+    return TeacherHead(torch.from_numpy(weight), torch.from_numpy(bias), float(np.linalg.norm(features, axis=1).mean()))
+
+
+def _param_groups(method: Method, cfg: DistillConfig) -> list[dict]:
+    head, rest = [], []
+    for name, param in method.named_parameters():
+        (head if name.startswith(("diffusion.", "projector.")) else rest).append(param)
+    return [{"params": rest, "weight_decay": cfg.weight_decay},
+            {"params": head, "weight_decay": cfg.head_weight_decay}]
+
+
+def _beta2(cfg: DistillConfig, step: int, total: int) -> float:
+    low, high = cfg.beta2
+    return high - 0.5 * (high - low) * (1 + math.cos(math.pi * step / max(total - 1, 1)))
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); joins the torchrun process group when there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _steps_per_epoch(counts: dict[str, int], urls: list[str], cfg: DistillConfig, world: int) -> int:
+    """Batches every rank can fill: each rank reads shards ``rank::world``; workers each drop a partial batch."""
+    per_rank = [sum(counts[shard_name(u)] for u in urls[r::world]) for r in range(world)]
+    workers = max(cfg.loader.workers, 1)
+    steps = min(per_rank) // cfg.loader.batch_size - (workers - 1 if workers > 1 or world > 1 else 0)
+    if steps < 1:
+        raise GenddError(f"{min(per_rank)} samples per process do not fill one batch of {cfg.loader.batch_size}")
+    return steps
+
+
+def _epoch_seed(cfg: DistillConfig, epoch: int, rank: int) -> int:
+    return (cfg.seed * 1_000_003 + epoch) * 101 + rank
+
+
+def _resume(out: str, cfg: DistillConfig, method, optimizer, scheduler, resume: bool) -> tuple[int, dict]:
+    """Load ``last.pt`` into the run when resuming; returns (epochs done, best so far)."""
+    path = os.path.join(out, LAST)
+    if not os.path.exists(path):
+        return 0, {"top1": -1.0, "epoch": 0}
+    if not resume:
+        raise GenddError(f"{out}: holds a run already ({LAST}); pass --resume to continue it or choose another --out")
+    ckpt = read_checkpoint(path)
+    theirs = {**ckpt["config"], "epochs": cfg.epochs}
+    ours = dataclasses.asdict(cfg)
+    if json.dumps(theirs, sort_keys=True, default=list) != json.dumps(ours, sort_keys=True, default=list):
+        differ = sorted(k for k in ours if json.dumps(ours[k], default=list) != json.dumps(theirs.get(k), default=list))
+        raise GenddError(f"{path}: was trained with other settings ({', '.join(differ)}); use another --out")
+    load_state(method, ckpt["state_dict"], path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    metrics = os.path.join(out, METRICS)
+    if os.path.exists(metrics):  # drop lines of an epoch that ran past its checkpoint
+        lines = [line for line in open(metrics) if line.strip() and json.loads(line)["epoch"] <= ckpt["epoch"]]
+        with open(metrics, "w") as f:
+            f.writelines(lines)
+    return ckpt["epoch"], ckpt["best"]
+
+
+def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, cfg: DistillConfig,
+            resume: bool = False, progress: bool = True) -> dict:
+    """Train a student from the store; returns the summary (best and last epoch) also written to ``out``."""
+    store = FeatureStore.open(store_url)
+    urls, val_urls = expand_urls(shards), expand_urls(val_shards)
+    counts = check_shards(store, urls)
+    check_method(store, cfg, counts)
+    rank, world = _world()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+
+    torch.manual_seed(cfg.seed)
+    head = teacher_head(store, shard_name(urls[0]))
+    student = create_student(cfg.student, store.manifest["teacher"]["num_classes"])
+    method = create_method(cfg.method, student, head, not cfg.unsupervised, cfg.logit, cfg.gendd).to(device)
+    steps = _steps_per_epoch(counts, urls, cfg, world)
+    total = steps * cfg.epochs
+    optimizer = torch.optim.AdamW(_param_groups(method, cfg), lr=cfg.lr, betas=(0.9, cfg.beta2[0]))
+    scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=steps * cfg.warmup_epochs,
+                                  warmup_lr_init=cfg.lr / 100, t_in_epochs=False)
+    start_epoch, best = _resume(out, cfg, method, optimizer, scheduler, resume)
+    model = method
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
+    record = {"store": store.url, "shards": urls, "val_shards": val_urls,
+              "teacher": {**store.manifest["teacher"], "head_shape": list(head.weight.shape),
+                          "feature_norm": head.feature_norm, "preprocessing": store.manifest["preprocessing"]}}
+    os.makedirs(out, exist_ok=True)
+    primary = "probe" if cfg.with_probe and cfg.unsupervised else method.primary
+
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(_epoch_seed(cfg, epoch, rank))
+        loader = train_pipeline(urls, store, student.data_config, cfg.loader, cfg.seed, epoch)
+        sums: dict[str, float] = {}
+        images, begin = 0, time.perf_counter()
+        with _bar(progress and rank == 0, f"epoch {epoch + 1}/{cfg.epochs} {cfg.method}", steps) as (bar, task):
+            for i, batch in enumerate(itertools.islice(loader, steps)):
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                losses = model(batch, epoch)
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                for group in optimizer.param_groups:
+                    group["betas"] = (group["betas"][0], _beta2(cfg, epoch * steps + i, total))
+                optimizer.step()
+                scheduler.step_update(epoch * steps + i + 1)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+                images += batch["image"].shape[0]
+                if bar is not None:
+                    bar.update(task, advance=1, loss=sums["loss"] / (i + 1))
+        seconds = time.perf_counter() - begin
+        if rank != 0:
+            continue
+        val = evaluate(method, val_urls, cfg.loader.batch_size, cfg.eval_samples,
+                       probe_urls=urls if cfg.with_probe else None, workers=cfg.loader.workers)
+        line = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                "train": {k: v / max(i + 1, 1) for k, v in sums.items()}, "images_per_s": images * world / seconds,
+                "train_seconds": seconds, "val": val}
+        with open(os.path.join(out, METRICS), "a") as f:
+            f.write(json.dumps(line) + "\n")
+        improved = val[primary]["top1"] > best["top1"]
+        if improved:
+            best = {"top1": val[primary]["top1"], "epoch": epoch + 1}
+        save_checkpoint(os.path.join(out, LAST), {
+            "config": dataclasses.asdict(cfg), "epoch": epoch + 1, "state_dict": method.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best": best, **record})
+        if improved:
+            shutil.copyfile(os.path.join(out, LAST), os.path.join(out, BEST))
+    if world > 1:
+        dist.barrier()
+    return summarize(out, primary) if rank == 0 else {}
+
+
+def summarize(out: str, primary: str) -> dict:
+    """Best and last epoch of a run from its metrics, written to ``summary.json``."""
+    lines = [json.loads(line) for line in open(os.path.join(out, METRICS)) if line.strip()]
+    best = max(lines, key=lambda m: m["val"][primary]["top1"])
+    pick = lambda m: {"epoch": m["epoch"], **{k: v for k, v in m["val"].items() if isinstance(v, dict)}}  # noqa: E731
+    summary = {"primary": primary, "best": pick(best), "last": pick(lines[-1]),
+               "images_per_s": sum(m["images_per_s"] for m in lines) / len(lines), "epochs": len(lines)}
+    with open(os.path.join(out, SUMMARY), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+class _bar:
+    """A rich progress bar over the steps of one epoch (or nothing when quiet)."""
+
+    def __init__(self, show: bool, title: str, steps: int):
+        self.show, self.title, self.steps = show, title, steps
+
+    def __enter__(self):
+        if not self.show:
+            return None, None
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=True)
+        self.progress.__enter__()
+        return self.progress, self.progress.add_task(self.title, total=self.steps, loss=float("nan"))
+
+    def __exit__(self, *exc):
+        if self.show:
+            self.progress.__exit__(*exc)

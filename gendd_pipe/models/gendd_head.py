@@ -1,0 +1,196 @@
+"""GenDD's conditional diffusion head: a small adaLN MLP that denoises 64-dim feature tokens.
+
+The network is MAR's ``SimpleMLPAdaLN`` (Li et al. 2024, "Autoregressive Image
+Generation without Vector Quantization"): residual MLP blocks whose LayerNorm
+shift, scale and gate come from the condition, zero-initialised modulation and
+output so that training starts from the identity. The condition is the student
+feature, plus the timestep embedding, plus an embedding of the token position
+(Split Tokenization cuts a D-dim teacher feature into D / token_dim tokens and
+one head serves them all, so it is told which token it denoises).
+
+`DiffusionHead` owns the network, the training diffusion (cosine, 1000 steps)
+and a respaced sampling diffusion, with ``forward(target, cond) -> loss`` and
+``sample(cond) -> features`` (GenDD, arXiv 2507.14503, Sec. 3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gendd_pipe.models.diffusion import GaussianDiffusion
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The diffusion head and its sampler (defaults: the official GenDD settings)."""
+
+    depth: int = 3  # residual adaLN blocks
+    width: int = 1024  # hidden width of the MLP
+    token_dim: int = 64  # Split Tokenization: dims per token; the teacher dim must divide by it
+    train_steps: int = 1000  # diffusion steps of the training schedule (cosine)
+    sampling_steps: int = 64  # respaced steps used to sample
+    diffusion_batch_mul: int = 10  # copies of each token per step, each with its own noise and timestep
+    cond_drop: float = 0.2  # probability of dropping the condition in training (classifier-free guidance)
+    cfg: float = 2.0  # guidance scale at sampling; 1.0 samples without guidance
+    temperature: float = 1.0  # scale of the noise added at each ancestral step
+    sampler: str = "ddpm"  # ddpm (ancestral) | ddim (deterministic, eta 0)
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of the (integer) timestep followed by a two-layer MLP."""
+
+    def __init__(self, width: int, frequencies: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.frequencies, self.max_period = frequencies, max_period
+        self.mlp = nn.Sequential(nn.Linear(frequencies, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequencies // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)  # (F/2,)
+        args = t.float()[:, None] * freqs[None]  # (N, F/2)
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (N, W)
+
+
+class AdaLNBlock(nn.Module):
+    """x + gate * MLP(modulate(LN(x), shift, scale)), with shift, scale, gate from the condition."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.modulation(c).chunk(3, dim=-1)  # 3 x (N, W)
+        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))  # (N, W)
+
+
+class SimpleMLPAdaLN(nn.Module):
+    """The denoiser: noisy token, timestep, condition and token position -> epsilon and variance.
+
+    Args:
+        in_channels: token dimension.
+        width: hidden width.
+        cond_channels: dimension of the condition (the projected student feature).
+        depth: number of `AdaLNBlock`.
+        num_tokens: number of token positions.
+    """
+
+    def __init__(self, in_channels: int, width: int, cond_channels: int, depth: int, num_tokens: int):
+        super().__init__()
+        self.in_channels = in_channels
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(cond_channels, width)
+        self.pos_embed = nn.Embedding(num_tokens, width)
+        self.input_proj = nn.Linear(in_channels, width)
+        self.blocks = nn.ModuleList(AdaLNBlock(width) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.final_linear = nn.Linear(width, 2 * in_channels)  # epsilon and the variance interpolation
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.pos_embed.weight, std=0.02)
+        # zero modulation and output: every block starts as the identity and the output as 0
+        for linear in [b.modulation[-1] for b in self.blocks] + [self.final_modulation[-1], self.final_linear]:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        c = self.time_embed(t) + self.cond_embed(cond) + self.pos_embed(pos)  # (N, W)
+        h = self.input_proj(x)  # (N, W)
+        for block in self.blocks:
+            h = block(h, c)  # (N, W)
+        shift, scale = self.final_modulation(c).chunk(2, dim=-1)  # 2 x (N, W)
+        return self.final_linear(modulate(self.final_norm(h), shift, scale))  # (N, 2C)
+
+
+class DiffusionHead(nn.Module):
+    """Learns p(teacher feature | student feature) token by token; samples features from it.
+
+    Args:
+        target_dim: teacher feature dimension D (divisible by ``cfg.token_dim``).
+        cond_dim: condition dimension (the student feature after its LayerNorm projector).
+        cfg: `HeadConfig`.
+    """
+
+    def __init__(self, target_dim: int, cond_dim: int, cfg: HeadConfig):
+        super().__init__()
+        if target_dim % cfg.token_dim:
+            raise ValueError(f"teacher feature dim {target_dim} is not divisible by token_dim {cfg.token_dim}")
+        self.cfg, self.target_dim = cfg, target_dim
+        self.num_tokens = target_dim // cfg.token_dim
+        self.net = SimpleMLPAdaLN(cfg.token_dim, cfg.width, cond_dim, cfg.depth, self.num_tokens)
+        self.train_diffusion = GaussianDiffusion.cosine(cfg.train_steps)
+
+    def tokenize(self, target: torch.Tensor, cond: torch.Tensor):
+        """Split Tokenization: (B, D) targets and (B, Dc) conditions -> one row per token.
+
+        Returns tokens (B*T, token_dim), conditions (B*T, Dc) and positions (B*T,), row
+        ``b * T + j`` holding token ``j`` (dims ``j*token_dim .. (j+1)*token_dim``) of sample ``b``.
+        """
+        b, t = target.shape[0], self.num_tokens
+        tokens = target.reshape(b * t, self.cfg.token_dim)  # (B*T, C)
+        conds = cond.repeat_interleave(t, dim=0)  # (B*T, Dc)
+        pos = torch.arange(t, device=target.device).repeat(b)  # (B*T,)
+        return tokens, conds, pos
+
+    def forward(self, target: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The diffusion loss of teacher features ``target`` (B, D) given conditions ``cond`` (B, Dc)."""
+        tokens, conds, pos = self.tokenize(target, cond)  # (B*T, C), (B*T, Dc), (B*T,)
+        m = self.cfg.diffusion_batch_mul
+        tokens, conds, pos = tokens.repeat(m, 1), conds.repeat(m, 1), pos.repeat(m)  # (M*B*T, ...)
+        keep = (torch.rand(conds.shape[0], 1, device=conds.device) >= self.cfg.cond_drop).to(conds.dtype)
+        conds = conds * keep  # a dropped condition is the zero vector, as at guided sampling
+        t = torch.randint(0, self.train_diffusion.num_timesteps, (tokens.shape[0],), device=tokens.device)
+        losses = self.train_diffusion.training_losses(lambda x, ts: self.net(x, ts, conds, pos), tokens, t)
+        return losses["loss"].mean()
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, steps: int | None = None, cfg: float | None = None,
+               temperature: float | None = None, sampler: str | None = None) -> torch.Tensor:
+        """Sample teacher features (B, D) for conditions (B, Dc); unset arguments come from the config."""
+        steps = steps or self.cfg.sampling_steps
+        scale = self.cfg.cfg if cfg is None else cfg
+        temperature = self.cfg.temperature if temperature is None else temperature
+        sampler = sampler or self.cfg.sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+        b = cond.shape[0]
+        _, conds, pos = self.tokenize(cond.new_zeros(b, self.target_dim), cond)  # (B*T, Dc), (B*T,)
+
+        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if scale == 1.0:
+                return self.net(x, t, conds, pos)
+            both = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([conds, torch.zeros_like(conds)]),
+                            torch.cat([pos, pos]))  # (2N, 2C): conditioned, then unconditioned
+            (eps_c, var_c), (eps_u, _) = (half.chunk(2, dim=-1) for half in both.chunk(2))
+            return torch.cat([eps_u + scale * (eps_c - eps_u), var_c], dim=-1)  # (N, 2C)
+
+        diffusion = GaussianDiffusion.respaced(self.cfg.train_steps, steps)
+        noise = torch.randn(conds.shape[0], self.cfg.token_dim, device=cond.device, dtype=cond.dtype)
+        if sampler == "ddim":
+            tokens = diffusion.ddim_sample_loop(model, noise)
+        else:
+            tokens = diffusion.p_sample_loop(model, noise, temperature)
+        return tokens.reshape(b, self.target_dim)  # (B, D)

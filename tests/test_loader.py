@@ -1,0 +1,95 @@
+"""The student's loader: the right cached feature beside the right image, and views replayed exactly."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from gendd_pipe import FeatureStore, GenddError
+from gendd_pipe.data.loader import LoaderConfig, check_shards, train_pipeline, view_choice
+from gendd_pipe.data.shards import ShardReader
+from gendd_pipe.data.views import render_view, to_tensor
+from gendd_pipe.models.teacher import TeacherConfig, create_teacher
+from tests.conftest import write_tar
+
+STUDENT_DC = {"input_size": (3, 24, 24), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.25,) * 3,
+              "crop_pct": 0.875, "crop_mode": "center"}
+
+
+def _epoch(digit_store, epoch, buffer=64):
+    store = FeatureStore.open(digit_store["store"])
+    loader = train_pipeline(digit_store["train"], store, STUDENT_DC, LoaderConfig(16, buffer), seed=3, epoch=epoch)
+    return store, list(loader)
+
+
+def test_join_gives_each_image_its_own_feature_under_shuffling(digit_store):
+    store, batches = _epoch(digit_store, epoch=0)
+    blocks = {n: store.read_shard(n) for n in ("train-000000", "train-000001")}
+    rows = {str(k): (name, i) for name, b in blocks.items() for i, k in enumerate(b["keys"])}
+    keys = [k for b in batches for k in b["key"]]
+    assert sorted(keys) == sorted(rows) and len(keys) == 96  # every sample once
+    assert keys != [str(k) for b in blocks.values() for k in b["keys"]]  # shuffled
+    for batch in batches:
+        for j, key in enumerate(batch["key"]):
+            name, i = rows[key]
+            v = int(batch["view"][j])
+            assert v == view_choice(3, 0, key, 3)
+            assert torch.equal(batch["feature"][j], torch.from_numpy(blocks[name]["features"][i, v].astype(np.float32)))
+            assert torch.equal(batch["logits"][j], torch.from_numpy(blocks[name]["logits"][i, v].astype(np.float32)))
+            assert int(batch["label"][j]) == int(blocks[name]["labels"][i])
+
+
+def test_epochs_replay_and_differ(digit_store):
+    _, first = _epoch(digit_store, epoch=1)
+    _, again = _epoch(digit_store, epoch=1)
+    _, other = _epoch(digit_store, epoch=2)
+    keys = lambda bs: [k for b in bs for k in b["key"]]  # noqa: E731
+    assert keys(first) == keys(again) and torch.equal(first[0]["image"], again[0]["image"])
+    assert keys(first) != keys(other)
+    views = torch.cat([b["view"] for b in first])
+    assert set(views.tolist()) == {0, 1, 2}  # every cached view gets used
+
+
+def test_view_replay_reproduces_the_teacher_input(digit_store):
+    """Re-rendering a stored view at the teacher's size and running the teacher gives the stored feature."""
+    store = FeatureStore.open(digit_store["store"])
+    teacher = create_teacher(TeacherConfig("resnet18", "none", input_size=32))
+    block = store.read_shard("train-000000")
+    dc = teacher.data_config
+    samples = [s for s, _ in zip(ShardReader(digit_store["train"][0]), range(6))]
+    for row, sample in enumerate(samples):
+        assert sample.key == block["keys"][row]
+        for v in (1, 2):  # random crops
+            image = render_view(sample.image, block["views"][row, v], dc["input_size"][1:], dc["interpolation"])
+            feature, _ = teacher(to_tensor(image, dc["mean"], dc["std"])[None])
+            cached = block["features"][row, v].astype(np.float32)
+            cosine = float(feature[0] @ torch.from_numpy(cached) / (feature[0].norm() * np.linalg.norm(cached)))
+            assert cosine > 0.999
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_shard_with_other_keys_or_counts_is_refused(digit_store, tmp_path):
+    store = FeatureStore.open(digit_store["store"])
+    samples = [{"__key__": s.key if i != 5 else "stranger", "png": _png(s.image), "cls": s.label}
+               for i, s in enumerate(ShardReader(digit_store["train"][0]))]
+    (tmp_path / "renamed").mkdir()
+    (tmp_path / "short").mkdir()
+    renamed = write_tar(tmp_path / "renamed" / "train-000000.tar", samples)
+    short = write_tar(tmp_path / "short" / "train-000000.tar", samples[:30])
+    with pytest.raises(GenddError, match=r"train-000000.tar: sample 'stranger' does not match the store"):
+        _ = list(train_pipeline([renamed], store, STUDENT_DC, LoaderConfig(8, 8), seed=0, epoch=0))
+    with pytest.raises(GenddError, match="shard ended after 30 samples but the store has 48"):
+        _ = list(train_pipeline([short], store, STUDENT_DC, LoaderConfig(8, 8), seed=0, epoch=0))
+
+
+def test_a_shard_missing_from_the_store_is_refused(digit_store, tmp_path):
+    store = FeatureStore.open(digit_store["store"])
+    other = write_tar(tmp_path / "train-000009.tar", [])
+    with pytest.raises(GenddError, match=r"train-000009.tar: store .* has no complete feature shard 'train-000009'"):
+        check_shards(store, [other])
