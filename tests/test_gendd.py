@@ -1,0 +1,100 @@
+"""GenDD's parts: Split Tokenization, Distribution Contraction, the head's start and its samplers."""
+
+import pytest
+import torch
+
+from gendd_pipe.distill.methods import GenDD, GenddConfig, TeacherHead
+from gendd_pipe.models.gendd_head import DiffusionHead, HeadConfig
+from gendd_pipe.models.student import StudentConfig, create_student
+
+SMALL = HeadConfig(depth=2, width=64, token_dim=4, sampling_steps=4, diffusion_batch_mul=3)
+
+
+def test_split_tokenization_shapes_and_positions():
+    head = DiffusionHead(12, 5, SMALL)  # 3 tokens of 4 dims
+    target = torch.arange(2 * 12, dtype=torch.float32).reshape(2, 12)
+    cond = torch.randn(2, 5)
+    tokens, conds, pos = head.tokenize(target, cond)
+    assert tokens.shape == (6, 4) and conds.shape == (6, 5) and pos.tolist() == [0, 1, 2, 0, 1, 2]
+    assert torch.equal(tokens[4], target[1, 4:8])  # row b*T + j holds dims j*4..(j+1)*4 of sample b
+    assert torch.equal(conds[4], cond[1])
+    with pytest.raises(ValueError, match="not divisible by token_dim 4"):
+        DiffusionHead(10, 5, SMALL)
+
+
+def test_head_starts_as_the_identity_and_its_loss_is_the_noise_energy():
+    torch.manual_seed(0)
+    head = DiffusionHead(64, 8, HeadConfig(depth=2, width=32, token_dim=16, diffusion_batch_mul=50))
+    out = head.net(torch.randn(5, 16), torch.tensor([0, 10, 100, 500, 999]), torch.randn(5, 8), torch.arange(5) % 4)
+    assert torch.count_nonzero(out) == 0  # zero-initialised output layer
+    tokens, conds, pos = head.tokenize(torch.randn(400, 64), torch.randn(400, 8))
+    t = torch.randint(0, 1000, (tokens.shape[0],))
+    parts = head.train_diffusion.training_losses(lambda x, ts: head.net(x, ts, conds, pos), tokens, t)
+    assert parts["mse"].mean().item() == pytest.approx(1.0, abs=0.05)  # predicting eps = 0 costs E[eps^2] = 1
+    assert head(torch.randn(32, 64), torch.randn(32, 8)).item() > parts["mse"].mean().item() - 0.1  # plus vb
+
+
+def test_sampling_shapes_guidance_and_ddim_determinism():
+    torch.manual_seed(0)
+    head = DiffusionHead(12, 5, SMALL)
+    cond = torch.randn(3, 5)
+    assert head.sample(cond).shape == (3, 12)
+    assert head.sample(cond, cfg=1.0, steps=2).shape == (3, 12)
+    torch.manual_seed(1)
+    a = head.sample(cond, sampler="ddim")
+    torch.manual_seed(1)
+    b = head.sample(cond, sampler="ddim")
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        head.sample(cond, sampler="euler")
+
+
+def _gendd(supervised=True, **kwargs):
+    torch.manual_seed(0)
+    student = create_student(StudentConfig("resnet10t", 32), num_classes=3)
+    weight = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]]).repeat(1, 16)  # (3, 64)
+    teacher = TeacherHead(weight, torch.zeros(3), feature_norm=10.0)
+    return GenDD(student, teacher, supervised, GenddConfig(head=HeadConfig(depth=1, width=32), **kwargs))
+
+
+def test_distribution_contraction_target():
+    method = _gendd(smooth=0.9)
+    feature = torch.randn(2, 64)
+    label = torch.tensor([2, 0])
+    expected = 0.1 * feature + 0.9 * method.head_weight[label]
+    assert torch.allclose(method.contract(feature, label), expected)
+    soft = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    expected_soft = 0.1 * feature + 0.9 * (soft @ method.head_weight)
+    assert torch.allclose(method.contract(feature, soft), expected_soft)
+    assert torch.equal(_gendd(supervised=False, smooth=0.9).contract(feature, label), feature)  # smooth 0
+
+
+def test_scaled_centers_have_the_feature_norm():
+    method = _gendd(centers="scaled")
+    assert torch.allclose(method.centers.norm(dim=1), torch.full((3,), 10.0))
+    assert torch.allclose(torch.nn.functional.normalize(method.centers, dim=1),
+                          torch.nn.functional.normalize(method.head_weight, dim=1))
+
+
+def test_gendd_loss_and_predictors():
+    method = _gendd()
+    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 1]), "feature": torch.randn(4, 64)}
+    losses = method.loss(batch, epoch=0)
+    assert set(losses) == {"loss", "diffusion", "ce"} and losses["loss"].requires_grad
+    losses["loss"].backward()
+    fc = method.student.model.get_classifier()
+    assert fc.weight.grad is not None  # the own head learns from CE ...
+    assert method.diffusion.net.final_linear.weight.grad.abs().sum() > 0  # ... the head from the diffusion loss
+    method.eval()
+    out = method.predict(batch["image"], samples=2, steps=2)
+    assert out["student"].shape == (4, 3) and out["gendd"].shape == (4, 3)
+
+
+def test_stage1_trains_into_the_frozen_teacher_classifier():
+    method = _gendd(stage1_epochs=2)
+    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 1]), "feature": torch.randn(4, 64)}
+    losses = method.loss(batch, epoch=1)
+    assert set(losses) == {"loss", "stage1_ce"}
+    losses["loss"].backward()
+    assert method.stage1_proj.weight.grad is not None and method.diffusion.net.final_linear.weight.grad is None
+    assert set(method.loss(batch, epoch=2)) == {"loss", "diffusion", "ce"}
