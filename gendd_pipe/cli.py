@@ -221,6 +221,8 @@ def distill_command(
     except ValueError as exc:  # a config field out of range
         raise GenddError(str(exc)) from None
     summary = distill(store, shards, val_shards, out, cfg, resume=resume, progress=not quiet)
+    if not summary:  # a torchrun process other than rank 0
+        return
     for which in ("best", "last"):
         scores = ", ".join(f"{k} {v['top1']:.2f}" for k, v in summary[which].items() if isinstance(v, dict))
         console.print(f"{which} epoch {summary[which]['epoch']}: top-1 {scores}", highlight=False)

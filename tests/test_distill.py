@@ -171,3 +171,17 @@ def test_a_killed_run_resumes_to_the_same_weights(digit_store, tmp_path):
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes(digit_store, tmp_path):
+    """Two real torchrun processes (gloo): shards split by rank, DDP gradients, rank 0 writes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "gendd_pipe.cli",
+           *_cli_args(digit_store, tmp_path / "ddp", "--epochs", "2", "--method", "kd")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = _lines(tmp_path / "ddp")
+    assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["val"]["images"] == 48
+    assert os.path.exists(tmp_path / "ddp" / "summary.json")

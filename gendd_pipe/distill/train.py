@@ -197,6 +197,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
             shutil.copyfile(os.path.join(out, LAST), os.path.join(out, BEST))
     if world > 1:
         dist.barrier()
+        dist.destroy_process_group()
     return summarize(out, primary) if rank == 0 else {}
 
 
