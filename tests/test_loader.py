@@ -93,3 +93,10 @@ def test_a_shard_missing_from_the_store_is_refused(digit_store, tmp_path):
     other = write_tar(tmp_path / "train-000009.tar", [])
     with pytest.raises(GenddError, match=r"train-000009.tar: store .* has no complete feature shard 'train-000009'"):
         check_shards(store, [other])
+
+
+def test_dataloader_workers_split_the_shards(digit_store):
+    store = FeatureStore.open(digit_store["store"])
+    loader = train_pipeline(digit_store["train"], store, STUDENT_DC, LoaderConfig(16, 16, workers=2), seed=0, epoch=0)
+    keys = [k for batch in loader for k in batch["key"]]
+    assert len(keys) == len(set(keys)) == 96  # one shard per worker, every sample once
