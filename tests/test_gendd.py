@@ -86,7 +86,7 @@ def test_gendd_loss_and_predictors():
     assert fc.weight.grad is not None  # the own head learns from CE ...
     assert method.diffusion.net.final_linear.weight.grad.abs().sum() > 0  # ... the head from the diffusion loss
     method.eval()
-    out = method.predict(batch["image"], samples=2, steps=2)
+    out = method.predict(method.student.features(batch["image"]), samples=2, steps=2)
     assert out["student"].shape == (4, 3) and out["gendd"].shape == (4, 3)
 
 

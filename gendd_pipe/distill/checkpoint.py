@@ -9,7 +9,6 @@ store's teacher and preprocessing records plus the classifier shape).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
@@ -68,7 +67,3 @@ def load_state(method: torch.nn.Module, state: dict, path: str) -> None:
         detail = "; ".join(wrong[:3]) if wrong else f"missing {', '.join(missing[:3])}"
         raise GenddError(f"{path}: checkpoint does not fit this student and head ({detail})")
     method.load_state_dict(state)
-
-
-def config_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

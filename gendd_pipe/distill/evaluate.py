@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 
 import torch
-from gendd_pipe.distill.checkpoint import load_method
 
 from gendd_pipe.data.loader import eval_pipeline
 from gendd_pipe.data.shards import expand_urls
+from gendd_pipe.distill.checkpoint import load_method
 from gendd_pipe.distill.methods import Method
 from gendd_pipe.distill.probe import fit_probe, probe_logits
 from gendd_pipe.errors import GenddError
@@ -64,17 +64,21 @@ def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, samples
     method.eval()
     device = next(method.parameters()).device
     hits: dict[str, dict[str, int]] = {}
+    val_x, val_y = [], []  # labeled val features, kept for the probe
     n, start = 0, time.perf_counter()
     for batch in eval_pipeline(val_urls, method.student.data_config, batch_size, workers):
         labels = batch["label"].to(device)
         keep = labels >= 0
         if not keep.any():
             continue
-        kwargs = {"samples": samples, **(sampling or {})} if method.primary == "gendd" else {}
-        for name, logits in method.predict(batch["image"].to(device)[keep], **kwargs).items():
+        features = method.student.features(batch["image"].to(device)[keep])
+        for name, logits in method.predict(features, samples, **(sampling or {})).items():
             for k, v in topk_hits(logits, labels[keep]).items():
                 hits.setdefault(name, {}).setdefault(k, 0)
                 hits[name][k] += v
+        if probe_urls:
+            val_x.append(features.float().cpu())
+            val_y.append(labels[keep].cpu())
         n += int(keep.sum())
     if n == 0:
         raise GenddError(f"{val_urls[0]}: no labeled val samples to score (every label is -1)")
@@ -82,12 +86,11 @@ def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, samples
     result["images"], result["seconds"] = n, time.perf_counter() - start
     if probe_urls:
         train_x, train_y = student_features(method, probe_urls, batch_size, workers)
-        val_x, val_y = student_features(method, val_urls, batch_size, workers)
-        keep_train, keep_val = _labeled(train_y, probe_urls[0]), _labeled(val_y, val_urls[0])
+        keep_train = _labeled(train_y, probe_urls[0])
+        val_x, val_y = torch.cat(val_x), torch.cat(val_y)
         num_classes = int(max(train_y.max(), val_y.max())) + 1
         probe = fit_probe(train_x[keep_train], train_y[keep_train], num_classes)
-        logits = probe_logits(probe, val_x[keep_val])
-        result["probe"] = _as_percent(topk_hits(logits, val_y[keep_val]), int(keep_val.sum()))
+        result["probe"] = _as_percent(topk_hits(probe_logits(probe, val_x), val_y), n)
     method.train(was_training)
     return result
 

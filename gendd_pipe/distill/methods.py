@@ -87,8 +87,9 @@ class Method(nn.Module):
     def ce(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         return F.cross_entropy(logits, batch["label"]) if self.supervised else logits.new_zeros(())
 
-    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"student": self.student(images)}
+    def predict(self, features: torch.Tensor, samples: int = 1, **sampling) -> dict[str, torch.Tensor]:
+        """Logits of each predictor from student features (N, D); ``samples`` and ``sampling`` are GenDD's."""
+        return {"student": self.student.classify(features)}
 
 
 class LogitMethod(Method):
@@ -99,7 +100,8 @@ class LogitMethod(Method):
         self.cfg = cfg
 
     def distill(self, student: torch.Tensor, teacher: torch.Tensor, batch: dict, epoch: int) -> torch.Tensor:
-        return student.new_zeros(())
+        """The distillation term of methods that read teacher logits (``needs_logits``)."""
+        raise NotImplementedError
 
     def ramp(self, epoch: int) -> float:
         return min((epoch + 1) / self.cfg.warmup_epochs, 1.0) if self.cfg.warmup_epochs > 0 else 1.0
@@ -199,13 +201,12 @@ class GenDD(Method):
         ce = self.ce(logits, batch)
         return {"loss": diffusion + self.cfg.ce_weight * ce, "diffusion": diffusion, "ce": ce}
 
-    def predict(self, images: torch.Tensor, samples: int = 1, **sampling) -> dict[str, torch.Tensor]:
+    def predict(self, features: torch.Tensor, samples: int = 1, **sampling) -> dict[str, torch.Tensor]:
         """The student's own head, and sampled teacher features (averaged over ``samples`` draws) through
         the teacher classifier; ``sampling`` overrides the head's steps, cfg, temperature or sampler."""
-        features = self.student.features(images)
         out = {"student": self.student.classify(features)}
         draws = self.diffusion.sample(self.projector(features).repeat(samples, 1), **sampling)  # (S*B, D)
-        out["gendd"] = self.teacher_logits(draws.reshape(samples, images.shape[0], -1).mean(0))
+        out["gendd"] = self.teacher_logits(draws.reshape(samples, features.shape[0], -1).mean(0))
         return out
 
 

@@ -93,8 +93,7 @@ def _world() -> tuple[int, int]:
 def _steps_per_epoch(counts: dict[str, int], urls: list[str], cfg: DistillConfig, world: int) -> int:
     """Batches every rank can fill: each rank reads shards ``rank::world``; workers each drop a partial batch."""
     per_rank = [sum(counts[shard_name(u)] for u in urls[r::world]) for r in range(world)]
-    workers = max(cfg.loader.workers, 1)
-    steps = min(per_rank) // cfg.loader.batch_size - (workers - 1 if workers > 1 or world > 1 else 0)
+    steps = min(per_rank) // cfg.loader.batch_size - max(cfg.loader.workers - 1, 0)
     if steps < 1:
         raise GenddError(f"{min(per_rank)} samples per process do not fill one batch of {cfg.loader.batch_size}")
     return steps
@@ -114,8 +113,10 @@ def _resume(out: str, cfg: DistillConfig, method, optimizer, scheduler, resume: 
     ckpt = read_checkpoint(path)
     theirs = {**ckpt["config"], "epochs": cfg.epochs}
     ours = dataclasses.asdict(cfg)
-    if json.dumps(theirs, sort_keys=True, default=list) != json.dumps(ours, sort_keys=True, default=list):
-        differ = sorted(k for k in ours if json.dumps(ours[k], default=list) != json.dumps(theirs.get(k), default=list))
+    same = lambda k: json.dumps(ours.get(k), sort_keys=True, default=list) == json.dumps(  # noqa: E731
+        theirs.get(k), sort_keys=True, default=list)
+    differ = sorted(k for k in ours.keys() | theirs.keys() if not same(k))
+    if differ:
         raise GenddError(f"{path}: was trained with other settings ({', '.join(differ)}); use another --out")
     load_state(method, ckpt["state_dict"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
