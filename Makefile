@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 # dvc.yaml stages call `python`: make it the venv's.
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: pipeline test install clean
+.PHONY: pipeline unsupervised test install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -19,7 +19,14 @@ install: $(STAMP)
 pipeline: $(STAMP)
 	dvc config --local core.analytics false
 	dvc repro
-	gendd-pipe info data/store.zarr
+	@echo
+	@cat data/report/results.md
+
+unsupervised: $(STAMP)
+	dvc config --local core.analytics false
+	dvc repro pipelines/mnist5k-unsupervised/dvc.yaml
+	@echo
+	@cat data/unsupervised/report/results.md
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -1,4 +1,4 @@
-"""The ``gendd-pipe`` command line: prepare, extract, info, verify, distill, evaluate.
+"""The ``gendd-pipe`` command line: prepare, teacher, extract, info, verify, distill, evaluate.
 
 A thin front end over the library (the DVC stages are the other one). Errors a
 user can cause print as one line and exit 1; defaults come from the config
@@ -24,6 +24,7 @@ from gendd_pipe.distill.methods import METHODS, GenddConfig, LogitConfig
 from gendd_pipe.distill.train import distill
 from gendd_pipe.errors import GenddError
 from gendd_pipe.extract import ExtractConfig, extract
+from gendd_pipe.finetune import FinetuneConfig, finetune
 from gendd_pipe.inspect import summarize, verify
 from gendd_pipe.models.gendd_head import SAMPLERS, HeadConfig
 from gendd_pipe.models.student import StudentConfig
@@ -37,6 +38,7 @@ app.add_typer(prepare_app, name="prepare")
 console = Console(soft_wrap=True)  # messages stay one line however narrow the terminal
 P, E, V, T = PrepareConfig(), ExtractConfig(), ViewConfig(), TeacherConfig()
 D, L, K, G, H = DistillConfig(), LoaderConfig(), LogitConfig(), GenddConfig(), HeadConfig()
+F = FinetuneConfig()
 
 
 def user_errors(command):
@@ -89,6 +91,45 @@ def _pair(text: str) -> tuple[float, float]:
     except ValueError:
         raise typer.BadParameter(f"expected two numbers like 0.08,1.0, got {text!r}") from None
     return low, high
+
+
+@app.command("teacher")
+@user_errors
+def teacher_command(
+    shards: Annotated[list[str], typer.Option(help="Train image shards (repeatable; patterns or URLs).")],
+    val_shards: Annotated[list[str], typer.Option(help="Val image shards (repeatable).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Directory: model.safetensors, metrics.json, last.pt.")],
+    teacher: Annotated[str, typer.Option(help="timm model name.")] = T.name,
+    weights: Annotated[str, typer.Option(help="Starting weights: bundled:efficientnet-lite0 | pretrained | PATH.")] = T.weights,
+    input_size: Annotated[Optional[int], typer.Option(help="Square input size override.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Classes (default: largest train label + 1).")] = None,
+    epochs: Annotated[int, typer.Option()] = F.epochs,
+    batch_size: Annotated[int, typer.Option()] = F.batch_size,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = F.lr,
+    weight_decay: Annotated[float, typer.Option()] = F.weight_decay,
+    label_smoothing: Annotated[float, typer.Option()] = F.label_smoothing,
+    view_scale: Annotated[str, typer.Option(help="Random-resized-crop area range.")] = "%g,%g" % V.scale,
+    view_ratio: Annotated[str, typer.Option(help="Random-resized-crop aspect range.")] = "%g,%g" % V.ratio,
+    hflip: Annotated[float, typer.Option(help="Horizontal flip probability.")] = V.hflip,
+    seed: Annotated[int, typer.Option(help="Seed of the new classifier, crops and order.")] = V.seed,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = F.workers,
+    resume: Annotated[bool, typer.Option(help="Continue the fine-tune in --out from its last checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Fine-tune a teacher on labeled shards; extract then loads --weights OUT/model.safetensors."""
+    try:
+        cfg = FinetuneConfig(teacher=TeacherConfig(teacher, weights, input_size),
+                             views=ViewConfig(1, _pair(view_scale), _pair(view_ratio), hflip, seed),
+                             num_classes=num_classes, epochs=epochs, batch_size=batch_size, lr=lr,
+                             weight_decay=weight_decay, label_smoothing=label_smoothing, workers=workers)
+    except ValueError as exc:
+        raise GenddError(str(exc)) from None
+    metrics = finetune(shards, val_shards, out, cfg, resume=resume, progress=not quiet)
+    for m in metrics["history"]:
+        console.print(f"epoch {m['epoch']}: loss {m['loss']:.4f}, val top-1 {m['val']['top1']:.2f}, "
+                      f"{m['images_per_s']:.0f} images/s", highlight=False)
+    console.print(f"{metrics['model']}: {metrics['num_classes']} classes, val top-1 {metrics['val']['top1']:.2f}",
+                  highlight=False)
 
 
 @app.command("extract")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 
 from gendd_pipe.errors import GenddError
@@ -27,3 +28,10 @@ def build(cls, data: dict, where: str = ""):
         return cls(**kwargs)
     except ValueError as exc:
         raise GenddError(f"params {where or cls.__name__}: {exc}") from exc
+
+
+def differences(ours, theirs: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Top-level fields where dataclass ``ours`` and a recorded config dict disagree (sorted)."""
+    mine = dataclasses.asdict(ours)
+    text = lambda v: json.dumps(v, sort_keys=True, default=list)  # noqa: E731  (tuples and lists compare equal)
+    return sorted(k for k in mine.keys() | theirs.keys() if k not in ignore and text(mine.get(k)) != text(theirs.get(k)))

@@ -8,7 +8,7 @@ from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.inspect import summarize
 from gendd_pipe.store.reader import FeatureStore
 from gendd_pipe.config import build
-from stages.params import load_section, write_json
+from stages.params import load_section, stage_args, write_json
 
 
 def run(section: dict) -> dict:
@@ -31,4 +31,4 @@ def run(section: dict) -> dict:
 
 
 if __name__ == "__main__":
-    run(load_section("extract"))
+    run(load_section("extract", stage_args("extract").params))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gendd_pipe.data.prepare import PrepareConfig, folder_records, mnist5k_records, prepare
 from gendd_pipe.config import build
-from stages.params import load_section
+from stages.params import load_section, stage_args
 
 
 def run(section: dict) -> dict:
@@ -16,4 +16,4 @@ def run(section: dict) -> dict:
 
 
 if __name__ == "__main__":
-    run(load_section("prepare"))
+    run(load_section("prepare", stage_args("prepare").params))

@@ -11,8 +11,9 @@ Shards are shuffled per epoch, samples pass a shuffle buffer, and shards are
 split by node (torchrun rank) and by DataLoader worker. Every random choice
 derives from (seed, epoch), so an epoch replays identically after a resume.
 
-`eval_pipeline` streams images alone (the student's eval view), for validation
-and for fitting a linear probe.
+`eval_pipeline` streams images alone (the eval view), for validation and for
+fitting a linear probe; `augmented_pipeline` streams images with a fresh random
+view per (seed, epoch, key), for fine-tuning a teacher before extraction.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
-from gendd_pipe.data.views import eval_view, render_view, to_tensor
+from gendd_pipe.data.views import ViewConfig, eval_view, random_view, render_view, to_tensor, view_rng
 from gendd_pipe.errors import GenddError
 from gendd_pipe.store.reader import FeatureStore
 
@@ -160,3 +161,26 @@ def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, workers: 
         partial(_each, fn=partial(_render_eval, data_config=data_config)),
     )
     return DataLoader(pipeline, batch_size=batch_size, num_workers=workers)
+
+
+def _render_augmented(sample: Sample, data_config: dict, views: ViewConfig, epoch: int) -> dict:
+    view = random_view(*sample.image.size, views, view_rng(views.seed, f"{epoch}:{sample.key}", 0))
+    image = render_view(sample.image, view, data_config["input_size"][1:], data_config["interpolation"])
+    return {"image": to_tensor(image, data_config["mean"], data_config["std"]), "label": sample.label}
+
+
+def augmented_pipeline(urls: list[str], data_config: dict, views: ViewConfig, batch_size: int, epoch: int,
+                       shuffle_buffer: int = 1000, workers: int = 0) -> DataLoader:
+    """One epoch of ``image`` (a random-resized crop drawn from (views.seed, epoch, key)) and ``label`` batches,
+    shards and samples shuffled from (views.seed, epoch)."""
+    order = list(urls)
+    random.Random(f"{views.seed}:{epoch}:shards").shuffle(order)
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(order),
+        wds.split_by_node,
+        wds.split_by_worker,
+        _images,
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(f"{views.seed}:{epoch}:samples")),
+        partial(_each, fn=partial(_render_augmented, data_config=data_config, views=views, epoch=epoch)),
+    )
+    return DataLoader(pipeline, batch_size=batch_size, num_workers=workers, drop_last=True)

@@ -19,24 +19,24 @@ from gendd_pipe.errors import GenddError
 FORMAT = "gendd-pipe/student-1"
 
 
-def save_checkpoint(path: str, state: dict) -> None:
+def save_checkpoint(path: str, state: dict, fmt: str = FORMAT) -> None:
     """Write to a temporary file, then rename: a kill never leaves a torn checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
-    torch.save({"format": FORMAT, **state}, tmp)
+    torch.save({"format": fmt, **state}, tmp)
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: str) -> dict:
-    """Load a checkpoint dict (tensors on CPU), refusing files that are not student checkpoints."""
+def read_checkpoint(path: str, fmt: str = FORMAT) -> dict:
+    """Load a checkpoint dict (tensors on CPU), refusing files of another format (``fmt``)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         raise GenddError(f"{path}: no such checkpoint") from None
     except Exception as exc:  # torch raises many kinds for a torn or foreign file
         raise GenddError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise GenddError(f"{path}: not a gendd-pipe student checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise GenddError(f"{path}: not a {fmt} checkpoint")
     return ckpt
 
 

@@ -4,21 +4,26 @@ Predictors: ``student`` (the student's own linear head), ``gendd`` (features
 sampled from the diffusion head, read by the teacher classifier; GenDD students
 only) and ``probe`` (a linear probe fitted on frozen student features of the
 train shards: the unsupervised metric). `evaluate_checkpoint` rebuilds a student
-from its checkpoint alone: no store and no teacher are needed.
+from its checkpoint alone: no store and no teacher are needed. `reference_probes`
+gives the probes an unsupervised student is read beside: the teacher's cached
+features and a randomly initialised student.
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
-from gendd_pipe.data.loader import eval_pipeline
+from gendd_pipe.data.loader import check_shards, eval_pipeline
 from gendd_pipe.data.shards import expand_urls
 from gendd_pipe.distill.checkpoint import load_method
 from gendd_pipe.distill.methods import Method
 from gendd_pipe.distill.probe import fit_probe, probe_logits
 from gendd_pipe.errors import GenddError
+from gendd_pipe.models.student import Student, StudentConfig, create_student
+from gendd_pipe.store.reader import FeatureStore
 
 
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, int]:
@@ -33,14 +38,24 @@ def _as_percent(hits: dict[str, int], n: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def student_features(method: Method, urls: list[str], batch_size: int, workers: int = 0):
+def student_features(student: Student, urls: list[str], batch_size: int, workers: int = 0):
     """Frozen student features and labels of the eval view of every image: (N, D), (N,)."""
-    device = next(method.parameters()).device
+    device = next(student.parameters()).device
     feats, labels = [], []
-    for batch in eval_pipeline(urls, method.student.data_config, batch_size, workers):
-        feats.append(method.student.features(batch["image"].to(device)).float().cpu())
+    for batch in eval_pipeline(urls, student.data_config, batch_size, workers):
+        feats.append(student.features(batch["image"].to(device)).float().cpu())
         labels.append(batch["label"])
     return torch.cat(feats), torch.cat(labels)
+
+
+def probe_score(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+                where: str) -> dict[str, float]:
+    """Top-1/top-5 (percent) on labeled ``val`` (features, labels) of a linear probe fitted on labeled ``train``."""
+    (train_x, train_y), (val_x, val_y) = train, val
+    keep_train, keep_val = _labeled(train_y, where), _labeled(val_y, where)
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    probe = fit_probe(train_x[keep_train], train_y[keep_train], num_classes)
+    return _as_percent(topk_hits(probe_logits(probe, val_x[keep_val]), val_y[keep_val]), int(keep_val.sum()))
 
 
 def _labeled(labels: torch.Tensor, where: str) -> torch.Tensor:
@@ -85,12 +100,8 @@ def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, samples
     result = {name: _as_percent(h, n) for name, h in hits.items()}
     result["images"], result["seconds"] = n, time.perf_counter() - start
     if probe_urls:
-        train_x, train_y = student_features(method, probe_urls, batch_size, workers)
-        keep_train = _labeled(train_y, probe_urls[0])
-        val_x, val_y = torch.cat(val_x), torch.cat(val_y)
-        num_classes = int(max(train_y.max(), val_y.max())) + 1
-        probe = fit_probe(train_x[keep_train], train_y[keep_train], num_classes)
-        result["probe"] = _as_percent(topk_hits(probe_logits(probe, val_x), val_y), n)
+        train = student_features(method.student, probe_urls, batch_size, workers)
+        result["probe"] = probe_score(train, (torch.cat(val_x), torch.cat(val_y)), probe_urls[0])
     method.train(was_training)
     return result
 
@@ -107,3 +118,27 @@ def evaluate_checkpoint(path: str, val_shards: list[str], train_shards: list[str
                       expand_urls(train_shards) if train_shards else None, workers)
     return {"checkpoint": path, "method": ckpt["config"]["method"], "epoch": ckpt["epoch"],
             "samples": samples, "sampling": sampling or {}, **result}
+
+
+def store_features(store: FeatureStore, urls: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's cached eval-view (view 0) features and labels of the shards ``urls``: (N, D), (N,)."""
+    feats, labels = [], []
+    for name in check_shards(store, urls):
+        group = store.shard(name)
+        feats.append(torch.from_numpy(group["features"][:, 0].astype(np.float32)))
+        labels.append(torch.from_numpy(group["labels"][...].astype(np.int64)))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def reference_probes(store_url: str, train_shards: list[str], val_shards: list[str], student: StudentConfig,
+                     seed: int = 0, batch_size: int = 128) -> dict[str, dict[str, float]]:
+    """The probes an unsupervised student is read beside: the teacher's cached features, and a randomly
+    initialised ``student`` (seeded) that saw no data."""
+    store = FeatureStore.open(store_url)
+    train, val = expand_urls(train_shards), expand_urls(val_shards)
+    result = {"teacher features": probe_score(store_features(store, train), store_features(store, val), train[0])}
+    torch.manual_seed(seed)
+    model = create_student(student, store.manifest["teacher"]["num_classes"]).eval()
+    result["random-init student"] = probe_score(student_features(model, train, batch_size),
+                                                student_features(model, val, batch_size), train[0])
+    return result

@@ -24,9 +24,9 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from timm.scheduler import CosineLRScheduler
 
+from gendd_pipe.config import differences
 from gendd_pipe.data.loader import check_shards, train_pipeline
 from gendd_pipe.data.shards import expand_urls, shard_name
 from gendd_pipe.distill.checkpoint import load_state, read_checkpoint, save_checkpoint
@@ -35,6 +35,7 @@ from gendd_pipe.distill.evaluate import evaluate
 from gendd_pipe.distill.methods import METHODS, Method, TeacherHead, create_method
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.student import create_student
+from gendd_pipe.progress import StepBar
 from gendd_pipe.store.reader import FeatureStore
 
 LAST, BEST, METRICS, SUMMARY = "last.pt", "best.pt", "metrics.jsonl", "summary.json"
@@ -111,11 +112,7 @@ def _resume(out: str, cfg: DistillConfig, method, optimizer, scheduler, resume: 
     if not resume:
         raise GenddError(f"{out}: holds a run already ({LAST}); pass --resume to continue it or choose another --out")
     ckpt = read_checkpoint(path)
-    theirs = {**ckpt["config"], "epochs": cfg.epochs}
-    ours = dataclasses.asdict(cfg)
-    same = lambda k: json.dumps(ours.get(k), sort_keys=True, default=list) == json.dumps(  # noqa: E731
-        theirs.get(k), sort_keys=True, default=list)
-    differ = sorted(k for k in ours.keys() | theirs.keys() if not same(k))
+    differ = differences(cfg, ckpt["config"], ignore=("epochs",))
     if differ:
         raise GenddError(f"{path}: was trained with other settings ({', '.join(differ)}); use another --out")
     load_state(method, ckpt["state_dict"], path)
@@ -163,7 +160,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
         loader = train_pipeline(urls, store, student.data_config, cfg.loader, cfg.seed, epoch)
         sums: dict[str, float] = {}
         images, begin = 0, time.perf_counter()
-        with _bar(progress and rank == 0, f"epoch {epoch + 1}/{cfg.epochs} {cfg.method}", steps) as (bar, task):
+        with StepBar(f"epoch {epoch + 1}/{cfg.epochs} {cfg.method}", steps, progress and rank == 0) as bar:
             for i, batch in enumerate(itertools.islice(loader, steps)):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 losses = model(batch, epoch)
@@ -176,8 +173,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
                 images += batch["image"].shape[0]
-                if bar is not None:
-                    bar.update(task, advance=1, loss=sums["loss"] / (i + 1))
+                bar.step(float(losses["loss"].detach()))
         seconds = time.perf_counter() - begin
         if rank != 0:
             continue
@@ -212,22 +208,3 @@ def summarize(out: str, primary: str) -> dict:
     with open(os.path.join(out, SUMMARY), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
-
-
-class _bar:
-    """A rich progress bar over the steps of one epoch (or nothing when quiet)."""
-
-    def __init__(self, show: bool, title: str, steps: int):
-        self.show, self.title, self.steps = show, title, steps
-
-    def __enter__(self):
-        if not self.show:
-            return None, None
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                 TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=True)
-        self.progress.__enter__()
-        return self.progress, self.progress.add_task(self.title, total=self.steps, loss=float("nan"))
-
-    def __exit__(self, *exc):
-        if self.show:
-            self.progress.__exit__(*exc)

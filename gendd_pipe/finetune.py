@@ -1,0 +1,185 @@
+"""Fine-tuning a teacher on labeled shards, before it is run once by extract.
+
+`finetune` builds the teacher that a `TeacherConfig` names (for the embedded
+default, the ImageNet EfficientNet-Lite0 a package ships), replaces its
+classifier with one sized to the shards' classes, and trains the whole network
+with cross-entropy (label smoothing), AdamW and a per-step cosine schedule on
+random-resized crops at the teacher's input size. Each epoch ends with a
+validation pass and an atomic checkpoint (``last.pt``, removed once the
+fine-tune is done), so a killed run resumes. The result is ``model.safetensors``, a plain state dict that extract
+loads with ``weights: PATH``, and ``metrics.json`` with its val accuracy.
+
+``epochs: 0`` keeps the teacher as it ships (an ImageNet teacher for ImageNet
+shards, or one whose labels are not the shards'): the weights are written
+unchanged and the val accuracy is measured only where the labels fit its classifier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from safetensors.torch import save_file
+from timm.scheduler import CosineLRScheduler
+
+from gendd_pipe.config import differences
+from gendd_pipe.data.loader import augmented_pipeline, eval_pipeline
+from gendd_pipe.data.shards import expand_urls
+from gendd_pipe.data.views import ViewConfig
+from gendd_pipe.distill.checkpoint import read_checkpoint, save_checkpoint
+from gendd_pipe.distill.evaluate import topk_hits
+from gendd_pipe.errors import GenddError
+from gendd_pipe.models.teacher import TeacherConfig, create_teacher
+from gendd_pipe.progress import StepBar
+
+FORMAT = "gendd-pipe/teacher-1"
+LAST, MODEL, METRICS = "last.pt", "model.safetensors", "metrics.json"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How a teacher is fine-tuned on the train shards."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)  # crop and flip ranges of the training crops; seed
+    num_classes: int | None = None  # None: one more than the largest label in the train shards
+    epochs: int = 2  # 0: keep the teacher as it ships (classifier included)
+    batch_size: int = 64
+    lr: float = 1e-3  # AdamW peak learning rate (the new classifier and the pretrained body alike)
+    min_lr: float = 1e-6
+    warmup_steps: int = 20  # linear warmup from lr / 100
+    weight_decay: float = 1e-2
+    label_smoothing: float = 0.1
+    shuffle_buffer: int = 1000
+    workers: int = 0  # DataLoader worker processes
+
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+
+
+def shard_labels(urls: list[str]) -> tuple[int, int]:
+    """(sample count, largest label) of shards, read from their ``cls`` members without decoding images."""
+    count, top = 0, -1
+    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+        count += 1
+        if "cls" in sample:
+            text = sample["cls"].decode("utf-8", "replace").strip()
+            try:
+                top = max(top, int(text))
+            except ValueError:
+                raise GenddError(f"{sample['__url__']}: sample {sample['__key__']!r} has cls {text[:20]!r}, "
+                                 "not an integer") from None
+    return count, top
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, urls: list[str], data_config: dict, batch_size: int,
+             workers: int = 0) -> dict | None:
+    """Top-1/top-5 (percent) of a classifier on the eval view of every labeled image; None when the shards have
+    no labels or labels beyond the classifier (a teacher whose classes are not the shards')."""
+    was_training = model.training
+    model.eval()
+    hits, n = {}, 0
+    for batch in eval_pipeline(urls, data_config, batch_size, workers):
+        keep = batch["label"] >= 0
+        logits = model(batch["image"][keep])
+        if (batch["label"][keep] >= logits.shape[1]).any():
+            n = 0
+            break
+        for k, v in topk_hits(logits, batch["label"][keep]).items():
+            hits[k] = hits.get(k, 0) + v
+        n += int(keep.sum())
+    model.train(was_training)
+    return {k: 100.0 * v / n for k, v in hits.items()} if n else None
+
+
+def _resume(out: str, cfg: FinetuneConfig, model, optimizer, scheduler, resume: bool) -> tuple[int, list]:
+    path = os.path.join(out, LAST)
+    if not os.path.exists(path):
+        return 0, []
+    if not resume:
+        raise GenddError(f"{out}: holds a fine-tune already ({LAST}); pass --resume to continue it or choose another --out")
+    ckpt = read_checkpoint(path, FORMAT)
+    differ = differences(cfg, ckpt["config"], ignore=("epochs",))
+    if differ:
+        raise GenddError(f"{path}: was trained with other settings ({', '.join(differ)}); use another --out")
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    return ckpt["epoch"], ckpt["history"]
+
+
+def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneConfig, resume: bool = False,
+             progress: bool = True) -> dict:
+    """Fine-tune the teacher; writes ``model.safetensors`` and ``metrics.json`` to ``out`` and returns the metrics."""
+    urls, val_urls = expand_urls(shards), expand_urls(val_shards)
+    torch.manual_seed(cfg.views.seed)
+    teacher = create_teacher(cfg.teacher)
+    model, data_config = teacher.model, teacher.data_config
+    if cfg.epochs == 0:
+        val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.workers)
+        return _write(out, cfg, model, None, [{"epoch": 0, "val": val}])
+    count, top = shard_labels(urls)
+    num_classes = cfg.num_classes or top + 1
+    if num_classes < 2:
+        raise GenddError(f"{urls[0]}: the train shards carry no labels (cls); a teacher cannot be fine-tuned on them")
+    steps = count // cfg.batch_size
+    if steps < 1:
+        raise GenddError(f"{count} train samples do not fill one batch of {cfg.batch_size}")
+    model.reset_classifier(num_classes)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = steps * cfg.epochs
+    scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=cfg.warmup_steps,
+                                  warmup_lr_init=cfg.lr / 100, t_in_epochs=False)
+    start, history = _resume(out, cfg, model, optimizer, scheduler, resume)
+    os.makedirs(out, exist_ok=True)
+
+    for epoch in range(start, cfg.epochs):
+        torch.manual_seed(cfg.views.seed * 1_000_003 + epoch)
+        loader = augmented_pipeline(urls, data_config, cfg.views, cfg.batch_size, epoch, cfg.shuffle_buffer,
+                                    cfg.workers)
+        loss_sum, begin = 0.0, time.perf_counter()
+        with StepBar(f"teacher epoch {epoch + 1}/{cfg.epochs}", steps, progress) as bar:
+            for i, batch in enumerate(itertools.islice(loader, steps)):
+                images = batch["image"].contiguous(memory_format=torch.channels_last)
+                loss = F.cross_entropy(model(images), batch["label"], ignore_index=-1, label_smoothing=cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step_update(epoch * steps + i + 1)
+                loss_sum += loss.item()
+                bar.step(loss.item())
+        seconds = time.perf_counter() - begin
+        val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.workers)
+        if val is None:
+            raise GenddError(f"{val_urls[0]}: no val labels the fine-tuned classifier can score")
+        history.append({"epoch": epoch + 1, "loss": loss_sum / steps, "images_per_s": steps * cfg.batch_size / seconds,
+                        "val": val})
+        save_checkpoint(os.path.join(out, LAST), {
+            "config": dataclasses.asdict(cfg), "epoch": epoch + 1, "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history}, FORMAT)
+
+    metrics = _write(out, cfg, model, count, history)
+    os.remove(os.path.join(out, LAST))  # kept only while a fine-tune can still be resumed
+    return metrics
+
+
+def _write(out: str, cfg: FinetuneConfig, model: torch.nn.Module, count: int | None, history: list[dict]) -> dict:
+    """The fine-tune's outputs: ``model.safetensors`` and ``metrics.json`` (returned)."""
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, MODEL))
+    metrics = {"model": os.path.join(out, MODEL), "teacher": cfg.teacher.name, "from_weights": cfg.teacher.weights,
+               "epochs": cfg.epochs, "num_classes": model.num_classes, "train_samples": count,
+               "val": history[-1]["val"], "history": history}
+    with open(os.path.join(out, METRICS), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics

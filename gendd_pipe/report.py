@@ -1,0 +1,121 @@
+"""The report: one markdown table and two PNG plots comparing the distill runs of a pipeline.
+
+Inputs are what the stages wrote: per run its ``metrics.jsonl`` (val top-1 per
+epoch) and its evaluate JSON (final scores of every predictor), the teacher's
+``metrics.json`` when it was fine-tuned, and optional reference probes (the
+teacher's cached features, a randomly initialised student). Outputs:
+``results.md`` (the table), ``results.json`` (the same numbers),
+``accuracy.png`` (val top-1 per epoch per run) and ``comparison.png`` (final
+top-1 per run, teacher as a line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+PREDICTORS = {"student": "student head", "gendd": "GenDD sampled", "probe": "linear probe"}
+
+
+def _read_lines(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def collect(distill_out: str, eval_dir: str, names: list[str], teacher: str | None = None,
+            references: str | None = None) -> dict:
+    """Gather the numbers of runs ``names``: ``distill_out/runs/NAME/metrics.jsonl``,
+    ``distill_out/metrics/NAME.json`` and ``eval_dir/NAME.json``."""
+    out = {"runs": {}, "teacher": None, "references": {}}
+    for name in names:
+        lines = _read_lines(os.path.join(distill_out, "runs", name, "metrics.jsonl"))
+        config = json.load(open(os.path.join(distill_out, "metrics", f"{name}.json")))["config"]
+        final = json.load(open(os.path.join(eval_dir, f"{name}.json")))
+        out["runs"][name] = {
+            "method": config["method"] + (" (unsupervised)" if config["unsupervised"] else ""),
+            "final": {k: final[k]["top1"] for k in PREDICTORS if k in final},
+            "curve": {p: [m["val"][p]["top1"] for m in lines] for p in PREDICTORS if p in lines[0]["val"]},
+            "epochs": len(lines),
+            "images_per_s": sum(m["images_per_s"] for m in lines) / len(lines),
+        }
+    if teacher and os.path.exists(teacher):
+        metrics = json.load(open(teacher))
+        out["teacher"] = {"name": metrics["teacher"], "top1": metrics["val"]["top1"] if metrics.get("val") else None}
+    if references and os.path.exists(references):
+        out["references"] = json.load(open(references))
+    return out
+
+
+def _primary(run: dict) -> str:
+    return "probe" if "probe" in run["final"] else "gendd" if "gendd" in run["final"] else "student"
+
+
+def markdown(data: dict) -> str:
+    """The results table (val top-1, percent) as markdown."""
+    used = [p for p in PREDICTORS if any(p in r["final"] for r in data["runs"].values())]
+    head = ["run", "method", *(f"{PREDICTORS[p]} top-1" for p in used), "epochs", "train img/s"]
+    rows = [head, ["---"] * len(head)]
+    for name, run in data["runs"].items():
+        cells = [f"{run['final'][p]:.2f}" if p in run["final"] else "" for p in used]
+        rows.append([name, run["method"], *cells, str(run["epochs"]), f"{run['images_per_s']:.0f}"])
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    if data["teacher"] and data["teacher"]["top1"] is not None:
+        lines.append(f"\nTeacher {data['teacher']['name']} (fine-tuned): val top-1 {data['teacher']['top1']:.2f}.")
+    for name, value in data["references"].items():
+        lines.append(f"\nReference: {name} linear probe top-1 {value['top1']:.2f}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(data: dict, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, run in data["runs"].items():
+        for predictor, values in run["curve"].items():
+            if predictor == _primary(run) or predictor == "student":
+                style = "-" if predictor == _primary(run) else ":"
+                ax.plot(range(1, len(values) + 1), values, style, marker="o", markersize=3,
+                        label=f"{name} ({PREDICTORS[predictor]})")
+    if data["teacher"] and data["teacher"]["top1"] is not None:
+        ax.axhline(data["teacher"]["top1"], color="black", linestyle="--", linewidth=1, label="teacher")
+    ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="Val accuracy per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_comparison(data: dict, path: str) -> None:
+    names = list(data["runs"])
+    values = [data["runs"][n]["final"][_primary(data["runs"][n])] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar(names, values, color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    refs = [("teacher", data["teacher"]["top1"])] if data["teacher"] and data["teacher"]["top1"] is not None else []
+    refs += [(k, v["top1"]) for k, v in data["references"].items()]
+    for (label, value), color in zip(refs, ["black", "tab:gray", "tab:orange"]):
+        ax.axhline(value, color=color, linestyle="--", linewidth=1, label=label)
+    low = min(values + [v for _, v in refs])
+    ax.set_ylim(max(0.0, low - 5), 100)
+    ax.set(ylabel="val top-1 (%)", title="Final val top-1 per run")
+    if refs:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(data: dict, out: str) -> str:
+    """Write results.md, results.json, accuracy.png and comparison.png to ``out``; returns the table."""
+    os.makedirs(out, exist_ok=True)
+    table = markdown(data)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(data, f, indent=2)
+    plot_curves(data, os.path.join(out, "accuracy.png"))
+    plot_comparison(data, os.path.join(out, "comparison.png"))
+    return table
