@@ -136,15 +136,23 @@ def test_cli_distill_then_evaluate(digit_store, tmp_path):
 
 
 def test_stages_write_their_metrics(digit_store, tmp_path):
-    run_dir, metrics = str(tmp_path / "run"), str(tmp_path / "distill.json")
     section = {"store": digit_store["store"], "shards": digit_store["train"], "val_shards": digit_store["val"],
-               "out": run_dir, "metrics": metrics, "method": "kd", "epochs": 1, "warmup_epochs": 0,
-               "student": {"name": "resnet10t", "input_size": 32}, "loader": {"batch_size": 16}}
-    summary = distill_stage.run(section)
-    assert json.load(open(metrics))["last"] == summary["last"]
-    result = evaluate_stage.run({"checkpoint": os.path.join(run_dir, "last.pt"), "val_shards": digit_store["val"],
-                                 "out": str(tmp_path / "eval.json")})
+               "out": str(tmp_path / "distill"),
+               "common": {"epochs": 1, "warmup_epochs": 0, "student": {"name": "resnet10t", "input_size": 32},
+                          "loader": {"batch_size": 16}},
+               "runs": {"kd": {}, "kd-t2": {"method": "kd", "logit": {"temperature": 2.0}}}}
+    summary = distill_stage.run(section, "kd-t2")
+    written = json.load(open(tmp_path / "distill" / "metrics" / "kd-t2.json"))
+    assert written["last"] == summary["last"] and written["config"]["logit"]["temperature"] == 2.0
+    assert written["config"]["method"] == "kd" and written["config"]["epochs"] == 1
+    curve = (tmp_path / "distill" / "plots" / "kd-t2.csv").read_text().splitlines()
+    assert curve[0] == "epoch,loss,student" and curve[1].startswith("1,")
+    result = evaluate_stage.run({"runs": str(tmp_path / "distill" / "runs"), "val_shards": digit_store["val"],
+                                 "out": str(tmp_path / "eval")}, "kd-t2")
     assert result["student"]["top1"] == pytest.approx(summary["last"]["student"]["top1"])
+    assert json.load(open(tmp_path / "eval" / "kd-t2.json"))["run"] == "kd-t2"
+    with pytest.raises(GenddError, match="no run 'dkd' under distill.runs"):
+        distill_stage.run(section, "dkd")
 
 
 @pytest.mark.slow
@@ -185,3 +193,8 @@ def test_torchrun_with_two_processes(digit_store, tmp_path):
     lines = _lines(tmp_path / "ddp")
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["val"]["images"] == 48
     assert os.path.exists(tmp_path / "ddp" / "summary.json")
+
+
+def test_gdkd_needs_a_top_k_smaller_than_the_class_count(digit_store, tmp_path):
+    with pytest.raises(GenddError, match="gdkd: k=1000 must be between 1 and the class count minus one"):
+        _run(digit_store, tmp_path, _cfg("gdkd", logit=LogitConfig(k=1000)))

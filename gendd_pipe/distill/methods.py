@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gendd_pipe.errors import GenddError
 from gendd_pipe.losses import dkd_loss, gdkd_loss, kd_loss, standardize
 from gendd_pipe.models.gendd_head import DiffusionHead, HeadConfig
 from gendd_pipe.models.student import Student
@@ -147,6 +148,12 @@ class GDKD(LogitMethod):
     """Generalized DKD: the teacher's top-k defines the split, so it also runs unsupervised."""
 
     needs_logits = True
+
+    def __init__(self, student: Student, teacher: TeacherHead, supervised: bool, cfg: LogitConfig):
+        super().__init__(student, teacher, supervised, cfg)
+        if not 0 < cfg.k < teacher.weight.shape[0]:
+            raise GenddError(f"gdkd: k={cfg.k} must be between 1 and the class count minus one "
+                             f"(the teacher has {teacher.weight.shape[0]} classes)")
 
     def distill(self, student, teacher, batch, epoch):
         c = self.cfg
