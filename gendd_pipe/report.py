@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 PREDICTORS = {"student": "student head", "gendd": "GenDD sampled", "probe": "linear probe"}
 
@@ -33,10 +34,10 @@ def collect(distill_out: str, eval_dir: str, names: list[str], teacher: str | No
     out = {"runs": {}, "teacher": None, "references": {}}
     for name in names:
         lines = _read_lines(os.path.join(distill_out, "runs", name, "metrics.jsonl"))
-        config = json.load(open(os.path.join(distill_out, "metrics", f"{name}.json")))["config"]
+        record = json.load(open(os.path.join(distill_out, "metrics", f"{name}.json")))
         final = json.load(open(os.path.join(eval_dir, f"{name}.json")))
         out["runs"][name] = {
-            "method": config["method"] + (" (unsupervised)" if config["unsupervised"] else ""),
+            "method": record["method"] + (" (unsupervised)" if record["unsupervised"] else ""),
             "final": {k: final[k]["top1"] for k in PREDICTORS if k in final},
             "curve": {p: [m["val"][p]["top1"] for m in lines] for p in PREDICTORS if p in lines[0]["val"]},
             "epochs": len(lines),
@@ -81,6 +82,7 @@ def plot_curves(data: dict, path: str) -> None:
     if data["teacher"] and data["teacher"]["top1"] is not None:
         ax.axhline(data["teacher"]["top1"], color="black", linestyle="--", linewidth=1, label="teacher")
     ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="Val accuracy per epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -100,7 +102,7 @@ def plot_comparison(data: dict, path: str) -> None:
         ax.axhline(value, color=color, linestyle="--", linewidth=1, label=label)
     low = min(values + [v for _, v in refs])
     ax.set_ylim(max(0.0, low - 5), 100)
-    ax.set(ylabel="val top-1 (%)", title="Final val top-1 per run")
+    ax.set(ylabel="val top-1 (%)", title="Final val top-1 per run (GenDD: sampled features; unsupervised: probe)")
     if refs:
         ax.legend(fontsize=8)
     fig.tight_layout()

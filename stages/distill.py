@@ -33,7 +33,8 @@ def run(section: dict, name: str, where: str = "params.yaml") -> dict:
     run_dir = os.path.join(root, "runs", name)
     summary = distill(section["store"], section["shards"], section["val_shards"], run_dir, cfg, resume=True,
                       progress=False)
-    write_json(os.path.join(root, "metrics", f"{name}.json"), {"run": name, "config": cfg, **summary})
+    write_json(os.path.join(root, "metrics", f"{name}.json"),
+               {"run": name, "method": cfg.method, "unsupervised": cfg.unsupervised, **summary})
     write_curve(run_dir, os.path.join(root, "plots", f"{name}.csv"))
     return summary
 

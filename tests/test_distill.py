@@ -15,7 +15,7 @@ from gendd_pipe import GenddError
 from gendd_pipe.cli import app
 from gendd_pipe import FeatureStore
 from gendd_pipe.data.loader import LoaderConfig, train_pipeline
-from gendd_pipe.distill.checkpoint import load_method
+from gendd_pipe.distill.checkpoint import load_method, read_checkpoint
 from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.distill.methods import GenddConfig, LogitConfig
 from gendd_pipe.distill.train import distill
@@ -143,8 +143,9 @@ def test_stages_write_their_metrics(digit_store, tmp_path):
                "runs": {"kd": {}, "kd-t2": {"method": "kd", "logit": {"temperature": 2.0}}}}
     summary = distill_stage.run(section, "kd-t2")
     written = json.load(open(tmp_path / "distill" / "metrics" / "kd-t2.json"))
-    assert written["last"] == summary["last"] and written["config"]["logit"]["temperature"] == 2.0
-    assert written["config"]["method"] == "kd" and written["config"]["epochs"] == 1
+    assert written["last"] == summary["last"] and written["method"] == "kd" and written["epochs"] == 1
+    ckpt = read_checkpoint(str(tmp_path / "distill" / "runs" / "kd-t2" / "last.pt"))
+    assert ckpt["config"]["logit"]["temperature"] == 2.0  # the run's keys over distill.common
     curve = (tmp_path / "distill" / "plots" / "kd-t2.csv").read_text().splitlines()
     assert curve[0] == "epoch,loss,student" and curve[1].startswith("1,")
     result = evaluate_stage.run({"runs": str(tmp_path / "distill" / "runs"), "val_shards": digit_store["val"],

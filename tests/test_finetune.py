@@ -11,9 +11,7 @@ import time
 
 import pytest
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from gendd_pipe.cli import app
 from gendd_pipe.data.views import ViewConfig
 from gendd_pipe.distill.checkpoint import save_checkpoint
 from gendd_pipe.errors import GenddError
