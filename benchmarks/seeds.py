@@ -14,8 +14,10 @@ import argparse
 import json
 import os
 import statistics
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's stages
 
 from gendd_pipe.report import PREDICTORS  # noqa: E402
 from stages import distill, evaluate  # noqa: E402

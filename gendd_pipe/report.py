@@ -36,10 +36,12 @@ def collect(distill_out: str, eval_dir: str, names: list[str], teacher: str | No
         lines = _read_lines(os.path.join(distill_out, "runs", name, "metrics.jsonl"))
         record = json.load(open(os.path.join(distill_out, "metrics", f"{name}.json")))
         final = json.load(open(os.path.join(eval_dir, f"{name}.json")))
+        # an unsupervised student's own head was never trained on these labels: only its probe is a score
+        used = ["probe"] if record["unsupervised"] else list(PREDICTORS)
         out["runs"][name] = {
             "method": record["method"] + (" (unsupervised)" if record["unsupervised"] else ""),
-            "final": {k: final[k]["top1"] for k in PREDICTORS if k in final},
-            "curve": {p: [m["val"][p]["top1"] for m in lines] for p in PREDICTORS if p in lines[0]["val"]},
+            "final": {k: final[k]["top1"] for k in used if k in final},
+            "curve": {p: [m["val"][p]["top1"] for m in lines] for p in used if p in lines[0]["val"]},
             "epochs": len(lines),
             "images_per_s": sum(m["images_per_s"] for m in lines) / len(lines),
         }
