@@ -121,22 +121,30 @@ def _render_train(item: dict, data_config: dict, seed: int, epoch: int) -> dict:
     return out
 
 
-def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg: LoaderConfig, seed: int,
-                   epoch: int) -> DataLoader:
-    """One epoch of training batches: ``key``, ``image``, ``label``, ``view``, ``feature`` and (full stores)
-    ``logits``."""
+def _epoch_loader(urls: list[str], source, render, seed: int, epoch: int, batch_size: int, shuffle_buffer: int,
+                  workers: int) -> DataLoader:
+    """One training epoch: shards shuffled and samples buffer-shuffled from (seed, epoch), split by node and
+    worker, ``source`` turning shard URLs into samples and ``render`` each sample into tensors."""
     order = list(urls)
     random.Random(f"{seed}:{epoch}:shards").shuffle(order)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(order),
         wds.split_by_node,
         wds.split_by_worker,
-        partial(_joined, store_url=store.url, skipped=_skipped_keys(store)),
-        wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100),
-                    rng=random.Random(f"{seed}:{epoch}:samples")),
-        partial(_each, fn=partial(_render_train, data_config=data_config, seed=seed, epoch=epoch)),
+        source,
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(f"{seed}:{epoch}:samples")),
+        partial(_each, fn=render),
     )
-    return DataLoader(pipeline, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=True)
+    return DataLoader(pipeline, batch_size=batch_size, num_workers=workers, drop_last=True)
+
+
+def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg: LoaderConfig, seed: int,
+                   epoch: int) -> DataLoader:
+    """One epoch of training batches: ``key``, ``image``, ``label``, ``view``, ``feature`` and (full stores)
+    ``logits``."""
+    return _epoch_loader(urls, partial(_joined, store_url=store.url, skipped=_skipped_keys(store)),
+                         partial(_render_train, data_config=data_config, seed=seed, epoch=epoch),
+                         seed, epoch, cfg.batch_size, cfg.shuffle_buffer, cfg.workers)
 
 
 def _images(urls):
@@ -173,14 +181,5 @@ def augmented_pipeline(urls: list[str], data_config: dict, views: ViewConfig, ba
                        shuffle_buffer: int = 1000, workers: int = 0) -> DataLoader:
     """One epoch of ``image`` (a random-resized crop drawn from (views.seed, epoch, key)) and ``label`` batches,
     shards and samples shuffled from (views.seed, epoch)."""
-    order = list(urls)
-    random.Random(f"{views.seed}:{epoch}:shards").shuffle(order)
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(order),
-        wds.split_by_node,
-        wds.split_by_worker,
-        _images,
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(f"{views.seed}:{epoch}:samples")),
-        partial(_each, fn=partial(_render_augmented, data_config=data_config, views=views, epoch=epoch)),
-    )
-    return DataLoader(pipeline, batch_size=batch_size, num_workers=workers, drop_last=True)
+    return _epoch_loader(urls, _images, partial(_render_augmented, data_config=data_config, views=views, epoch=epoch),
+                         views.seed, epoch, batch_size, shuffle_buffer, workers)
