@@ -43,7 +43,7 @@ def main() -> None:
         shards = write_shards(mnist5k_records()[0][:: 5000 // args.images][: args.images], f"{tmp}/shards", "bench",
                               args.images)
         store_url = f"{tmp}/store.zarr"
-        extract(shards, store_url, ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=32), workers=0),
+        extract(shards, store_url, ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=32), dask_workers=0),
                 progress=False)
         store = FeatureStore.open(store_url)
         weight, bias = (torch.from_numpy(a) for a in store.head())

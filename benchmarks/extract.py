@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from gendd_pipe.data.prepare import mnist5k_records, write_shards  # noqa: E402
 from gendd_pipe.data.views import ViewConfig  # noqa: E402
 from gendd_pipe.extract import ExtractConfig, extract  # noqa: E402
-from gendd_pipe.inspect import summarize  # noqa: E402
+from gendd_pipe.store.audit import summarize  # noqa: E402
 from gendd_pipe.models.teacher import TeacherConfig  # noqa: E402
 from gendd_pipe.store.reader import FeatureStore  # noqa: E402
 
@@ -41,9 +41,9 @@ def main() -> None:
         print(f"{args.images} MNIST digits x {args.views} views, tf_efficientnet_lite0 (bundled weights)")
         print(f"{'input':>6} {'in-process img/s':>17} {'dask img/s':>11} {'dask/in-process':>16} {'bytes/view':>11} {'vs fp32':>8}")
         for size in (64, 224):
-            cfg = ExtractConfig(teacher=TeacherConfig(input_size=size), views=ViewConfig(count=args.views), workers=0)
+            cfg = ExtractConfig(teacher=TeacherConfig(input_size=size), views=ViewConfig(count=args.views), dask_workers=0)
             local = timed(shards, f"{tmp}/local-{size}.zarr", cfg)
-            dask = timed(shards, f"{tmp}/dask-{size}.zarr", replace(cfg, workers=1))
+            dask = timed(shards, f"{tmp}/dask-{size}.zarr", replace(cfg, dask_workers=1))
             s = summarize(FeatureStore.open(f"{tmp}/local-{size}.zarr"))
             print(f"{size:>6} {args.images / local:>17.1f} {args.images / dask:>11.1f} {local / dask:>16.2f} "
                   f"{s['bytes_per_view']:>11,.0f} {s['compression_ratio']:>7.2f}x")

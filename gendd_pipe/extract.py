@@ -11,39 +11,57 @@ writes the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, field, replace
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 
 from gendd_pipe import __version__
+from gendd_pipe.config import NonNegativeInt, PositiveInt, Shards, configclass, narrow, to_dict
 from gendd_pipe.data.shards import Sample, ShardReader, expand_urls, shard_name
 from gendd_pipe.data.views import ViewConfig, render_view, sample_views, to_tensor
 from gendd_pipe.errors import GenddError
+from gendd_pipe.files import write_json, write_yaml
+from gendd_pipe.layout import config_beside
 from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher, create_teacher
 from gendd_pipe.store.format import FORMAT_VERSION, MANIFEST_ATTR, SHARDS, check_compatible, parse_logits
+from gendd_pipe.store.reader import FeatureStore
 from gendd_pipe.store.writer import is_complete, open_root, write_root, write_shard
 
 PROGRESS_TOPIC = "gendd-pipe-progress"
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@configclass
 class ExtractConfig:
     """How a store is extracted. Output-affecting fields are recorded in the manifest."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     views: ViewConfig = field(default_factory=ViewConfig)
     logits: str = "full"  # full | topk:K
-    batch_size: int = 64  # images per teacher forward
-    chunk_size: int = 256  # samples per Zarr chunk
-    clevel: int = 5  # Blosc zstd level
-    on_error: str = "fail"  # fail | skip (skipped samples are recorded in the manifest)
-    workers: int = 1  # Dask LocalCluster worker processes; 0 runs in this process
-    scheduler: str | None = None  # address of an existing Dask scheduler (overrides workers)
-    threads: int | None = None  # torch threads per worker; default: cores / workers
+    batch_size: PositiveInt = 64  # images per teacher forward
+    chunk_size: PositiveInt = 256  # samples per Zarr chunk
+    clevel: Annotated[int, Field(ge=0, le=9)] = 5  # Blosc zstd level
+    on_error: Literal["fail", "skip"] = "fail"  # skip: unreadable samples are recorded in the manifest
+    dask_workers: NonNegativeInt = 1  # Dask LocalCluster worker processes; 0 runs in this process
+    scheduler: str | None = None  # address of an existing Dask scheduler (overrides dask_workers)
+    threads: PositiveInt | None = None  # torch threads per worker; default: cores / dask_workers
+
+    @field_validator("logits")
+    @classmethod
+    def _logits(cls, value: str) -> str:
+        try:
+            parse_logits(value)
+        except GenddError:
+            raise ValueError("must be full or topk:K with K >= 1") from None
+        return value
 
 
 def requested_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
@@ -143,7 +161,7 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
 
 @contextmanager
 def dask_client(cfg: ExtractConfig):
-    """A client on the given scheduler, or on a fresh LocalCluster of ``cfg.workers`` processes."""
+    """A client on the given scheduler, or on a fresh LocalCluster of ``cfg.dask_workers`` processes."""
     import logging
 
     import dask
@@ -158,7 +176,7 @@ def dask_client(cfg: ExtractConfig):
     threads = str(cfg.threads or 1)
     environ = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
-            LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            LocalCluster(n_workers=cfg.dask_workers, threads_per_worker=1, processes=True, dashboard_address=None,
                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         yield client
 
@@ -167,7 +185,7 @@ def _threads(cfg: ExtractConfig) -> ExtractConfig:
     """Split the machine's cores among the local workers, unless told otherwise."""
     if cfg.threads or cfg.scheduler:
         return cfg
-    return replace(cfg, threads=max(1, (os.cpu_count() or 1) // max(1, cfg.workers)))
+    return replace(cfg, threads=max(1, (os.cpu_count() or 1) // max(1, cfg.dask_workers)))
 
 
 def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool = True) -> dict:
@@ -203,7 +221,7 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
     todo = [u for u in urls if not is_complete(root, shard_name(u))]
     try:
         with ExtractProgress(len(urls), len(urls) - len(todo), enabled=progress) as bar:
-            if cfg.workers == 0 and not cfg.scheduler:
+            if cfg.dask_workers == 0 and not cfg.scheduler:
                 for url in todo:
                     extract_shard(url, store, cfg, report=bar.add_images)
                     bar.shard_done()
@@ -251,3 +269,31 @@ def _finalize(root, manifest: dict, urls: list[str]) -> dict:
     manifest = {**manifest, "shards": shards, "skipped": skipped}
     root.attrs[MANIFEST_ATTR] = manifest
     return manifest
+
+
+@configclass(kw_only=True)
+class ExtractStage(ExtractConfig):
+    """Stage ``extract``: the extraction and where it reads and writes."""
+
+    shards: Shards  # input shards: paths, brace patterns or fsspec URLs
+    out: str  # the feature store (path or URL), created or resumed
+    metrics: str | None = None  # a JSON summary for dvc metrics: samples, images/s, bytes per view, compression
+
+
+def run_stage(cfg: ExtractStage, progress: bool = True) -> dict:
+    """Extract (or resume) the store, write the config at its root and the summary to ``cfg.metrics``."""
+    from gendd_pipe.store.audit import summarize
+
+    start = time.perf_counter()
+    manifest = extract(list(cfg.shards), cfg.out, narrow(cfg, ExtractConfig), progress)
+    seconds = time.perf_counter() - start
+    write_yaml(config_beside(cfg.out), to_dict(cfg))
+    summary = summarize(FeatureStore.open(cfg.out))
+    metrics = {"samples": summary["samples"], "images_per_s": summary["samples"] / seconds,
+               "bytes_per_view": summary["bytes_per_view"], "compression_ratio": summary["compression_ratio"],
+               "skipped": len(manifest["skipped"])}
+    log.info("%s: %d shards, %d samples, %d skipped, %.2fx smaller than fp32", cfg.out, summary["shards"],
+             summary["samples"], metrics["skipped"], metrics["compression_ratio"])
+    if cfg.metrics:
+        write_json(cfg.metrics, metrics)  # the settings are in the store's manifest
+    return metrics

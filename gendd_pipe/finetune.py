@@ -16,53 +16,54 @@ unchanged and the val accuracy is measured only where the labels fit its classif
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
+import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+from pydantic import Field
 from safetensors.torch import save_file
 from timm.scheduler import CosineLRScheduler
 
-from gendd_pipe.config import differences
+from gendd_pipe.config import (NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Shards, configclass,
+                               differences, narrow, to_dict)
 from gendd_pipe.data.loader import augmented_pipeline, eval_pipeline
 from gendd_pipe.data.shards import expand_urls
 from gendd_pipe.data.views import ViewConfig
 from gendd_pipe.distill.checkpoint import read_checkpoint, save_checkpoint
-from gendd_pipe.distill.evaluate import topk_hits
 from gendd_pipe.errors import GenddError
+from gendd_pipe.files import write_yaml
+from gendd_pipe.layout import LAST, METRICS, MODEL, config_beside
+from gendd_pipe.metrics import EpochLog, topk_hits
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.progress import StepBar
 
 FORMAT = "gendd-pipe/teacher-1"
-LAST, MODEL, METRICS = "last.pt", "model.safetensors", "metrics.json"
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@configclass
 class FinetuneConfig:
     """How a teacher is fine-tuned on the train shards."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     views: ViewConfig = field(default_factory=ViewConfig)  # crop and flip ranges of the training crops; seed
-    num_classes: int | None = None  # None: one more than the largest label in the train shards
-    epochs: int = 2  # 0: keep the teacher as it ships (classifier included)
-    batch_size: int = 64
-    lr: float = 1e-3  # AdamW peak learning rate (the new classifier and the pretrained body alike)
-    min_lr: float = 1e-6
-    warmup_steps: int = 20  # linear warmup from lr / 100
-    weight_decay: float = 1e-2
-    label_smoothing: float = 0.1
-    shuffle_buffer: int = 1000
-    workers: int = 0  # DataLoader worker processes
-
-    def __post_init__(self):
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+    num_classes: Annotated[int, Field(ge=2)] | None = None  # None: one more than the largest train label
+    epochs: NonNegativeInt = 2  # 0: keep the teacher as it ships (classifier included)
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1e-3  # AdamW peak learning rate (the new classifier and the pretrained body alike)
+    min_lr: NonNegativeFloat = 1e-6
+    warmup_steps: NonNegativeInt = 20  # linear warmup from lr / 100
+    weight_decay: NonNegativeFloat = 1e-2
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    shuffle_buffer: PositiveInt = 1000
+    num_workers: NonNegativeInt = 0  # DataLoader worker processes
 
 
 def shard_labels(urls: list[str]) -> tuple[int, int]:
@@ -82,13 +83,13 @@ def shard_labels(urls: list[str]) -> tuple[int, int]:
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, urls: list[str], data_config: dict, batch_size: int,
-             workers: int = 0) -> dict | None:
+             num_workers: int = 0) -> dict | None:
     """Top-1/top-5 (percent) of a classifier on the eval view of every labeled image; None when the shards have
     no labels or labels beyond the classifier (a teacher whose classes are not the shards')."""
     was_training = model.training
     model.eval()
     hits, n = {}, 0
-    for batch in eval_pipeline(urls, data_config, batch_size, workers):
+    for batch in eval_pipeline(urls, data_config, batch_size, num_workers):
         keep = batch["label"] >= 0
         logits = model(batch["image"][keep])
         if (batch["label"][keep] >= logits.shape[1]).any():
@@ -101,6 +102,11 @@ def accuracy(model: torch.nn.Module, urls: list[str], data_config: dict, batch_s
     return {k: 100.0 * v / n for k, v in hits.items()} if n else None
 
 
+def _upgrade(record: dict) -> dict:
+    """A fine-tune config recorded by an earlier version, in today's keys."""
+    return {("num_workers" if k == "workers" else k): v for k, v in record.items()}
+
+
 def _resume(out: str, cfg: FinetuneConfig, model, optimizer, scheduler, resume: bool) -> tuple[int, list]:
     path = os.path.join(out, LAST)
     if not os.path.exists(path):
@@ -108,7 +114,7 @@ def _resume(out: str, cfg: FinetuneConfig, model, optimizer, scheduler, resume: 
     if not resume:
         raise GenddError(f"{out}: holds a fine-tune already ({LAST}); pass --resume to continue it or choose another --out")
     ckpt = read_checkpoint(path, FORMAT)
-    differ = differences(cfg, ckpt["config"], ignore=("epochs",))
+    differ = differences(to_dict(cfg), _upgrade(ckpt["config"]), ignore=("epochs",))
     if differ:
         raise GenddError(f"{path}: was trained with other settings ({', '.join(differ)}); use another --out")
     model.load_state_dict(ckpt["state_dict"])
@@ -125,7 +131,7 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
     teacher = create_teacher(cfg.teacher)
     model, data_config = teacher.model, teacher.data_config
     if cfg.epochs == 0:
-        val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.workers)
+        val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.num_workers)
         return _write(out, cfg, model, None, [{"epoch": 0, "val": val}])
     count, top = shard_labels(urls)
     num_classes = cfg.num_classes or top + 1
@@ -141,12 +147,12 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=cfg.warmup_steps,
                                   warmup_lr_init=cfg.lr / 100, t_in_epochs=False)
     start, history = _resume(out, cfg, model, optimizer, scheduler, resume)
-    os.makedirs(out, exist_ok=True)
+    epochs = EpochLog(out, keep_through=start)
 
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(cfg.views.seed * 1_000_003 + epoch)
         loader = augmented_pipeline(urls, data_config, cfg.views, cfg.batch_size, epoch, cfg.shuffle_buffer,
-                                    cfg.workers)
+                                    cfg.num_workers)
         loss_sum, begin = 0.0, time.perf_counter()
         with StepBar(f"teacher epoch {epoch + 1}/{cfg.epochs}", steps, progress) as bar:
             for i, batch in enumerate(itertools.islice(loader, steps)):
@@ -159,15 +165,19 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
                 loss_sum += loss.item()
                 bar.step(loss.item())
         seconds = time.perf_counter() - begin
-        val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.workers)
+        val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.num_workers)
         if val is None:
             raise GenddError(f"{val_urls[0]}: no val labels the fine-tuned classifier can score")
         history.append({"epoch": epoch + 1, "loss": loss_sum / steps, "images_per_s": steps * cfg.batch_size / seconds,
                         "val": val})
+        epochs.append(history[-1])
+        log.info("teacher epoch %d/%d: loss %.4f, val top-1 %.2f, %.0f images/s", epoch + 1, cfg.epochs,
+                 history[-1]["loss"], val["top1"], history[-1]["images_per_s"])
         save_checkpoint(os.path.join(out, LAST), {
-            "config": dataclasses.asdict(cfg), "epoch": epoch + 1, "state_dict": model.state_dict(),
+            "config": to_dict(cfg), "epoch": epoch + 1, "state_dict": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history}, FORMAT)
 
+    epochs.close()
     metrics = _write(out, cfg, model, count, history)
     os.remove(os.path.join(out, LAST))  # kept only while a fine-tune can still be resumed
     return metrics
@@ -182,4 +192,32 @@ def _write(out: str, cfg: FinetuneConfig, model: torch.nn.Module, count: int | N
                "val": history[-1]["val"], "history": history}
     with open(os.path.join(out, METRICS), "w") as f:
         json.dump(metrics, f, indent=2)
+    return metrics
+
+
+@configclass(kw_only=True)
+class TeacherStage(FinetuneConfig):
+    """Stage ``teacher``: the fine-tune and where it reads and writes."""
+
+    shards: Shards  # labeled train shards
+    val_shards: Shards  # labeled val shards
+    out: str  # model.safetensors, metrics.json, metrics.csv, config.yaml (and last.pt while it runs)
+
+
+def run_stage(cfg: TeacherStage, resume: bool | None = None, progress: bool = True) -> dict:
+    """Fine-tune into ``cfg.out``.
+
+    Args:
+        resume: True continues the fine-tune in ``out``, False refuses one in progress there, None (a DVC stage)
+            resumes one of the same settings and otherwise starts afresh.
+    """
+    core = narrow(cfg, FinetuneConfig)
+    last = os.path.join(cfg.out, LAST)
+    if resume is None:
+        resume = os.path.exists(last) and not differences(to_dict(core), _upgrade(read_checkpoint(last, FORMAT)["config"]))
+        if os.path.exists(last) and not resume:
+            log.info("%s: a fine-tune with other settings; starting afresh", last)
+            os.remove(last)
+    metrics = finetune(list(cfg.shards), list(cfg.val_shards), cfg.out, core, resume=resume, progress=progress)
+    write_yaml(config_beside(cfg.out), to_dict(cfg))
     return metrics

@@ -1,23 +1,55 @@
-"""Rich progress bars: extraction (shards, images, images/s) and training steps (with the running loss)."""
+"""Progress of long work: live rich bars on a terminal, a log line at a steady interval otherwise.
+
+`ExtractProgress` counts shards and images (fed from Dask worker events or
+in-process calls); `StepBar` counts the steps of one training epoch with the
+running mean loss. ``enabled=False`` shows nothing; so does a logger set to
+warnings only (``--quiet``).
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from datetime import timedelta
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from gendd_pipe.logs import is_terminal, progress_interval
+
+log = logging.getLogger("gendd_pipe.progress")
+
+
+class _Ticker:
+    """Says ``line()`` through the log every ``progress_interval()`` seconds, and once at the end."""
+
+    def __init__(self, enabled: bool):
+        self.live = enabled and log.isEnabledFor(logging.INFO) and is_terminal()
+        self.lines = enabled and log.isEnabledFor(logging.INFO) and not is_terminal()
+        self.start = self.last = time.perf_counter()
+        self.interval = progress_interval()
+
+    def tick(self, line) -> None:
+        now = time.perf_counter()
+        if self.lines and now - self.last >= self.interval:
+            self.last = now
+            log.info(line())
+
+    def elapsed(self) -> str:
+        return str(timedelta(seconds=int(time.perf_counter() - self.start)))
+
 
 class ExtractProgress:
-    """Counts shards (the bar) and images (the rate), fed from worker events or in-process calls."""
+    """Counts shards (the bar) and images (the rate)."""
 
     def __init__(self, shards: int, done: int, enabled: bool = True):
-        self.enabled, self.images, self.start = enabled, 0, time.perf_counter()
+        self.images, self.shards, self.done = 0, shards, done
+        self._ticker = _Ticker(enabled)
         self._lock = threading.Lock()
         self._progress = Progress(
             TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
             TextColumn("{task.fields[images]} images"), TextColumn("{task.fields[rate]} img/s"),
-            TimeElapsedColumn(), disable=not enabled,
+            TimeElapsedColumn(), disable=not self._ticker.live,
         )
         self._task = self._progress.add_task("extract", total=shards, completed=done, images=0, rate="-")
 
@@ -27,27 +59,39 @@ class ExtractProgress:
 
     def __exit__(self, *exc) -> None:
         self._progress.__exit__(*exc)
+        if self._ticker.lines:
+            log.info(self._line())
+
+    def _rate(self) -> float:
+        return self.images / max(time.perf_counter() - self._ticker.start, 1e-9)
+
+    def _line(self) -> str:
+        return (f"extract: {self.done}/{self.shards} shards, {self.images:,} images, {self._rate():,.1f} img/s, "
+                f"elapsed {self._ticker.elapsed()}")
 
     def add_images(self, n: int) -> None:
         with self._lock:
             self.images += n
-            rate = self.images / max(time.perf_counter() - self.start, 1e-9)
-            self._progress.update(self._task, images=self.images, rate=f"{rate:,.1f}")
+            self._progress.update(self._task, images=self.images, rate=f"{self._rate():,.1f}")
+            self._ticker.tick(self._line)
 
     def shard_done(self) -> None:
-        self._progress.advance(self._task)
+        with self._lock:
+            self.done += 1
+            self._progress.advance(self._task)
+            self._ticker.tick(self._line)
 
 
 class StepBar:
-    """A transient bar over the steps of one training epoch, showing the running mean loss.
-
-    ``with StepBar(title, steps, enabled) as bar: bar.step(loss)``; disabled, it draws nothing.
-    """
+    """The steps of one training epoch with the running mean loss: ``with StepBar(title, steps) as bar:
+    bar.step(loss)``."""
 
     def __init__(self, title: str, steps: int, enabled: bool = True):
+        self.title, self.steps = title, steps
+        self._ticker = _Ticker(enabled)
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=True,
-                                  disable=not enabled)
+                                  disable=not self._ticker.live)
         self._task = self._progress.add_task(title, total=steps, loss=float("nan"))
         self._sum, self._n = 0.0, 0
 
@@ -58,6 +102,10 @@ class StepBar:
     def __exit__(self, *exc) -> None:
         self._progress.__exit__(*exc)
 
+    def _line(self) -> str:
+        return f"{self.title}: step {self._n}/{self.steps}, loss {self._sum / self._n:.4f}, elapsed {self._ticker.elapsed()}"
+
     def step(self, loss: float) -> None:
         self._sum, self._n = self._sum + loss, self._n + 1
         self._progress.update(self._task, advance=1, loss=self._sum / self._n)
+        self._ticker.tick(self._line)

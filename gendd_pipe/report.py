@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import field
 
 import matplotlib
 
@@ -20,26 +21,33 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-PREDICTORS = {"student": "student head", "gendd": "GenDD sampled", "probe": "linear probe"}
+from gendd_pipe.config import configclass, to_dict  # noqa: E402
+from gendd_pipe.files import write_yaml  # noqa: E402
+from gendd_pipe.layout import config_beside, eval_result, run_dir, run_metrics  # noqa: E402
+from gendd_pipe.metrics import read_epochs  # noqa: E402
+
+LABELS = {"student": "student head", "probe": "linear probe"}  # a method's own predictors keep their names
 
 
-def _read_lines(path: str) -> list[dict]:
-    return [json.loads(line) for line in open(path) if line.strip()]
+def label(predictor: str) -> str:
+    return LABELS.get(predictor, predictor)
 
 
 def collect(distill_out: str, eval_dir: str, names: list[str], teacher: str | None = None,
             references: str | None = None) -> dict:
-    """Gather the numbers of runs ``names``: ``distill_out/runs/NAME/metrics.jsonl``,
-    ``distill_out/metrics/NAME.json`` and ``eval_dir/NAME.json``."""
+    """Gather the numbers of runs ``names``: their per-epoch metrics and summary from the distill stage's out,
+    and their scores from the evaluate stage's out (`gendd_pipe.layout`)."""
     out = {"runs": {}, "teacher": None, "references": {}}
     for name in names:
-        lines = _read_lines(os.path.join(distill_out, "runs", name, "metrics.jsonl"))
-        record = json.load(open(os.path.join(distill_out, "metrics", f"{name}.json")))
-        final = json.load(open(os.path.join(eval_dir, f"{name}.json")))
+        lines = read_epochs(run_dir(distill_out, name))
+        record = json.load(open(run_metrics(distill_out, name)))
+        final = json.load(open(eval_result(eval_dir, name)))
+        scored = [k for k, v in final.items() if isinstance(v, dict) and "top1" in v]
         # an unsupervised student's own head was never trained on these labels: only its probe is a score
-        used = ["probe"] if record["unsupervised"] else list(PREDICTORS)
+        used = ["probe"] if record["unsupervised"] else scored
         out["runs"][name] = {
             "method": record["method"] + (" (unsupervised)" if record["unsupervised"] else ""),
+            "primary": record["primary"],
             "final": {k: final[k]["top1"] for k in used if k in final},
             "curve": {p: [m["val"][p]["top1"] for m in lines] for p in used if p in lines[0]["val"]},
             "epochs": len(lines),
@@ -54,13 +62,13 @@ def collect(distill_out: str, eval_dir: str, names: list[str], teacher: str | No
 
 
 def _primary(run: dict) -> str:
-    return "probe" if "probe" in run["final"] else "gendd" if "gendd" in run["final"] else "student"
+    return run["primary"] if run["primary"] in run["final"] else next(iter(run["final"]))
 
 
 def markdown(data: dict) -> str:
     """The results table (val top-1, percent) as markdown."""
-    used = [p for p in PREDICTORS if any(p in r["final"] for r in data["runs"].values())]
-    head = ["run", "method", *(f"{PREDICTORS[p]} top-1" for p in used), "epochs", "train img/s"]
+    used = list(dict.fromkeys(p for r in data["runs"].values() for p in r["final"]))
+    head = ["run", "method", *(f"{label(p)} top-1" for p in used), "epochs", "train img/s"]
     rows = [head, ["---"] * len(head)]
     for name, run in data["runs"].items():
         cells = [f"{run['final'][p]:.2f}" if p in run["final"] else "" for p in used]
@@ -80,7 +88,7 @@ def plot_curves(data: dict, path: str) -> None:
             if predictor == _primary(run) or predictor == "student":
                 style = "-" if predictor == _primary(run) else ":"
                 ax.plot(range(1, len(values) + 1), values, style, marker="o", markersize=3,
-                        label=f"{name} ({PREDICTORS[predictor]})")
+                        label=f"{name} ({label(predictor)})")
     if data["teacher"] and data["teacher"]["top1"] is not None:
         ax.axhline(data["teacher"]["top1"], color="black", linestyle="--", linewidth=1, label="teacher")
     ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="Val accuracy per epoch")
@@ -122,4 +130,28 @@ def write_report(data: dict, out: str) -> str:
         json.dump(data, f, indent=2)
     plot_curves(data, os.path.join(out, "accuracy.png"))
     plot_comparison(data, os.path.join(out, "comparison.png"))
+    return table
+
+
+@configclass(kw_only=True)
+class ReportStage:
+    """Stage ``report``: the table and plots of a recipe's runs."""
+
+    distill: str  # the distill stage's out
+    evaluate: str  # the evaluate stage's out
+    runs: tuple[str, ...]  # the runs in the table, in order (default: every run of distill.runs)
+    teacher: str | None = None  # the fine-tune's metrics.json (its val top-1 is drawn as a line)
+    references: str | None = None  # reference probes (the probes stage's out)
+    out: str  # results.md, results.json, accuracy.png, comparison.png
+
+    @staticmethod
+    def defaults_from(params: dict) -> dict:
+        return {"runs": list((params.get("distill") or {}).get("runs") or {})}
+
+
+def run_stage(cfg: ReportStage) -> str:
+    """Write the report to ``cfg.out``; returns the markdown table."""
+    data = collect(cfg.distill, cfg.evaluate, list(cfg.runs), cfg.teacher, cfg.references)
+    table = write_report(data, cfg.out)
+    write_yaml(config_beside(cfg.out), to_dict(cfg))
     return table

@@ -82,6 +82,6 @@ def digit_store(tmp_path_factory, mnist_records):
     val = write_shards(mixed[1::2][:48], str(root / "shards"), "val", 48)
     store = str(root / "store.zarr")
     cfg = ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=32),
-                        views=ViewConfig(count=3, scale=(0.5, 1.0), hflip=0.0, seed=0), workers=0)
+                        views=ViewConfig(count=3, scale=(0.5, 1.0), hflip=0.0, seed=0), dask_workers=0)
     extract(train + val, store, cfg, progress=False)
     return {"train": train, "val": val, "store": store, "root": root}

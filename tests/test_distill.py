@@ -17,23 +17,28 @@ from gendd_pipe import FeatureStore
 from gendd_pipe.data.loader import LoaderConfig, train_pipeline
 from gendd_pipe.distill.checkpoint import load_method, read_checkpoint
 from gendd_pipe.distill.config import DistillConfig
-from gendd_pipe.distill.methods import GenddConfig, LogitConfig
+from gendd_pipe.distill.evaluate import EvaluateStage
+from gendd_pipe.distill.evaluate import run_stage as evaluate_stage
+from gendd_pipe.distill.methods.gendd import GenddConfig
+from gendd_pipe.distill.methods.logit import LogitConfig
+from gendd_pipe.distill.stage import DistillStage
+from gendd_pipe.distill.stage import run_stage as distill_stage
 from gendd_pipe.distill.train import distill
 from gendd_pipe.extract import ExtractConfig, extract
-from gendd_pipe.models.gendd_head import HeadConfig
+from gendd_pipe.models.gendd_head import HeadConfig, SamplingConfig
 from gendd_pipe.models.student import StudentConfig
 from gendd_pipe.models.teacher import TeacherConfig
-from stages import distill as distill_stage
-from stages import evaluate as evaluate_stage
 
-HEAD = HeadConfig(depth=1, width=64, sampling_steps=4, diffusion_batch_mul=2)
+SMALL_GENDD = GenddConfig(head=HeadConfig(depth=1, width=64, diffusion_batch_mul=2),
+                          predict=SamplingConfig(sampling_steps=4))
 
 
-def _cfg(method, **kwargs):
+def _cfg(method, options=None, **kwargs):
     base = dict(method=method, student=StudentConfig("resnet10t", 32), epochs=2, lr=3e-3, warmup_epochs=0,
-                loader=LoaderConfig(batch_size=16, shuffle_buffer=48), logit=LogitConfig(warmup_epochs=1),
-                gendd=GenddConfig(head=HEAD))
-    return DistillConfig(**{**base, **kwargs})
+                loader=LoaderConfig(batch_size=16, shuffle_buffer=48))
+    if options is None:
+        options = SMALL_GENDD if method == "gendd" else LogitConfig(warmup_epochs=1)
+    return DistillConfig(**{**base, **kwargs}, options=options)
 
 
 def _run(digit_store, out, cfg, **kwargs):
@@ -66,7 +71,7 @@ def test_training_loss_falls(digit_store, tmp_path):
     # the diffusion loss is heavy-tailed per step (its t = 0 term), so the head is scored on fixed
     # timesteps and noise: a fresh head predicts eps = 0 (MSE 1); a trained one does better
     _run(digit_store, tmp_path / "gendd", _cfg("gendd", epochs=4, lr=1e-3))
-    method, _ = load_method(str(tmp_path / "gendd" / "last.pt"))
+    method, _, _ = load_method(str(tmp_path / "gendd" / "last.pt"))
     store = FeatureStore.open(digit_store["store"])
     batch = next(iter(train_pipeline(digit_store["train"], store, method.student.data_config,
                                      LoaderConfig(48, 48), seed=0, epoch=0)))
@@ -87,16 +92,16 @@ def test_unsupervised_runs_use_no_label_and_score_a_probe(digit_store, tmp_path)
 
 
 def test_mismatches_are_refused_in_one_line(digit_store, tmp_path, cc3m_shard):
-    with pytest.raises(GenddError, match="dkd needs labels and cannot run --unsupervised"):
-        _run(digit_store, tmp_path / "a", _cfg("dkd", unsupervised=True))
+    with pytest.raises(ValueError, match="dkd needs labels and cannot run unsupervised"):
+        _cfg("dkd", unsupervised=True)
     topk = str(tmp_path / "topk.zarr")
     extract(digit_store["train"], topk, ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=32),
-                                                      logits="topk:5", workers=0), progress=False)
+                                                      logits="topk:5", dask_workers=0), progress=False)
     with pytest.raises(GenddError, match="kd needs full teacher logits but the store keeps topk logits"):
         distill(topk, digit_store["train"], digit_store["val"], str(tmp_path / "b"), _cfg("kd"), progress=False)
     unlabeled = str(tmp_path / "cc3m.zarr")
     extract([cc3m_shard], unlabeled, ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=32),
-                                                   workers=0), progress=False)
+                                                   dask_workers=0), progress=False)
     with pytest.raises(GenddError, match="cc3m-000000 has unlabeled samples .* method gendd is supervised"):
         distill(unlabeled, [cc3m_shard], [cc3m_shard], str(tmp_path / "c"), _cfg("gendd"), progress=False)
     _run(digit_store, tmp_path / "d", _cfg("ce", epochs=1))
@@ -107,9 +112,11 @@ def test_mismatches_are_refused_in_one_line(digit_store, tmp_path, cc3m_shard):
 
 
 def _cli_args(digit_store, out, *extra):
+    """A small GenDD run: its method settings through --set, as the CLI has typed options for common settings only."""
     args = ["distill", "--store", digit_store["store"], "--out", str(out), "--student", "resnet10t",
-            "--input-size", "32", "--method", "gendd", "--batch-size", "16", "--warmup-epochs", "0",
-            "--head-width", "64", "--head-depth", "1", "--diffusion-batch-mul", "2", "--sampling-steps", "4", "-q"]
+            "--input-size", "32", "--method", "gendd", "--batch-size", "16", "--warmup-epochs", "0", "-q",
+            "--set", "distill.common.gendd.head={width: 64, depth: 1, diffusion_batch_mul: 2}",
+            "--set", "distill.common.gendd.predict.sampling_steps=4"]
     for shard in digit_store["train"]:
         args += ["--shards", shard]
     return args + ["--val-shards", digit_store["val"][0], *extra]
@@ -117,43 +124,48 @@ def _cli_args(digit_store, out, *extra):
 
 def test_cli_distill_then_evaluate(digit_store, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, _cli_args(digit_store, tmp_path / "run", "--epochs", "1"))
+    result = runner.invoke(app, _cli_args(digit_store, tmp_path / "d", "--epochs", "1"))
     assert result.exit_code == 0, result.output
     assert "best epoch 1: top-1 student" in result.output and "images/s" in result.output
-    out = tmp_path / "eval.json"
-    result = runner.invoke(app, ["evaluate", str(tmp_path / "run" / "last.pt"), "--val-shards", digit_store["val"][0],
-                                 "--train-shards", digit_store["train"][0], "--steps", "2", "--samples", "2",
-                                 "--sampler", "ddim", "--out", str(out)])
+    run = tmp_path / "d" / "runs" / "gendd"
+    assert (run / "last.pt").exists() and (tmp_path / "d" / "metrics" / "gendd.json").exists()
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.pt"), "--val-shards", digit_store["val"][0],
+                                 "--train-shards", digit_store["train"][0], "--out", str(tmp_path / "eval"),
+                                 "--set", "evaluate.predict.gendd={sampling_steps: 2, samples: 2, sampler: ddim}"])
     assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
+    report = json.loads((tmp_path / "eval" / "gendd.json").read_text())
     assert {"student", "gendd", "probe"} <= set(report) and report["images"] == 48
-    assert 0 <= report["probe"]["top1"] <= 100 and report["sampling"] == {"steps": 2, "sampler": "ddim"}
-    result = runner.invoke(app, ["evaluate", str(tmp_path / "run" / "last.pt"), "--val-shards", digit_store["val"][0],
-                                 "--input-size", "64"])
+    assert 0 <= report["probe"]["top1"] <= 100
+    assert report["predict"] == {"sampling_steps": 2, "cfg": 2.0, "temperature": 1.0, "sampler": "ddim", "samples": 2}
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.pt"), "--val-shards",
+                                 digit_store["val"][0], "--input-size", "64"])
     assert result.exit_code == 1 and "trained at input 32x32, not 64" in result.output
-    result = runner.invoke(app, _cli_args(digit_store, tmp_path / "x", "--centers", "wide"))
-    assert result.exit_code == 1 and "centers must be one of raw, scaled" in result.output
+    result = runner.invoke(app, _cli_args(digit_store, tmp_path / "x", "--set", "distill.common.gendd.centers=wide"))
+    assert result.exit_code == 1
+    assert "distill.common.gendd.centers: must be one of 'raw' or 'scaled', got 'wide'" in result.output
 
 
 def test_stages_write_their_metrics(digit_store, tmp_path):
-    section = {"store": digit_store["store"], "shards": digit_store["train"], "val_shards": digit_store["val"],
-               "out": str(tmp_path / "distill"),
-               "common": {"epochs": 1, "warmup_epochs": 0, "student": {"name": "resnet10t", "input_size": 32},
-                          "loader": {"batch_size": 16}},
-               "runs": {"kd": {}, "kd-t2": {"method": "kd", "logit": {"temperature": 2.0}}}}
-    summary = distill_stage.run(section, "kd-t2")
+    section = DistillStage(store=digit_store["store"], shards=digit_store["train"], val_shards=digit_store["val"],
+                           out=str(tmp_path / "distill"),
+                           common={"epochs": 1, "warmup_epochs": 0, "student": {"name": "resnet10t", "input_size": 32},
+                                   "loader": {"batch_size": 16}},
+                           runs={"kd": {}, "kd-t2": {"method": "kd", "logit": {"temperature": 2.0}}})
+    summary = distill_stage(section, "kd-t2", progress=False)
     written = json.load(open(tmp_path / "distill" / "metrics" / "kd-t2.json"))
     assert written["last"] == summary["last"] and written["method"] == "kd" and written["epochs"] == 1
     ckpt = read_checkpoint(str(tmp_path / "distill" / "runs" / "kd-t2" / "last.pt"))
     assert ckpt["config"]["logit"]["temperature"] == 2.0  # the run's keys over distill.common
     curve = (tmp_path / "distill" / "plots" / "kd-t2.csv").read_text().splitlines()
     assert curve[0] == "epoch,loss,student" and curve[1].startswith("1,")
-    result = evaluate_stage.run({"runs": str(tmp_path / "distill" / "runs"), "val_shards": digit_store["val"],
-                                 "out": str(tmp_path / "eval")}, "kd-t2")
+    per_epoch = (tmp_path / "distill" / "runs" / "kd-t2" / "metrics.csv").read_text().splitlines()
+    assert "val/student/top1" in per_epoch[0].split(",") and len(per_epoch) == 2
+    scoring = EvaluateStage(distill=str(tmp_path / "distill"), val_shards=digit_store["val"], out=str(tmp_path / "eval"))
+    result = evaluate_stage(scoring, "kd-t2")
     assert result["student"]["top1"] == pytest.approx(summary["last"]["student"]["top1"])
     assert json.load(open(tmp_path / "eval" / "kd-t2.json"))["run"] == "kd-t2"
-    with pytest.raises(GenddError, match="no run 'dkd' under distill.runs"):
-        distill_stage.run(section, "dkd")
+    with pytest.raises(GenddError, match="distill.runs: no run 'dkd'"):
+        distill_stage(section, "dkd")
 
 
 @pytest.mark.slow
@@ -164,21 +176,22 @@ def test_a_killed_run_resumes_to_the_same_weights(digit_store, tmp_path):
     whole = subprocess.run(cmd + _cli_args(digit_store, tmp_path / "whole", "--epochs", "3"), env=env,
                            capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
+    whole_run, killed_run = tmp_path / "whole" / "runs" / "gendd", tmp_path / "killed" / "runs" / "gendd"
     proc = subprocess.Popen(cmd + _cli_args(digit_store, tmp_path / "killed", "--epochs", "3"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
+    metrics = killed_run / "metrics.jsonl"
     deadline = time.time() + 300
-    while not (metrics.exists() and (tmp_path / "killed" / "last.pt").exists()) and time.time() < deadline:
+    while not (metrics.exists() and (killed_run / "last.pt").exists()) and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert len(_lines(tmp_path / "killed")) < 3
+    assert len(_lines(killed_run)) < 3
     again = subprocess.run(cmd + _cli_args(digit_store, tmp_path / "killed", "--epochs", "3", "--resume"), env=env,
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
-    assert [m["epoch"] for m in _lines(tmp_path / "killed")] == [1, 2, 3]
-    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["state_dict"]
+    assert [m["epoch"] for m in _lines(killed_run)] == [1, 2, 3]
+    a = torch.load(whole_run / "last.pt", weights_only=False)["state_dict"]
+    b = torch.load(killed_run / "last.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -191,11 +204,11 @@ def test_torchrun_with_two_processes(digit_store, tmp_path):
            *_cli_args(digit_store, tmp_path / "ddp", "--epochs", "2", "--method", "kd")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = _lines(tmp_path / "ddp")
+    lines = _lines(tmp_path / "ddp" / "runs" / "kd")
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["val"]["images"] == 48
-    assert os.path.exists(tmp_path / "ddp" / "summary.json")
+    assert os.path.exists(tmp_path / "ddp" / "runs" / "kd" / "summary.json")
 
 
 def test_gdkd_needs_a_top_k_smaller_than_the_class_count(digit_store, tmp_path):
     with pytest.raises(GenddError, match="gdkd: k=1000 must be between 1 and the class count minus one"):
-        _run(digit_store, tmp_path, _cfg("gdkd", logit=LogitConfig(k=1000)))
+        _run(digit_store, tmp_path, _cfg("gdkd", options=LogitConfig(k=1000)))

@@ -21,7 +21,7 @@ TINY = TeacherConfig("resnet18", "none", input_size=32)
 
 
 def _cfg(teacher=BUNDLED, **kwargs) -> ExtractConfig:
-    return ExtractConfig(teacher=teacher, views=ViewConfig(count=3, seed=1), workers=0, **kwargs)
+    return ExtractConfig(teacher=teacher, views=ViewConfig(count=3, seed=1), dask_workers=0, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_a_store_of_another_teacher_is_refused_and_kept(tmp_path, digit_shards):
     with pytest.raises(GenddError, match=r"written with another preprocessing .*input_size"):
         extract(digit_shards, store, _cfg(TeacherConfig("resnet18", "none", input_size=40)), progress=False)
     with pytest.raises(GenddError, match=r"written with another views"):
-        extract(digit_shards, store, ExtractConfig(teacher=TINY, views=ViewConfig(count=2), workers=0), progress=False)
+        extract(digit_shards, store, ExtractConfig(teacher=TINY, views=ViewConfig(count=2), dask_workers=0), progress=False)
     after = FeatureStore.open(store)
     assert after.shard_names == ["train-000000"]
     np.testing.assert_array_equal(after.read_shard("train-000000")["features"], before)
@@ -188,7 +188,7 @@ def test_dask_cluster_extraction_equals_in_process(tmp_path, digit_shards):
     extract(digit_shards, str(tmp_path / "local.zarr"), cfg, progress=False)
     from dataclasses import replace
 
-    extract(digit_shards, str(tmp_path / "dask.zarr"), replace(cfg, workers=2), progress=False)
+    extract(digit_shards, str(tmp_path / "dask.zarr"), replace(cfg, dask_workers=2), progress=False)
     a, b = FeatureStore.open(str(tmp_path / "local.zarr")), FeatureStore.open(str(tmp_path / "dask.zarr"))
     assert a.shard_names == b.shard_names == ["train-000000", "train-000001", "train-000002"]
     for name in a.shard_names:

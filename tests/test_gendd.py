@@ -3,11 +3,14 @@
 import pytest
 import torch
 
-from gendd_pipe.distill.methods import GenDD, GenddConfig, TeacherHead
-from gendd_pipe.models.gendd_head import DiffusionHead, HeadConfig
+from gendd_pipe.config import ConfigError
+from gendd_pipe.distill.config import DistillConfig, parse_run
+from gendd_pipe.distill.methods import TeacherHead, create_method
+from gendd_pipe.distill.methods.gendd import GenddConfig
+from gendd_pipe.models.gendd_head import DiffusionHead, HeadConfig, SamplingConfig
 from gendd_pipe.models.student import StudentConfig, create_student
 
-SMALL = HeadConfig(depth=2, width=64, token_dim=4, sampling_steps=4, diffusion_batch_mul=3)
+SMALL = HeadConfig(depth=2, width=64, token_dim=4, diffusion_batch_mul=3)
 
 
 def test_split_tokenization_shapes_and_positions():
@@ -38,15 +41,17 @@ def test_sampling_shapes_guidance_and_ddim_determinism():
     torch.manual_seed(0)
     head = DiffusionHead(12, 5, SMALL)
     cond = torch.randn(3, 5)
-    assert head.sample(cond).shape == (3, 12)
-    assert head.sample(cond, cfg=1.0, steps=2).shape == (3, 12)
+    assert head.sample(cond, SamplingConfig(sampling_steps=4)).shape == (3, 12)
+    assert head.sample(cond, SamplingConfig(cfg=1.0, sampling_steps=2)).shape == (3, 12)
     torch.manual_seed(1)
-    a = head.sample(cond, sampler="ddim")
+    a = head.sample(cond, SamplingConfig(sampling_steps=4, sampler="ddim"))
     torch.manual_seed(1)
-    b = head.sample(cond, sampler="ddim")
+    b = head.sample(cond, SamplingConfig(sampling_steps=4, sampler="ddim"))
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="sampler must be one of"):
-        head.sample(cond, sampler="euler")
+    with pytest.raises(ValueError, match="'ddpm' or 'ddim'"):
+        SamplingConfig(sampler="euler")
+    with pytest.raises(ConfigError, match="gendd: predict.sampling_steps 2000 exceeds head.train_steps 1000"):
+        parse_run({"gendd": {"predict": {"sampling_steps": 2000}}}, "distill.runs.gendd")
 
 
 def _gendd(supervised=True, **kwargs):
@@ -54,7 +59,9 @@ def _gendd(supervised=True, **kwargs):
     student = create_student(StudentConfig("resnet10t", 32), num_classes=3)
     weight = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]]).repeat(1, 16)  # (3, 64)
     teacher = TeacherHead(weight, torch.zeros(3), feature_norm=10.0)
-    return GenDD(student, teacher, supervised, GenddConfig(head=HeadConfig(depth=1, width=32), **kwargs))
+    cfg = DistillConfig(method="gendd", unsupervised=not supervised, epochs=3,
+                        options=GenddConfig(head=HeadConfig(depth=1, width=32), **kwargs))
+    return create_method(cfg, student, teacher)
 
 
 def test_distribution_contraction_target():
@@ -86,7 +93,7 @@ def test_gendd_loss_and_predictors():
     assert fc.weight.grad is not None  # the own head learns from CE ...
     assert method.diffusion.net.final_linear.weight.grad.abs().sum() > 0  # ... the head from the diffusion loss
     method.eval()
-    out = method.predict(method.student.features(batch["image"]), samples=2, steps=2)
+    out = method.predict(method.student.features(batch["image"]), SamplingConfig(sampling_steps=2, samples=2))
     assert out["student"].shape == (4, 3) and out["gendd"].shape == (4, 3)
 
 

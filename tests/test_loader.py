@@ -97,6 +97,6 @@ def test_a_shard_missing_from_the_store_is_refused(digit_store, tmp_path):
 
 def test_dataloader_workers_split_the_shards(digit_store):
     store = FeatureStore.open(digit_store["store"])
-    loader = train_pipeline(digit_store["train"], store, STUDENT_DC, LoaderConfig(16, 16, workers=2), seed=0, epoch=0)
+    loader = train_pipeline(digit_store["train"], store, STUDENT_DC, LoaderConfig(16, 16, num_workers=2), seed=0, epoch=0)
     keys = [k for batch in loader for k in batch["key"]]
     assert len(keys) == len(set(keys)) == 96  # one shard per worker, every sample once

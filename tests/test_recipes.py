@@ -61,14 +61,14 @@ def _localize(params: dict, tmp: str, folder: str) -> dict:
         params["teacher"]["teacher"]["weights"] = "none"
     if not params["extract"]["teacher"]["weights"].endswith(".safetensors"):
         params["extract"]["teacher"]["weights"] = "none"
-    params["extract"].update(batch_size=8, workers=0)
+    params["extract"].update(batch_size=8, dask_workers=0)
     params["extract"]["views"]["count"] = min(params["extract"]["views"].get("count", 4), 2)
     for run in params["distill"]["runs"].values():
         gendd = run.get("gendd", {})
         run["epochs"] = 2 if gendd.get("stage1_epochs") else 1
         if gendd.get("stage1_epochs"):
             gendd["stage1_epochs"] = 1
-    params["distill"]["common"].update(warmup_epochs=0, loader={"batch_size": 4, "workers": 0})
+    params["distill"]["common"].update(warmup_epochs=0, loader={"batch_size": 4, "num_workers": 0})
     params["evaluate"]["batch_size"] = 8
     return params
 

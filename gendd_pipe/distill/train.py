@@ -13,9 +13,9 @@ wrapped in DDP, shards are split by rank and rank 0 validates and writes.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -27,30 +27,28 @@ import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
 
 from gendd_pipe.config import differences
+from gendd_pipe.distill.config import upgrade
 from gendd_pipe.data.loader import check_shards, train_pipeline
 from gendd_pipe.data.shards import expand_urls, shard_name
 from gendd_pipe.distill.checkpoint import load_state, read_checkpoint, save_checkpoint
 from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.distill.evaluate import evaluate
-from gendd_pipe.distill.methods import METHODS, Method, TeacherHead, create_method
+from gendd_pipe.distill.methods import TeacherHead, create_method, get_method
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.student import create_student
 from gendd_pipe.progress import StepBar
+from gendd_pipe.layout import BEST, LAST, SUMMARY
+from gendd_pipe.metrics import EpochLog, read_epochs
 from gendd_pipe.store.reader import FeatureStore
 
-LAST, BEST, METRICS, SUMMARY = "last.pt", "best.pt", "metrics.jsonl", "summary.json"
+log = logging.getLogger(__name__)
 
 
 def check_method(store: FeatureStore, cfg: DistillConfig, counts: dict[str, int]) -> None:
-    """Refuse a method the store cannot feed: top-k logits, missing labels, or unsupervised misuse."""
-    cls = METHODS[cfg.method]
-    if cls.needs_logits and store.logits_mode != "full":
+    """Refuse a method the store cannot feed: top-k logits where it needs full ones, or missing labels."""
+    if get_method(cfg.method).needs_logits and store.logits_mode != "full":
         raise GenddError(f"{store.url}: method {cfg.method} needs full teacher logits but the store keeps "
-                         f"{store.logits_mode} logits (re-extract with --logits full, or use gendd or ce)")
-    if cfg.unsupervised and cls.needs_labels:
-        raise GenddError(f"method {cfg.method} needs labels and cannot run --unsupervised (use gendd, kd or gdkd)")
-    if cfg.unsupervised and cfg.method == "gendd" and cfg.gendd.stage1_epochs:
-        raise GenddError("gendd.stage1_epochs trains on labels; set it to 0 for an unsupervised run")
+                         f"{store.logits_mode} logits (re-extract with logits: full, or use another method)")
     if cfg.unsupervised:
         return
     num_classes = store.manifest["teacher"]["num_classes"]
@@ -70,14 +68,6 @@ def teacher_head(store: FeatureStore, first_shard: str) -> TeacherHead:
     return TeacherHead(torch.from_numpy(weight), torch.from_numpy(bias), float(np.linalg.norm(features, axis=1).mean()))
 
 
-def _param_groups(method: Method, cfg: DistillConfig) -> list[dict]:
-    head, rest = [], []
-    for name, param in method.named_parameters():
-        (head if name.startswith(("diffusion.", "projector.")) else rest).append(param)
-    return [{"params": rest, "weight_decay": cfg.weight_decay},
-            {"params": head, "weight_decay": cfg.head_weight_decay}]
-
-
 def _beta2(cfg: DistillConfig, step: int, total: int) -> float:
     low, high = cfg.beta2
     return high - 0.5 * (high - low) * (1 + math.cos(math.pi * step / max(total - 1, 1)))
@@ -94,7 +84,7 @@ def _world() -> tuple[int, int]:
 def _steps_per_epoch(counts: dict[str, int], urls: list[str], cfg: DistillConfig, world: int) -> int:
     """Batches every rank can fill: each rank reads shards ``rank::world``; workers each drop a partial batch."""
     per_rank = [sum(counts[shard_name(u)] for u in urls[r::world]) for r in range(world)]
-    steps = min(per_rank) // cfg.loader.batch_size - max(cfg.loader.workers - 1, 0)
+    steps = min(per_rank) // cfg.loader.batch_size - max(cfg.loader.num_workers - 1, 0)
     if steps < 1:
         raise GenddError(f"{min(per_rank)} samples per process do not fill one batch of {cfg.loader.batch_size}")
     return steps
@@ -112,17 +102,12 @@ def _resume(out: str, cfg: DistillConfig, method, optimizer, scheduler, resume: 
     if not resume:
         raise GenddError(f"{out}: holds a run already ({LAST}); pass --resume to continue it or choose another --out")
     ckpt = read_checkpoint(path)
-    differ = differences(cfg, ckpt["config"], ignore=("epochs",))
+    differ = differences(cfg.to_dict(), upgrade(ckpt["config"]), ignore=("epochs",))
     if differ:
         raise GenddError(f"{path}: was trained with other settings ({', '.join(differ)}); use another --out")
     load_state(method, ckpt["state_dict"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    metrics = os.path.join(out, METRICS)
-    if os.path.exists(metrics):  # drop lines of an epoch that ran past its checkpoint
-        lines = [line for line in open(metrics) if line.strip() and json.loads(line)["epoch"] <= ckpt["epoch"]]
-        with open(metrics, "w") as f:
-            f.writelines(lines)
     return ckpt["epoch"], ckpt["best"]
 
 
@@ -139,10 +124,10 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     torch.manual_seed(cfg.seed)
     head = teacher_head(store, shard_name(urls[0]))
     student = create_student(cfg.student, store.manifest["teacher"]["num_classes"])
-    method = create_method(cfg.method, student, head, not cfg.unsupervised, cfg.logit, cfg.gendd).to(device)
+    method = create_method(cfg, student, head).to(device)
     steps = _steps_per_epoch(counts, urls, cfg, world)
     total = steps * cfg.epochs
-    optimizer = torch.optim.AdamW(_param_groups(method, cfg), lr=cfg.lr, betas=(0.9, cfg.beta2[0]))
+    optimizer = torch.optim.AdamW(method.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2[0]))
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=steps * cfg.warmup_epochs,
                                   warmup_lr_init=cfg.lr / 100, t_in_epochs=False)
     start_epoch, best = _resume(out, cfg, method, optimizer, scheduler, resume)
@@ -152,7 +137,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     record = {"store": store.url, "shards": urls, "val_shards": val_urls,
               "teacher": {**store.manifest["teacher"], "head_shape": list(head.weight.shape),
                           "feature_norm": head.feature_norm, "preprocessing": store.manifest["preprocessing"]}}
-    os.makedirs(out, exist_ok=True)
+    epochs = EpochLog(out, keep_through=start_epoch) if rank == 0 else None  # drops epochs past the checkpoint
     primary = "probe" if cfg.with_probe and cfg.unsupervised else method.primary
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -177,21 +162,25 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
         seconds = time.perf_counter() - begin
         if rank != 0:
             continue
-        val = evaluate(method, val_urls, cfg.loader.batch_size, cfg.eval_samples,
-                       probe_urls=urls if cfg.with_probe else None, workers=cfg.loader.workers)
+        val = evaluate(method, val_urls, cfg.loader.batch_size, probe_urls=urls if cfg.with_probe else None,
+                       num_workers=cfg.loader.num_workers)
         line = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                 "train": {k: v / max(i + 1, 1) for k, v in sums.items()}, "images_per_s": images * world / seconds,
                 "train_seconds": seconds, "val": val}
-        with open(os.path.join(out, METRICS), "a") as f:
-            f.write(json.dumps(line) + "\n")
+        epochs.append(line)
+        log.info("epoch %d/%d %s: loss %.4f, val top-1 %s, %.0f images/s", epoch + 1, cfg.epochs, cfg.method,
+                 line["train"]["loss"], ", ".join(f"{k} {v['top1']:.2f}" for k, v in val.items() if isinstance(v, dict)),
+                 line["images_per_s"])
         improved = val[primary]["top1"] > best["top1"]
         if improved:
             best = {"top1": val[primary]["top1"], "epoch": epoch + 1}
         save_checkpoint(os.path.join(out, LAST), {
-            "config": dataclasses.asdict(cfg), "epoch": epoch + 1, "state_dict": method.state_dict(),
+            "config": cfg.to_dict(), "epoch": epoch + 1, "state_dict": method.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best": best, **record})
         if improved:
             shutil.copyfile(os.path.join(out, LAST), os.path.join(out, BEST))
+    if epochs:
+        epochs.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -200,7 +189,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
 
 def summarize(out: str, primary: str) -> dict:
     """Best and last epoch of a run from its metrics, written to ``summary.json``."""
-    lines = [json.loads(line) for line in open(os.path.join(out, METRICS)) if line.strip()]
+    lines = read_epochs(out)
     best = max(lines, key=lambda m: m["val"][primary]["top1"])
     pick = lambda m: {"epoch": m["epoch"], **{k: v for k, v in m["val"].items() if isinstance(v, dict)}}  # noqa: E731
     summary = {"primary": primary, "best": pick(best), "last": pick(lines[-1]),

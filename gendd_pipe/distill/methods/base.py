@@ -1,0 +1,154 @@
+"""The method interface and its registry: a method is a class registered under a name.
+
+A method is an ``nn.Module`` around the `Student` that declares what it needs and
+how it is configured, so that the training loop, the CLI and the stages need to
+know nothing about it:
+
+- ``section`` and ``Config``: the key of its settings in a run (``logit``, ``gendd``)
+  and the `configclass` that validates them; methods of one family may share one.
+  A ``Config`` with a ``predict`` field holds settings that change prediction only,
+  which ``evaluate`` may override.
+- ``needs_logits`` / ``needs_labels``: full teacher logits from the store; labels.
+- ``predictors`` and ``primary``: the logits it predicts with, and which of them
+  picks the best epoch.
+- ``check(cfg)``: refuses settings it cannot run, before any data is read.
+- ``loss(batch, epoch)``, ``predict(features, options)``, ``param_groups(weight_decay)``.
+
+`register` adds a class; `get_method` finds one, loading the built-in methods
+(every module of this package) and those that other packages declare in the
+entry-point group ``gendd_pipe.methods`` (``name = "package.module:Class"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gendd_pipe.errors import GenddError
+from gendd_pipe.models.student import Student
+
+ENTRY_POINTS = "gendd_pipe.methods"
+_REGISTRY: dict[str, type[Method]] = {}
+_loaded = False
+
+
+@dataclass
+class TeacherHead:
+    """What a method knows of the teacher: its classifier and feature statistics, from the store."""
+
+    weight: torch.Tensor  # (C, D)
+    bias: torch.Tensor  # (C,)
+    feature_norm: float  # mean L2 norm of the cached features
+
+
+class Method(nn.Module):
+    """Base: a student, whether labels enter the loss, and the student's own head as a predictor."""
+
+    name: ClassVar[str] = ""  # set by `register`
+    section: ClassVar[str | None] = None  # key of the method's settings in a run
+    Config: ClassVar[type | None] = None  # the configclass of that section
+    needs_logits: ClassVar[bool] = False  # needs the store's full logits
+    needs_labels: ClassVar[bool] = False  # cannot run unsupervised
+    predictors: ClassVar[tuple[str, ...]] = ("student",)
+    primary: ClassVar[str] = "student"  # the predictor that picks the best epoch
+
+    def __init__(self, student: Student, teacher: TeacherHead, cfg):
+        super().__init__()
+        self.student, self.supervised, self.options = student, not cfg.unsupervised, cfg.options
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Raise ValueError for settings (a `DistillConfig`) this method cannot run."""
+        if cfg.unsupervised and cls.needs_labels:
+            raise ValueError(f"method {cls.name} needs labels and cannot run unsupervised")
+
+    def forward(self, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
+        """The training loss (what DDP wraps); subclasses implement `loss`."""
+        return self.loss(batch, epoch)
+
+    def loss(self, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
+        """``loss`` (what is minimised) and its named parts, from a batch of ``image``, ``label``, ``feature``
+        and (full stores) ``logits``."""
+        raise NotImplementedError
+
+    def ce(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(logits, batch["label"]) if self.supervised else logits.new_zeros(())
+
+    def predict(self, features: torch.Tensor, options=None) -> dict[str, torch.Tensor]:
+        """Logits of each predictor from student features (N, D); ``options`` replaces the run's ``predict``
+        settings."""
+        return {"student": self.student.classify(features)}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups; the student's ``weight_decay`` applies unless the method says otherwise."""
+        return [{"params": list(self.parameters()), "weight_decay": weight_decay}]
+
+
+def register(name: str):
+    """Class decorator: make a `Method` available as ``method: NAME``."""
+
+    def add(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise GenddError(f"method {name!r} is registered twice ({_REGISTRY[name].__module__} and {cls.__module__})")
+        for other in _REGISTRY.values():
+            if cls.section and other.section == cls.section and other.Config is not cls.Config:
+                raise GenddError(f"method {name!r} declares section {cls.section!r} with another Config than "
+                                 f"method {other.name!r}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def _load() -> None:
+    """Import the built-in methods (the modules of this package), then the entry points of other packages."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{__package__}.{module.name}")
+    for point in entry_points(group=ENTRY_POINTS):
+        if point.name in _REGISTRY:
+            continue
+        try:
+            cls = point.load()
+        except Exception as exc:  # a broken plug-in names itself instead of breaking every command
+            raise GenddError(f"method {point.name!r} (entry point {point.value}): cannot load "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        if point.name not in _REGISTRY:
+            register(point.name)(cls)
+
+
+def method_names() -> list[str]:
+    """Registered method names, sorted."""
+    _load()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name``."""
+    _load()
+    if name not in _REGISTRY:
+        raise GenddError(f"unknown method {name!r} (registered: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]
+
+
+def create_method(cfg, student: Student, teacher: TeacherHead) -> Method:
+    """The method that ``cfg`` (a `DistillConfig`) names, around ``student``."""
+    return get_method(cfg.method)(student, teacher, cfg)
+
+
+def sections() -> dict[str, type]:
+    """Section key -> config class of every registered method that has settings."""
+    _load()
+    return {cls.section: cls.Config for cls in _REGISTRY.values() if cls.section}

@@ -1,0 +1,125 @@
+"""GenDD: a conditional diffusion head learns p(teacher feature | student feature) (arXiv 2507.14503).
+
+The student feature, through a LayerNorm projector, conditions the `DiffusionHead`
+on the teacher's cached feature after Distribution Contraction
+(``(1 - s) * feature + s * W[y]``) and a Beta feature mixup of condition and
+target. The student's own linear head trains on detached features. Predictions:
+that head (``student``), and features sampled from the diffusion head read by
+the teacher's classifier (``gendd``, the primary predictor). The first
+``stage1_epochs`` train the student plus a linear projection into the frozen
+teacher classifier with cross-entropy (the official stage-1 warmup).
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import model_validator
+from torch import nn
+
+from gendd_pipe.config import NonNegativeFloat, NonNegativeInt, Probability, configclass
+from gendd_pipe.distill.methods.base import Method, TeacherHead, register
+from gendd_pipe.models.gendd_head import DiffusionHead, HeadConfig, SamplingConfig
+from gendd_pipe.models.student import Student
+
+
+@configclass
+class GenddConfig:
+    """GenDD (defaults: the official ImageNet settings)."""
+
+    head: HeadConfig = field(default_factory=HeadConfig)
+    predict: SamplingConfig = field(default_factory=SamplingConfig)  # sampling at validation and evaluate
+    smooth: Probability = 0.9  # Distribution Contraction: weight of the class center (0 when unsupervised)
+    centers: Literal["raw", "scaled"] = "raw"  # scaled: classifier rows rescaled to the mean feature norm
+    mixup: NonNegativeFloat = 1.0  # Beta(mixup, mixup) feature-space mixup of condition and target; 0: off
+    stage1_epochs: NonNegativeInt = 0  # warmup epochs: student + projection into the frozen teacher classifier
+    ce_weight: NonNegativeFloat = 1.0  # the student's own linear head, trained on detached features
+    head_weight_decay: NonNegativeFloat = 0.0  # AdamW weight decay of the head and its projector
+
+    @model_validator(mode="after")
+    def _steps_fit(self):
+        if self.predict.sampling_steps > self.head.train_steps:
+            raise ValueError(f"predict.sampling_steps {self.predict.sampling_steps} exceeds head.train_steps "
+                             f"{self.head.train_steps}")
+        return self
+
+
+@register("gendd")
+class GenDD(Method):
+    """Generative Distribution Distillation."""
+
+    section, Config = "gendd", GenddConfig
+    predictors, primary = ("student", "gendd"), "gendd"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if cfg.unsupervised and cfg.options.stage1_epochs:
+            raise ValueError("gendd.stage1_epochs trains on labels; set it to 0 for an unsupervised run")
+        if cfg.options.stage1_epochs >= cfg.epochs:
+            raise ValueError(f"gendd.stage1_epochs {cfg.options.stage1_epochs} leaves none of the {cfg.epochs} "
+                             "epochs to the diffusion head")
+
+    def __init__(self, student: Student, teacher: TeacherHead, cfg):
+        super().__init__(student, teacher, cfg)
+        o = self.options
+        self.smooth = o.smooth if self.supervised else 0.0
+        num_classes, target_dim = teacher.weight.shape
+        self.register_buffer("head_weight", teacher.weight.clone())  # (C, D) frozen teacher classifier
+        self.register_buffer("head_bias", teacher.bias.clone())  # (C,)
+        centers = teacher.weight
+        if o.centers == "scaled":
+            centers = F.normalize(centers, dim=1) * teacher.feature_norm
+        self.register_buffer("centers", centers.clone())  # (C, D) Distribution Contraction targets
+        self.projector = nn.LayerNorm(student.num_features)
+        self.diffusion = DiffusionHead(target_dim, student.num_features, o.head)
+        # stage 1: student features mapped into the teacher's feature space, read by its classifier
+        self.stage1_proj = nn.Linear(student.num_features, target_dim)
+
+    def teacher_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.head_weight.T + self.head_bias
+
+    def contract(self, target: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Distribution Contraction: (1 - s) * teacher feature + s * center of the label (one-hot or soft)."""
+        if self.smooth == 0:
+            return target
+        centers = label @ self.centers if label.dim() == 2 else self.centers[label]  # (B, D)
+        return (1 - self.smooth) * target + self.smooth * centers
+
+    def loss(self, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
+        features = self.student.features(batch["image"])  # (B, Ds)
+        if epoch < self.options.stage1_epochs:
+            ce = F.cross_entropy(self.teacher_logits(self.stage1_proj(features)), batch["label"])
+            return {"loss": ce, "stage1_ce": ce}
+        logits = self.student.classify(features.detach())  # (B, C) the own head does not train the backbone
+        cond = self.projector(features)  # (B, Ds)
+        target = self.contract(batch["feature"], batch["label"])  # (B, D)
+        if self.options.mixup > 0:
+            m = float(torch.distributions.Beta(self.options.mixup, self.options.mixup).sample())
+            perm = torch.randperm(cond.shape[0], device=cond.device)
+            cond = m * cond + (1 - m) * cond[perm]  # (B, Ds)
+            target = m * target + (1 - m) * target[perm]  # (B, D)
+        diffusion = self.diffusion(target, cond)
+        ce = self.ce(logits, batch)
+        return {"loss": diffusion + self.options.ce_weight * ce, "diffusion": diffusion, "ce": ce}
+
+    def predict(self, features: torch.Tensor, options: SamplingConfig | None = None) -> dict[str, torch.Tensor]:
+        """The student's own head, and teacher features sampled from the head (averaged over ``samples`` draws)
+        through the teacher classifier."""
+        sampling = options or self.options.predict
+        out = {"student": self.student.classify(features)}
+        cond = self.projector(features).repeat(sampling.samples, 1)  # (S*B, Ds)
+        draws = self.diffusion.sample(cond, sampling)  # (S*B, D)
+        out["gendd"] = self.teacher_logits(draws.reshape(sampling.samples, features.shape[0], -1).mean(0))
+        return out
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The official code puts no weight decay on the diffusion head and its projector."""
+        head = [*self.diffusion.parameters(), *self.projector.parameters()]
+        ids = {id(p) for p in head}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        return [{"params": rest, "weight_decay": weight_decay},
+                {"params": head, "weight_decay": self.options.head_weight_decay}]
