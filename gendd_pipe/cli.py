@@ -431,6 +431,28 @@ def config_show(
     print(dump_yaml(shown), end="")
 
 
+@config_app.command("dvc")
+@user_errors
+def config_dvc(
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="The recipe (default: ./params.yaml).")] = None,
+    check: Annotated[bool, typer.Option(help="Only check that the dvc.yaml beside the recipe is current.")] = False,
+):
+    """Write the recipe's dvc.yaml beside it: its stages, outputs from the layout, deps from each stage's imports."""
+    from gendd_pipe.dvc_pipeline import dvc_yaml, dvc_yaml_path
+
+    config = config or "params.yaml"
+    text, path = dvc_yaml(config), dvc_yaml_path(config)
+    current = open(path).read() if os.path.exists(path) else None
+    if check:
+        if current != text:
+            raise GenddError(f"{path}: out of date with {config} and the code; run gendd-pipe config dvc --config {config}")
+        console.print(f"{path}: current")
+        return
+    with open(path, "w") as f:
+        f.write(text)
+    console.print(f"{path}: {'unchanged' if current == text else 'written'}")
+
+
 def option_schema(command: str, key: Key) -> type:
     """The config class a typed option of ``command`` sets its keys in."""
     return DistillConfig if key.run else section_class(command)

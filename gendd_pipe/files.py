@@ -33,8 +33,13 @@ def write_yaml(path: str, data) -> None:
     _write_text(path, dump_yaml(data))
 
 
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data) -> bool:  # a value written twice is written out twice, never as &id001
+        return True
+
+
 def dump_yaml(data) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def read_yaml(path: str) -> dict:

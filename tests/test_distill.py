@@ -15,7 +15,8 @@ from gendd_pipe import GenddError
 from gendd_pipe.cli import app
 from gendd_pipe import FeatureStore
 from gendd_pipe.data.loader import LoaderConfig, train_pipeline
-from gendd_pipe.distill.checkpoint import load_method, read_checkpoint
+from gendd_pipe.distill.checkpoint import read_checkpoint
+from gendd_pipe.distill.evaluate import load_method
 from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.distill.evaluate import EvaluateStage
 from gendd_pipe.distill.evaluate import run_stage as evaluate_stage

@@ -39,23 +39,6 @@ def read_checkpoint(path: str, fmt: str = FORMAT) -> dict:
     return ckpt
 
 
-def load_method(path: str):
-    """Rebuild the trained method (student and, for GenDD, its head) from a checkpoint alone; returns the method,
-    its `DistillConfig` and the checkpoint dict."""
-    from gendd_pipe.distill.config import parse_run, upgrade
-    from gendd_pipe.distill.methods import TeacherHead, create_method
-    from gendd_pipe.models.student import create_student
-
-    ckpt = read_checkpoint(path)
-    cfg = parse_run(upgrade(ckpt["config"]), f"{path}: config")
-    teacher = ckpt["teacher"]
-    num_classes, dim = teacher["head_shape"]
-    head = TeacherHead(torch.zeros(num_classes, dim), torch.zeros(num_classes), teacher["feature_norm"])
-    method = create_method(cfg, create_student(cfg.student, num_classes), head)
-    load_state(method, ckpt["state_dict"], path)
-    return method.eval(), cfg, ckpt
-
-
 def load_state(method: torch.nn.Module, state: dict, path: str) -> None:
     """Load weights, turning a size mismatch into one line naming the first tensors that differ."""
     own = method.state_dict()

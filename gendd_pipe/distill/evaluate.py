@@ -24,14 +24,16 @@ from gendd_pipe.config import (ConfigError, NonNegativeInt, PositiveInt, Shards,
                                to_dict, unknown_key)
 from gendd_pipe.data.loader import eval_pipeline
 from gendd_pipe.data.shards import expand_urls
-from gendd_pipe.distill.checkpoint import load_method
-from gendd_pipe.distill.methods import Method, sections
+from gendd_pipe.distill.checkpoint import load_state, read_checkpoint
+from gendd_pipe.distill.config import parse_run, upgrade
+from gendd_pipe.distill.methods import Method, TeacherHead, create_method, sections
 from gendd_pipe.distill.probe import probe_score, student_features
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import write_json, write_yaml
 from gendd_pipe.layout import checkpoint as checkpoint_path
 from gendd_pipe.layout import config_beside, eval_result
 from gendd_pipe.metrics import as_percent, topk_hits
+from gendd_pipe.models.student import create_student
 
 
 @torch.no_grad()
@@ -72,6 +74,19 @@ def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, predict
         result["probe"] = probe_score(train, (torch.cat(val_x), torch.cat(val_y)), probe_urls[0])
     method.train(was_training)
     return result
+
+
+def load_method(path: str):
+    """Rebuild the trained method (student and, for GenDD, its head) from a checkpoint alone; returns the method,
+    its `DistillConfig` and the checkpoint dict."""
+    ckpt = read_checkpoint(path)
+    cfg = parse_run(upgrade(ckpt["config"]), f"{path}: config")
+    teacher = ckpt["teacher"]
+    num_classes, dim = teacher["head_shape"]
+    head = TeacherHead(torch.zeros(num_classes, dim), torch.zeros(num_classes), teacher["feature_norm"])
+    method = create_method(cfg, create_student(cfg.student, num_classes), head)
+    load_state(method, ckpt["state_dict"], path)
+    return method.eval(), cfg, ckpt
 
 
 def predict_options(method: Method, overrides: Mapping | None, where: str = "evaluate.predict"):
