@@ -134,7 +134,7 @@ def pipeline(params_path: str) -> dict:
     stages = {}
     if "prepare" in cfg:
         c = cfg["prepare"]
-        stages["prepare"] = _stage("prepare", ref, ["prepare"], [] if c.dataset == "mnist5k" else [c.dataset],
+        stages["prepare"] = _stage("prepare", ref, ["prepare"], [] if c.dataset == "mnist5k" else ["${prepare.dataset}"],
                                    outs=["${prepare.out}"])
     if "teacher" in cfg:
         c = cfg["teacher"]

@@ -1,31 +1,45 @@
-"""Every recipe under pipelines/ runs: one short pass of each of its stages on a handful of real digits.
+"""Every recipe under pipelines/ runs through the CLI (``--config``) and through ``dvc repro``, alike.
 
 The recipe's own settings are kept (models, input sizes, head size, sampling steps,
-views, logits); only what scales with the data is cut down (epochs, batch size,
-workers, view count), weights become ``none`` (random init, no download), and the
-data paths point at a tiny ImageFolder of MNIST digits written on the fly.
+views, logits, output paths); only what scales with the data is cut down (epochs,
+batch size, workers, view count), weights become ``none`` (random init, no
+download), and the image shards are a tiny ImageFolder of MNIST digits written on
+the fly. Each recipe runs once stage by stage through ``gendd-pipe ... --config``
+and once through ``dvc repro`` of its committed dvc.yaml in a fresh git + DVC
+repository; every stage must write the same resolved config in both.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
 from PIL import Image
+from typer.testing import CliRunner
 
-from stages import distill, evaluate, extract, prepare, probes, report, teacher
+from gendd_pipe.cli import app
+from gendd_pipe.dvc_pipeline import dvc_yaml_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = sorted(glob.glob(os.path.join(ROOT, "pipelines", "*", "params.yaml")))
+RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, "pipelines", "*", "params.yaml")) if not os.path.islink(p))
+RECIPES.append(os.path.join(ROOT, "params.yaml"))  # the embedded default (pipelines/mnist5k links to it)
 SHARD_KEYS = ("shards", "val_shards", "train_shards")
+DVC = os.path.join(os.path.dirname(sys.executable), "dvc")
+
+
+def _name(recipe: str) -> str:
+    folder = os.path.relpath(os.path.dirname(recipe), ROOT)
+    return "mnist5k" if folder == "." else folder.removeprefix("pipelines/")
 
 
 def test_the_recipes_are_all_there():
-    names = {os.path.basename(os.path.dirname(p)) for p in RECIPES}
-    assert {"mnist5k", "mnist5k-unsupervised", "imagenet-r34-r18", "imagenet-r50-mobilenet",
-            "cc3m-unsupervised-r34-r18", "cifar100-r50-r18"} <= names
+    assert {_name(p) for p in RECIPES} >= {"mnist5k", "mnist5k-unsupervised", "imagenet-r34-r18",
+                                           "imagenet-r50-mobilenet", "cc3m-unsupervised-r34-r18", "cifar100-r50-r18"}
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +53,23 @@ def digit_folder(tmp_path_factory, mnist_records):
     return str(root)
 
 
-def _localize(params: dict, tmp: str, folder: str) -> dict:
-    """Recipe params with data paths under ``tmp``, tiny shards and the cuts described above."""
+def localize(params: dict, folder: str) -> tuple[dict, dict | None]:
+    """Recipe params cut down as the module says, paths kept as the recipe has them (relative, under data/); and
+    for a recipe without a prepare stage, the prepare settings of the shards it reads."""
+    shards = params.get("prepare", {}).get("out", "data/shards")
 
     def walk(node, key=""):
         if isinstance(node, dict):
             return {k: walk(v, k) for k, v in node.items()}
-        if key in SHARD_KEYS:
-            split = "train" if key in ("shards", "train_shards") else "val"
-            return [os.path.join(tmp, "shards", f"{split}-*.tar")]
-        if isinstance(node, str) and node.startswith("data/"):
-            return os.path.join(tmp, node)
+        if key in SHARD_KEYS and any("://" in p for p in node):
+            split = "val" if key == "val_shards" else "train"
+            return [f"{shards}/{split}-*.tar"]
         return node
 
     params = walk(params)
-    params["extract"]["shards"] = [os.path.join(tmp, "shards", f"{split}-*.tar") for split in ("train", "val")]
-    params["prepare"] = {"dataset": folder, "out": os.path.join(tmp, "shards"), "val_fraction": 0.25,
-                         "shard_size": 8, "seed": 0}
+    if any("://" in p for p in params["extract"]["shards"]):
+        params["extract"]["shards"] = [f"{shards}/train-*.tar", f"{shards}/val-*.tar"]
+    prepare = {"dataset": folder, "out": shards, "val_fraction": 0.25, "shard_size": 8, "seed": 0}
     if "teacher" in params:
         params["teacher"].update(epochs=min(params["teacher"].get("epochs", 2), 1), batch_size=4)
         params["teacher"]["teacher"]["weights"] = "none"
@@ -70,30 +84,86 @@ def _localize(params: dict, tmp: str, folder: str) -> dict:
             gendd["stage1_epochs"] = 1
     params["distill"]["common"].update(warmup_epochs=0, loader={"batch_size": 4, "num_workers": 0})
     params["evaluate"]["batch_size"] = 8
-    return params
+    if "prepare" in params:
+        return {**params, "prepare": prepare}, None
+    return params, prepare
+
+
+def _invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def run_by_cli(params_file: str, params: dict) -> None:
+    """Every stage of the recipe through `gendd-pipe NAME --config params_file`, in the current directory."""
+    for stage in ("prepare", "teacher", "extract", "probes"):
+        if stage in params:
+            _invoke(stage, "--config", params_file, "-q")
+    for run in params["distill"]["runs"]:
+        _invoke("distill", "--config", params_file, "--run", run, "-q")
+        _invoke("evaluate", "--config", params_file, "--run", run, "-q")
+    _invoke("report", "--config", params_file, "-q")
+
+
+def _sh(cwd, *cmd, timeout=900):
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(map(str, cmd))}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def dvc_repository(path, recipe: str, params: dict) -> str:
+    """A git + DVC repository holding the project's code, the recipe's committed dvc.yaml and ``params``."""
+    shutil.copytree(os.path.join(ROOT, "gendd_pipe"), path / "gendd_pipe",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "stages"), path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    relative = os.path.relpath(recipe, ROOT)
+    os.makedirs(path / os.path.dirname(relative), exist_ok=True)
+    shutil.copy(dvc_yaml_path(recipe), path / dvc_yaml_path(relative))
+    (path / relative).write_text(yaml.safe_dump(params, sort_keys=False))
+    _sh(path, "git", "init", "-q")
+    _sh(path, DVC, "init", "-q")
+    _sh(path, DVC, "config", "core.analytics", "false")
+    return relative
+
+
+def resolved_configs(root) -> dict[str, str]:
+    """Every config.yaml a stage wrote under ``root/data``, by relative path."""
+    found = glob.glob(os.path.join(root, "data", "**", "*config.yaml"), recursive=True)
+    return {os.path.relpath(p, root): open(p).read() for p in found}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: os.path.basename(os.path.dirname(p)))
-def test_a_recipe_runs_each_stage(recipe, tmp_path, digit_folder):
+@pytest.mark.parametrize("recipe", RECIPES, ids=_name)
+def test_a_recipe_runs_alike_through_the_cli_and_dvc(recipe, tmp_path, digit_folder, monkeypatch):
     with open(recipe) as f:
-        params = _localize(yaml.safe_load(f), str(tmp_path), digit_folder)
-    prepare.run(params["prepare"])
-    if "teacher" in params:
-        shipped = teacher.run(params["teacher"])
-        assert os.path.exists(shipped["model"])
-    extract.run(params["extract"])
-    if "probes" in params:
-        refs = probes.run(params["probes"])
-        assert set(refs) == {"teacher features", "random-init student"}
-    runs = list(params["distill"]["runs"])
-    for name in runs:
-        summary = distill.run(params["distill"], name)
-        assert summary["last"]["epoch"] == params["distill"]["runs"][name]["epochs"]
-        result = evaluate.run(params["evaluate"], name)
-        assert result["images"] == 6
-    table = report.run(params["report"], runs)
-    assert all(f"| {name} |" in table for name in runs)
+        params, shards = localize(yaml.safe_load(f), digit_folder)  # shards: made first, without prepare
+
+    cli = tmp_path / "cli"
+    cli.mkdir()
+    monkeypatch.chdir(cli)
+    (cli / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if shards:
+        _invoke("prepare", "--dataset", shards["dataset"], "--out", shards["out"], "--shard-size", 8,
+                "--val-fraction", 0.25, "-q")
+    run_by_cli("params.yaml", params)
     out = params["report"]["out"]
+    table = open(os.path.join(out, "results.md")).read()
+    assert all(f"| {name} |" in table for name in params["distill"]["runs"])
     assert {"results.md", "results.json", "accuracy.png", "comparison.png"} <= set(os.listdir(out))
     assert Image.open(os.path.join(out, "accuracy.png")).size[0] > 100
+
+    repo = tmp_path / "dvc"
+    repo.mkdir()
+    relative = dvc_repository(repo, recipe, params)
+    if shards:
+        shutil.copytree(cli / shards["out"], repo / shards["out"])
+    _sh(repo, DVC, "repro", dvc_yaml_path(relative))
+    by_cli, by_dvc = resolved_configs(cli), resolved_configs(repo)
+    if shards:  # made by hand beside the recipe, not by a stage of it
+        by_cli.pop(os.path.join(shards["out"], "config.yaml")), by_dvc.pop(os.path.join(shards["out"], "config.yaml"))
+    assert by_cli and by_cli == by_dvc
+    assert open(repo / out / "results.md").read().splitlines()[0] == table.splitlines()[0]
