@@ -23,7 +23,9 @@ import torch  # noqa: E402
 
 from gendd_pipe.data.loader import LoaderConfig, train_pipeline  # noqa: E402
 from gendd_pipe.data.prepare import mnist5k_records, write_shards  # noqa: E402
-from gendd_pipe.distill.methods import GenddConfig, LogitConfig, TeacherHead, create_method  # noqa: E402
+from gendd_pipe.distill.config import DistillConfig  # noqa: E402
+from gendd_pipe.distill.methods import TeacherHead, create_method  # noqa: E402
+from gendd_pipe.distill.methods.gendd import GenddConfig  # noqa: E402
 from gendd_pipe.extract import ExtractConfig, extract  # noqa: E402
 from gendd_pipe.models.gendd_head import HeadConfig  # noqa: E402
 from gendd_pipe.models.student import StudentConfig, create_student  # noqa: E402
@@ -63,8 +65,8 @@ def main() -> None:
         base = None
         for name, head in settings:
             torch.manual_seed(0)
-            method = create_method(name, create_student(student_cfg, 1000), teacher, True, LogitConfig(),
-                                   GenddConfig(head=head or HeadConfig()))
+            cfg = DistillConfig(method=name, options=GenddConfig(head=head) if head else None)
+            method = create_method(cfg, create_student(student_cfg, 1000), teacher)
             optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3)
             method(batches[0], 0)["loss"].backward()  # warm up allocators outside the timing
             optimizer.zero_grad()

@@ -6,6 +6,8 @@ Uses the recipe's store and teacher as `dvc repro` left them (run it first) and
 the same stage code as the pipeline: for each seed, each run of ``distill.runs``
 is distilled with ``distill.common.seed`` set to it and evaluated; the table
 gives the mean and the spread (min to max) of val top-1 per run and predictor.
+The DVC way to the same runs is ``dvc exp run --queue -S distill.common.seed=0,1,2``
+then ``dvc exp run --run-all`` and ``dvc exp show``; this script adds the table.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's stages
 
-from gendd_pipe.report import PREDICTORS  # noqa: E402
-from stages import distill, evaluate  # noqa: E402
-from stages.params import load_section, merged  # noqa: E402
+from gendd_pipe.config import apply_sets  # noqa: E402
+from gendd_pipe.distill import evaluate, stage  # noqa: E402
+from gendd_pipe.layout import eval_result  # noqa: E402
+from gendd_pipe.recipe import load_params, section  # noqa: E402
+from gendd_pipe.report import label  # noqa: E402
 
 
 def main() -> None:
@@ -30,25 +32,27 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="data/seeds")
     args = parser.parse_args()
-    section, scoring = load_section("distill", args.params), load_section("evaluate", args.params)
+    params = load_params(args.params)
     scores: dict[str, dict[str, list[float]]] = {}
     for seed in args.seeds:
         root = os.path.join(args.out, f"seed{seed}")
-        runs = merged(section, {"common": {"seed": seed}, "out": os.path.join(root, "distill")})
-        for name in section["runs"]:
-            if not os.path.exists(os.path.join(root, "eval", f"{name}.json")):
-                distill.run(runs, name, args.params)
-                evaluate.run({**scoring, "runs": os.path.join(root, "distill", "runs"),
-                              "out": os.path.join(root, "eval")}, name)
-            result = json.load(open(os.path.join(root, "eval", f"{name}.json")))
-            for predictor in PREDICTORS:
-                if predictor in result:
-                    scores.setdefault(name, {}).setdefault(predictor, []).append(result[predictor]["top1"])
+        seeded = apply_sets(params, [f"distill.common.seed={seed}", f"distill.out={root}/distill",
+                                     f"evaluate.distill={root}/distill", f"evaluate.out={root}/eval"])
+        runs, scoring = section(seeded, "distill", args.params), section(seeded, "evaluate", args.params)
+        for name in runs.runs:
+            if not os.path.exists(eval_result(scoring.out, name)):
+                stage.run_stage(runs, name, progress=False)  # resumes a run killed midway, as under dvc repro
+                evaluate.run_stage(scoring, name)
+            with open(eval_result(scoring.out, name)) as f:
+                result = json.load(f)
+            for predictor, score in result.items():
+                if isinstance(score, dict) and "top1" in score:
+                    scores.setdefault(name, {}).setdefault(predictor, []).append(score["top1"])
             print(f"seed {seed} {name}: " + ", ".join(f"{p} {v[-1]:.2f}" for p, v in scores[name].items()),
                   flush=True)
-    used = [p for p in PREDICTORS if any(p in s for s in scores.values())]
+    used = list(dict.fromkeys(p for by in scores.values() for p in by))
     print(f"\nval top-1 (%), mean and min-max over seeds {', '.join(map(str, args.seeds))}\n")
-    print("| run | " + " | ".join(PREDICTORS[p] for p in used) + " |")
+    print("| run | " + " | ".join(label(p) for p in used) + " |")
     print("|---|" + "---|" * len(used))
     for name, by in scores.items():
         cells = [f"{statistics.mean(by[p]):.2f} ({min(by[p]):.1f}-{max(by[p]):.1f})" if p in by else "" for p in used]

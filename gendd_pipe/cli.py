@@ -13,6 +13,7 @@ Errors a user can cause print one line and exit 1.
 import dataclasses
 import functools
 import json
+import logging
 import os
 import typing
 from collections.abc import Callable
@@ -44,6 +45,7 @@ app = typer.Typer(help="Offline teacher-feature cache and GenDD distillation.", 
 config_app = typer.Typer(help="The resolved configuration of a recipe.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 console = Console(soft_wrap=True)  # messages stay one line however narrow the terminal
+log = logging.getLogger("gendd_pipe.cli")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +123,9 @@ def _resolve(name: str, command, values: dict, run: str | None = None):
         for path in key.paths:
             params = set_key(params, [name, *(["runs", run] if key.run else []), *path.split(".")], value)
     try:
-        return section(params, name, values.get("config") or "the command line")
+        cfg = section(params, name, values.get("config") or "the command line")
+        log.debug("%s: %s", name, json.dumps(to_dict(cfg), default=str))
+        return cfg
     except ConfigError as exc:  # say which option sets the key, where one does
         for param, key in options.items():
             if any(join_key(exc.where, *exc.loc) == join_key(name, *(["runs", run] if key.run else []), p)
@@ -233,8 +237,9 @@ def extract_command(
     """Run a teacher once over image shards and write (or resume) a feature store."""
     cfg = _resolve("extract", extract_command, locals())
     metrics = extract_stage.run_stage(cfg, progress=not quiet)
-    console.print(f"{cfg.out}: {metrics['samples']} samples, {metrics['skipped']} skipped, "
-                  f"{metrics['compression_ratio']:.2f}x smaller than fp32", highlight=False)
+    console.print(f"{cfg.out}: {metrics['shards']} shards, {metrics['samples']} samples, "
+                  f"{metrics['skipped']} skipped, {metrics['compression_ratio']:.2f}x smaller than fp32",
+                  highlight=False)
 
 
 def _store(store: str | None, config: str | None, sets: list[str] | None) -> str:

@@ -157,6 +157,12 @@ def _located(loc: tuple) -> tuple:
     return tuple(part for part in loc if isinstance(part, int) or not str(part).startswith(("function-", "union[")))
 
 
+def _tuple_length(hint) -> int | None:
+    """The item count of a fixed-length tuple type (``tuple[float, float]``: 2); None for any other type."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
+    return len(args) if args and Ellipsis not in args else None
+
+
 @lru_cache(maxsize=None)
 def _adapter(cls) -> TypeAdapter:
     return TypeAdapter(cls)
@@ -180,7 +186,7 @@ def parse(cls, data, where: str = ""):
         first = errors[0]
         loc, reason = first["loc"], _reason(first, cls)
         if first["type"] == "missing" and loc and isinstance(loc[-1], int):  # a list too short for its tuple
-            loc, reason = loc[:-1], f"needs {loc[-1] + 1} or more items"
+            loc, reason = loc[:-1], f"needs {_tuple_length(type_at(cls, loc[:-1])) or loc[-1] + 1} items"
         reason += f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ConfigError(where, loc, reason) from None
 
@@ -225,7 +231,7 @@ def parse_set(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def set_key(params: dict, path: list[str], value) -> dict:
+def set_key(params: dict, path: list[str], value, _done: tuple[str, ...] = ()) -> dict:
     """``params`` with ``value`` at key ``path`` (mappings are created on the way; a scalar in the way is an error)."""
     out = dict(params)
     head, rest = path[0], path[1:]
@@ -236,8 +242,9 @@ def set_key(params: dict, path: list[str], value) -> dict:
     if child is None:
         child = {}
     if not isinstance(child, Mapping):
-        raise GenddError(f"--set {'.'.join(path)}: {head} holds {_short(child)}, not a mapping of keys")
-    out[head] = set_key(dict(child), rest, value)
+        raise GenddError(f"--set {'.'.join((*_done, *path))}: {join_key(*_done, head)} holds {_short(child)}, "
+                         "not a mapping of keys")
+    out[head] = set_key(dict(child), rest, value, (*_done, head))
     return out
 
 

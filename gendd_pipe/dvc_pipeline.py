@@ -19,6 +19,7 @@ import ast
 import glob
 import importlib.util
 import os
+import pkgutil
 import sys
 
 from gendd_pipe.distill.methods import base as methods_base
@@ -75,13 +76,17 @@ def _imports(module: str, path: str) -> set[str]:
 
 def imported_modules(entry: str) -> set[str]:
     """Every project module that importing ``entry`` (``stages.distill``) may import, ``entry`` included."""
-    seen, todo = set(), [entry]
+    parts = entry.split(".")
+    seen, todo = set(), [".".join(parts[:i]) for i in range(1, len(parts) + 1)]  # its packages run first
     while todo:
         module = todo.pop()
         if module in seen:
             continue
         seen.add(module)
         todo += sorted(_imports(module, _source(module)) - seen)
+        if module in PLUGIN_PACKAGES:  # its modules load one by one at run time: walk them all
+            folder = os.path.dirname(_source(module))
+            todo += [f"{module}.{m.name}" for m in pkgutil.iter_modules([folder])]
     return seen
 
 

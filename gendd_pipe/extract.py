@@ -156,6 +156,7 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
         arrays[key] = np.concatenate([o[i] for o in outputs]) if n else np.zeros((0, v, width), dtype)
     attrs = {"source": url, "source_sha256": reader.sha256, "count": n, "skipped": skipped}
     write_shard(open_root(store), name, arrays, attrs, cfg.chunk_size, cfg.clevel)
+    log.debug("feature shard %s: %d samples, %d skipped, from %s", name, n, len(skipped), url)
     return {"name": name, "source": url, "count": n, "skipped": skipped}
 
 
@@ -289,7 +290,7 @@ def run_stage(cfg: ExtractStage, progress: bool = True) -> dict:
     seconds = time.perf_counter() - start
     write_yaml(config_beside(cfg.out), to_dict(cfg))
     summary = summarize(FeatureStore.open(cfg.out))
-    metrics = {"samples": summary["samples"], "images_per_s": summary["samples"] / seconds,
+    metrics = {"shards": summary["shards"], "samples": summary["samples"], "images_per_s": summary["samples"] / seconds,
                "bytes_per_view": summary["bytes_per_view"], "compression_ratio": summary["compression_ratio"],
                "skipped": len(manifest["skipped"])}
     log.info("%s: %d shards, %d samples, %d skipped, %.2fx smaller than fp32", cfg.out, summary["shards"],

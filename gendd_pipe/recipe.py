@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import yaml
 
-from gendd_pipe.config import ConfigError, apply_sets, parse, unknown_key
+from gendd_pipe.config import apply_sets, parse, unknown_key
 from gendd_pipe.errors import GenddError
 from gendd_pipe.logs import setup_logging
 
@@ -59,7 +59,7 @@ def load_params(path: str | None, sets: list[str] = ()) -> dict:
     params = apply_sets(params, sets)
     for key in params:
         if key not in SECTIONS:
-            raise ConfigError(path or "--set", (key,), unknown_key(key, SECTIONS))
+            raise GenddError(f"{path or '--set'}: {key}: {unknown_key(key, SECTIONS)}")
     return params
 
 

@@ -85,3 +85,14 @@ def digit_store(tmp_path_factory, mnist_records):
                         views=ViewConfig(count=3, scale=(0.5, 1.0), hflip=0.0, seed=0), dask_workers=0)
     extract(train + val, store, cfg, progress=False)
     return {"train": train, "val": val, "store": store, "root": root}
+
+
+@pytest.fixture(scope="session")
+def digit_folder(tmp_path_factory, mnist_records):
+    """An ImageFolder tree of 24 real digits, 6 classes x 4 (more classes than gdkd's top-k of 5)."""
+    root = tmp_path_factory.mktemp("folder")
+    for label in range(6):
+        os.makedirs(root / str(label))
+        for i, record in enumerate([r for r in mnist_records[::25] if r.label == label][:4]):
+            (root / str(label) / f"{i}.png").write_bytes(record.load())
+    return str(root)

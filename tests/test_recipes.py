@@ -42,17 +42,6 @@ def test_the_recipes_are_all_there():
                                            "imagenet-r50-mobilenet", "cc3m-unsupervised-r34-r18", "cifar100-r50-r18"}
 
 
-@pytest.fixture(scope="module")
-def digit_folder(tmp_path_factory, mnist_records):
-    """An ImageFolder tree of 24 real digits, 6 classes x 4 (more classes than gdkd's top-k of 5)."""
-    root = tmp_path_factory.mktemp("folder")
-    for label in range(6):
-        os.makedirs(root / str(label))
-        for i, record in enumerate([r for r in mnist_records[::25] if r.label == label][:4]):
-            (root / str(label) / f"{i}.png").write_bytes(record.load())
-    return str(root)
-
-
 def localize(params: dict, folder: str) -> tuple[dict, dict | None]:
     """Recipe params cut down as the module says, paths kept as the recipe has them (relative, under data/); and
     for a recipe without a prepare stage, the prepare settings of the shards it reads."""

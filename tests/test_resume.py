@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gendd_pipe.data.prepare import write_shards
 
@@ -51,5 +52,8 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, mnist_records):
 
     a, b = _files(killed), _files(tmp_path / "clean.zarr")
     assert a.keys() == b.keys()
-    assert [name for name in a if a[name] != b[name]] == []
+    assert [name for name in a if a[name] != b[name]] == ["config.yaml"]  # the run's config names its --out
+    config_a, config_b = yaml.safe_load(a["config.yaml"]), yaml.safe_load(b["config.yaml"])
+    assert config_a.pop("out") == str(killed) and config_b.pop("out") == str(tmp_path / "clean.zarr")
+    assert config_a == config_b
     assert _complete(killed) == 6

@@ -20,7 +20,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from gendd_pipe.config import (ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range,
                                configclass, parse, to_dict, unknown_key)
 from gendd_pipe.data.loader import LoaderConfig
-from gendd_pipe.distill.methods import get_method, method_names, sections
+from gendd_pipe.distill.methods import get_method, load_error, method_names, sections
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.student import StudentConfig
 
@@ -46,8 +46,8 @@ class DistillConfig:
     @field_validator("method")
     @classmethod
     def _registered(cls, name: str) -> str:
-        if name not in method_names():
-            raise ValueError(f"must be one of {', '.join(method_names())}")
+        if name not in method_names():  # a plug-in that failed to load says why
+            raise ValueError(load_error(name) or f"must be one of {', '.join(method_names())}")
         return name
 
     @field_validator("options")

@@ -6,6 +6,7 @@ the entry-point group ``gendd_pipe.methods``.
 """
 
 from gendd_pipe.distill.methods.base import (ENTRY_POINTS, Method, TeacherHead, create_method, get_method,
-                                             method_names, register, sections)
+                                             load_error, method_names, register, sections)
 
-__all__ = ["ENTRY_POINTS", "Method", "TeacherHead", "create_method", "get_method", "method_names", "register", "sections"]
+__all__ = ["ENTRY_POINTS", "Method", "TeacherHead", "create_method", "get_method", "load_error", "method_names",
+           "register", "sections"]

@@ -22,6 +22,7 @@ entry-point group ``gendd_pipe.methods`` (``name = "package.module:Class"``).
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -34,8 +35,11 @@ from torch import nn
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.student import Student
 
+log = logging.getLogger(__name__)
+
 ENTRY_POINTS = "gendd_pipe.methods"
 _REGISTRY: dict[str, type[Method]] = {}
+_BROKEN: dict[str, str] = {}  # entry points that failed to load: name -> why
 _loaded = False
 
 
@@ -122,9 +126,12 @@ def _load() -> None:
             continue
         try:
             cls = point.load()
-        except Exception as exc:  # a broken plug-in names itself instead of breaking every command
-            raise GenddError(f"method {point.name!r} (entry point {point.value}): cannot load "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        except Exception as exc:  # a broken plug-in names itself when chosen, and breaks no other method
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            _BROKEN[point.name] = f"method {point.name!r} (entry point {point.value}): cannot load " \
+                                  f"({type(exc).__name__}: {first})"
+            log.warning("%s", _BROKEN[point.name])
+            continue
         if point.name not in _REGISTRY:
             register(point.name)(cls)
 
@@ -135,9 +142,17 @@ def method_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def load_error(name: str) -> str | None:
+    """Why the plug-in ``name`` could not be loaded; None when it loaded or no package declares it."""
+    _load()
+    return _BROKEN.get(name)
+
+
 def get_method(name: str) -> type[Method]:
     """The method class registered as ``name``."""
     _load()
+    if name in _BROKEN:
+        raise GenddError(_BROKEN[name])
     if name not in _REGISTRY:
         raise GenddError(f"unknown method {name!r} (registered: {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[name]
