@@ -1,10 +1,11 @@
 """Every recipe under pipelines/ runs through the CLI (``--config``) and through ``dvc repro``, alike.
 
-The recipe's own settings are kept (models, input sizes, head size, sampling steps,
-views, logits, output paths); only what scales with the data is cut down (epochs,
-batch size, workers, view count), weights become ``none`` (random init, no
-download), and the image shards are a tiny ImageFolder of MNIST digits written on
-the fly. Each recipe runs once stage by stage through ``gendd-pipe ... --config``
+The recipe's own settings are kept (models, input sizes, head size, views, logits,
+output paths); only what scales with the data or the compute is cut down (epochs,
+batch size, workers, view count, GenDD's sampling steps, samples and
+``diffusion_batch_mul``), weights become ``none`` (random init, no download), and
+the image shards are a tiny ImageFolder of MNIST digits written on the fly. Every
+recipe as written is validated by ``tests/test_config.py``. Each recipe runs once stage by stage through ``gendd-pipe ... --config``
 and once through ``dvc repro`` of its committed dvc.yaml in a fresh git + DVC
 repository; every stage must write the same resolved config in both.
 """
@@ -29,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, "pipelines", "*", "params.yaml")) if not os.path.islink(p))
 RECIPES.append(os.path.join(ROOT, "params.yaml"))  # the embedded default (pipelines/mnist5k links to it)
 SHARD_KEYS = ("shards", "val_shards", "train_shards")
+CUT_DOWN = {"sampling_steps": 4, "diffusion_batch_mul": 2, "samples": 1}  # GenDD's cost knobs, wherever they are
 DVC = os.path.join(os.path.dirname(sys.executable), "dvc")
 
 
@@ -53,6 +55,8 @@ def localize(params: dict, folder: str) -> tuple[dict, dict | None]:
         if key in SHARD_KEYS and any("://" in p for p in node):
             split = "val" if key == "val_shards" else "train"
             return [f"{shards}/{split}-*.tar"]
+        if key in CUT_DOWN:
+            return min(node, CUT_DOWN[key])
         return node
 
     params = walk(params)
