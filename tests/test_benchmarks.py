@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.test_recipes import ROOT
 
 
 @pytest.mark.parametrize("script", sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.py"))), ids=os.path.basename)

@@ -16,8 +16,7 @@ from gendd_pipe.config import ConfigError, field_types, type_at
 from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.errors import GenddError
 from gendd_pipe.recipe import SECTIONS, load_params, section
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.test_recipes import RECIPES
 RECIPE = """
 distill:
   store: s.zarr
@@ -180,8 +179,8 @@ def test_bad_cli_input_is_one_line_and_touches_nothing(recipe, tmp_path, args, m
 
 
 def test_config_show_validates_every_recipe():
-    for recipe in ["params.yaml", *sorted(f"pipelines/{d}/params.yaml" for d in os.listdir(f"{ROOT}/pipelines"))]:
-        result = CliRunner().invoke(app, ["config", "show", "--config", os.path.join(ROOT, recipe)])
+    for recipe in RECIPES:
+        result = CliRunner().invoke(app, ["config", "show", "--config", recipe])
         assert result.exit_code == 0, f"{recipe}: {result.output}"
         shown = yaml.safe_load(result.output)
         assert set(shown) <= set(SECTIONS) and "distill" in shown, recipe

@@ -17,8 +17,7 @@ from typer.testing import CliRunner
 from gendd_pipe.cli import app
 from gendd_pipe.config import PositiveFloat, configclass
 from gendd_pipe.distill.methods import ENTRY_POINTS, Method, base, method_names, register
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.test_recipes import ROOT
 
 
 @configclass

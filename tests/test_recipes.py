@@ -5,9 +5,10 @@ output paths); only what scales with the data or the compute is cut down (epochs
 batch size, workers, view count, GenDD's sampling steps, samples and
 ``diffusion_batch_mul``), weights become ``none`` (random init, no download), and
 the image shards are a tiny ImageFolder of MNIST digits written on the fly. Every
-recipe as written is validated by ``tests/test_config.py``. Each recipe runs once stage by stage through ``gendd-pipe ... --config``
-and once through ``dvc repro`` of its committed dvc.yaml in a fresh git + DVC
-repository; every stage must write the same resolved config in both.
+recipe as written is validated by ``tests/test_config.py``. Each recipe runs once
+stage by stage through ``gendd-pipe ... --config`` and once through ``dvc repro``
+of its committed dvc.yaml in a fresh git + DVC repository; every stage must write
+the same resolved config in both.
 """
 
 from __future__ import annotations

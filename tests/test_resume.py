@@ -1,4 +1,5 @@
-"""A real extract process killed with SIGKILL mid-run, then re-run, equals an uninterrupted run byte for byte."""
+"""A real extract process killed with SIGKILL mid-run, then re-run, equals an uninterrupted run byte for byte
+(but for the ``out`` path in the run's config.yaml at the store's root)."""
 
 import os
 import signal
