@@ -366,7 +366,7 @@ def distill_command(
 @user_errors
 def evaluate_command(
     config: Config = None, sets: Sets = None, run: Run = None,
-    distill: Annotated[Optional[str], typer.Option(help="The distill output root (runs/RUN/last.pt)."),
+    distill: Annotated[Optional[str], typer.Option(help="The distill output root (runs/RUN/last.safetensors)."),
                        Key("distill")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="last | best checkpoint of the run, or a file."),
                           Key("checkpoint")] = None,
@@ -388,7 +388,7 @@ def evaluate_command(
     """
     params = load_params(config, sets or [])
     if run is None and checkpoint not in (None, "last", "best") and not (params.get("distill") or {}).get("runs"):
-        run = os.path.basename(os.path.dirname(os.path.abspath(checkpoint)))  # runs/RUN/best.pt -> RUN
+        run = os.path.basename(os.path.dirname(os.path.abspath(checkpoint)))  # runs/RUN/best.safetensors -> RUN
     run = _pick_run(params, run, None)
     cfg = _resolve("evaluate", evaluate_command, locals())
     print(json.dumps({"run": run, **evaluate_stage.run_stage(cfg, run)}, indent=2))

@@ -131,18 +131,16 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
     """
     teacher = cached_teacher(cfg.teacher, cfg.threads)
     logits = parse_logits(cfg.logits)
-    name, reader = shard_name(url), ShardReader(url, cfg.on_error)
+    name, reader = shard_name(url), ShardReader(url, cfg.on_error, teacher.num_classes)
     skipped: list[dict] = []
     keys, labels, views, outputs = [], [], [], []
-    for batch in _batches(iter(reader), teacher, cfg, lambda s: skipped.append({"key": s.key, "reason": s.reason})):
+    for batch in _batches(iter(reader), teacher, cfg, lambda s: skipped.append(s.record())):
         keys += [sample.key for sample, _ in batch]
         labels += [sample.label for sample, _ in batch]
         views.append(np.stack([v for _, v in batch]))
         outputs.append(_forward(teacher, batch, logits))
         report(len(batch))
-    n, dup = len(keys), len(keys) - len(set(keys))
-    if dup:
-        raise GenddError(f"{url}: {dup} duplicate sample keys; keys must be unique within a shard")
+    n = len(keys)
     v, d, c = cfg.views.count, teacher.num_features, teacher.num_classes
     names = ["features", "logits"] if logits["mode"] == "full" else ["features", "topk_values", "topk_indices"]
     widths = [d, c] if logits["mode"] == "full" else [d, logits["k"], logits["k"]]

@@ -5,7 +5,7 @@ default, the ImageNet EfficientNet-Lite0 a package ships), replaces its
 classifier with one sized to the shards' classes, and trains the whole network
 with cross-entropy (label smoothing), AdamW and a per-step cosine schedule on
 random-resized crops at the teacher's input size. Each epoch ends with a
-validation pass and an atomic checkpoint (``last.pt``, removed once the
+validation pass and an atomic checkpoint (``last.safetensors``, removed once the
 fine-tune is done), so a killed run resumes. The result is ``model.safetensors``, a plain state dict that extract
 loads with ``weights: PATH``, and ``metrics.json`` with its val accuracy.
 
@@ -39,7 +39,7 @@ from gendd_pipe.data.views import ViewConfig
 from gendd_pipe.distill.checkpoint import read_checkpoint, save_checkpoint
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import write_yaml
-from gendd_pipe.layout import LAST, METRICS, MODEL, config_beside
+from gendd_pipe.layout import LAST, METRICS, MODEL, checkpoint_in, config_beside
 from gendd_pipe.metrics import EpochLog, topk_hits
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.progress import StepBar
@@ -108,7 +108,7 @@ def _upgrade(record: dict) -> dict:
 
 
 def _resume(out: str, cfg: FinetuneConfig, model, optimizer, scheduler, resume: bool) -> tuple[int, list]:
-    path = os.path.join(out, LAST)
+    path = checkpoint_in(out, LAST)
     if not os.path.exists(path):
         return 0, []
     if not resume:
@@ -201,7 +201,7 @@ class TeacherStage(FinetuneConfig):
 
     shards: Shards  # labeled train shards
     val_shards: Shards  # labeled val shards
-    out: str  # model.safetensors, metrics.json, metrics.csv, config.yaml (and last.pt while it runs)
+    out: str  # model.safetensors, metrics.json, metrics.csv, config.yaml (and last.safetensors while it runs)
 
 
 def run_stage(cfg: TeacherStage, resume: bool | None = None, progress: bool = True) -> dict:
@@ -212,7 +212,7 @@ def run_stage(cfg: TeacherStage, resume: bool | None = None, progress: bool = Tr
             resumes one of the same settings and otherwise starts afresh.
     """
     core = narrow(cfg, FinetuneConfig)
-    last = os.path.join(cfg.out, LAST)
+    last = checkpoint_in(cfg.out, LAST)
     if resume is None:
         resume = os.path.exists(last) and not differences(to_dict(core), _upgrade(read_checkpoint(last, FORMAT)["config"]))
         if os.path.exists(last) and not resume:

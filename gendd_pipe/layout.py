@@ -6,10 +6,10 @@ Each stage also writes the config it ran with (``config.yaml``) next to its outp
 
 ```
 prepare.out/              train-NNNNNN.tar, val-NNNNNN.tar, prepare.json, config.yaml
-teacher.out/              model.safetensors, metrics.json, metrics.csv, config.yaml (last.pt while it runs)
+teacher.out/              model.safetensors, metrics.json, metrics.csv, config.yaml (last.safetensors while it runs)
 extract.out               the feature store (config.yaml at its root); extract.metrics: a JSON summary
 probes.out                a JSON of reference probes (probes.out + .config.yaml beside it)
-distill.out/runs/RUN/     last.pt, best.pt, metrics.jsonl, metrics.csv, summary.json, config.yaml
+distill.out/runs/RUN/     last.safetensors, best.safetensors, metrics.jsonl, metrics.csv, summary.json, config.yaml
 distill.out/metrics/RUN.json, distill.out/plots/RUN.csv
 evaluate.out/RUN.json     and RUN.config.yaml
 report.out/               results.md, results.json, accuracy.png, comparison.png, config.yaml
@@ -22,7 +22,8 @@ import os
 
 CONFIG = "config.yaml"
 MODEL = "model.safetensors"  # the fine-tuned teacher
-LAST, BEST = "last.pt", "best.pt"  # checkpoints of a run (and of a fine-tune in progress)
+LAST, BEST = "last.safetensors", "best.safetensors"  # checkpoints of a run (and of a fine-tune in progress)
+LEGACY = {LAST: "last.pt", BEST: "best.pt"}  # their names in earlier versions, still read
 EPOCHS, EPOCHS_CSV, SUMMARY, METRICS = "metrics.jsonl", "metrics.csv", "summary.json", "metrics.json"
 REPORT = ("results.md", "results.json", "accuracy.png", "comparison.png")
 
@@ -44,7 +45,13 @@ def run_plot(distill_out: str, run: str) -> str:
 
 def checkpoint(distill_out: str, run: str, which: str = "last") -> str:
     """``last`` or ``best`` checkpoint of a run."""
-    return os.path.join(run_dir(distill_out, run), BEST if which == "best" else LAST)
+    return checkpoint_in(run_dir(distill_out, run), BEST if which == "best" else LAST)
+
+
+def checkpoint_in(directory: str, name: str = LAST) -> str:
+    """The checkpoint ``name`` in ``directory``, or its earlier version's file where only that exists."""
+    path, legacy = os.path.join(directory, name), os.path.join(directory, LEGACY[name])
+    return legacy if not os.path.exists(path) and os.path.exists(legacy) else path
 
 
 def eval_result(evaluate_out: str, run: str) -> str:

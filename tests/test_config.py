@@ -170,12 +170,12 @@ def test_cli_config_set_and_options_apply_in_that_order(recipe, tmp_path):
 def test_bad_cli_input_is_one_line_and_touches_nothing(recipe, tmp_path, args, message):
     out = tmp_path / "out" / "runs" / "kd"
     out.mkdir(parents=True)
-    (out / "last.pt").write_bytes(b"an earlier run")
+    (out / "last.safetensors").write_bytes(b"an earlier run")
     result = CliRunner().invoke(app, ["distill", "--config", recipe, "--set", f"distill.out={tmp_path / 'out'}", *args])
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
-    assert os.listdir(out) == ["last.pt"] and (out / "last.pt").read_bytes() == b"an earlier run"
+    assert os.listdir(out) == ["last.safetensors"] and (out / "last.safetensors").read_bytes() == b"an earlier run"
 
 
 def test_config_show_validates_every_recipe():

@@ -60,7 +60,7 @@ def test_every_method_trains_and_reports_best_and_last(digit_store, tmp_path, me
     predictors = {"student", "gendd"} if method == "gendd" else {"student"}
     assert set(lines[-1]["val"]) - {"images", "seconds"} == predictors
     assert lines[-1]["images_per_s"] > 0 and lines[-1]["val"]["images"] == 48
-    assert os.path.exists(tmp_path / "last.pt") and os.path.exists(tmp_path / "best.pt")
+    assert os.path.exists(tmp_path / "last.safetensors") and os.path.exists(tmp_path / "best.safetensors")
     if method in ("kd", "dkd", "gdkd"):
         assert lines[-1]["train"]["kd"] > 0
 
@@ -72,7 +72,7 @@ def test_training_loss_falls(digit_store, tmp_path):
     # the diffusion loss is heavy-tailed per step (its t = 0 term), so the head is scored on fixed
     # timesteps and noise: a fresh head predicts eps = 0 (MSE 1); a trained one does better
     _run(digit_store, tmp_path / "gendd", _cfg("gendd", epochs=4, lr=1e-3))
-    method, _, _ = load_method(str(tmp_path / "gendd" / "last.pt"))
+    method, _, _ = load_method(str(tmp_path / "gendd" / "last.safetensors"))
     store = FeatureStore.open(digit_store["store"])
     batch = next(iter(train_pipeline(digit_store["train"], store, method.student.data_config,
                                      LoaderConfig(48, 48), seed=0, epoch=0)))
@@ -129,8 +129,8 @@ def test_cli_distill_then_evaluate(digit_store, tmp_path):
     assert result.exit_code == 0, result.output
     assert "best epoch 1: top-1 student" in result.output and "images/s" in result.output
     run = tmp_path / "d" / "runs" / "gendd"
-    assert (run / "last.pt").exists() and (tmp_path / "d" / "metrics" / "gendd.json").exists()
-    result = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.pt"), "--val-shards", digit_store["val"][0],
+    assert (run / "last.safetensors").exists() and (tmp_path / "d" / "metrics" / "gendd.json").exists()
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.safetensors"), "--val-shards", digit_store["val"][0],
                                  "--train-shards", digit_store["train"][0], "--out", str(tmp_path / "eval"),
                                  "--set", "evaluate.predict.gendd={sampling_steps: 2, samples: 2, sampler: ddim}"])
     assert result.exit_code == 0, result.output
@@ -138,7 +138,7 @@ def test_cli_distill_then_evaluate(digit_store, tmp_path):
     assert {"student", "gendd", "probe"} <= set(report) and report["images"] == 48
     assert 0 <= report["probe"]["top1"] <= 100
     assert report["predict"] == {"sampling_steps": 2, "cfg": 2.0, "temperature": 1.0, "sampler": "ddim", "samples": 2}
-    result = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.pt"), "--val-shards",
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.safetensors"), "--val-shards",
                                  digit_store["val"][0], "--input-size", "64"])
     assert result.exit_code == 1 and "trained at input 32x32, not 64" in result.output
     result = runner.invoke(app, _cli_args(digit_store, tmp_path / "x", "--set", "distill.common.gendd.centers=wide"))
@@ -155,7 +155,7 @@ def test_stages_write_their_metrics(digit_store, tmp_path):
     summary = distill_stage(section, "kd-t2", progress=False)
     written = json.load(open(tmp_path / "distill" / "metrics" / "kd-t2.json"))
     assert written["last"] == summary["last"] and written["method"] == "kd" and written["epochs"] == 1
-    ckpt = read_checkpoint(str(tmp_path / "distill" / "runs" / "kd-t2" / "last.pt"))
+    ckpt = read_checkpoint(str(tmp_path / "distill" / "runs" / "kd-t2" / "last.safetensors"))
     assert ckpt["config"]["logit"]["temperature"] == 2.0  # the run's keys over distill.common
     curve = (tmp_path / "distill" / "plots" / "kd-t2.csv").read_text().splitlines()
     assert curve[0] == "epoch,loss,student" and curve[1].startswith("1,")
@@ -182,7 +182,7 @@ def test_a_killed_run_resumes_to_the_same_weights(digit_store, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = killed_run / "metrics.jsonl"
     deadline = time.time() + 300
-    while not (metrics.exists() and (killed_run / "last.pt").exists()) and time.time() < deadline:
+    while not (metrics.exists() and (killed_run / "last.safetensors").exists()) and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -191,8 +191,8 @@ def test_a_killed_run_resumes_to_the_same_weights(digit_store, tmp_path):
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert [m["epoch"] for m in _lines(killed_run)] == [1, 2, 3]
-    a = torch.load(whole_run / "last.pt", weights_only=False)["state_dict"]
-    b = torch.load(killed_run / "last.pt", weights_only=False)["state_dict"]
+    a = read_checkpoint(str(whole_run / "last.safetensors"))["state_dict"]
+    b = read_checkpoint(str(killed_run / "last.safetensors"))["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -2,6 +2,7 @@ import io
 import json
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -155,14 +156,22 @@ def test_bad_sample_fails_naming_shard_and_key(tmp_path, photos):
         extract([_bad_shard(tmp_path, photos)], str(tmp_path / "s.zarr"), _cfg(TINY), progress=False)
 
 
-def test_truncated_tar_fails_or_keeps_what_was_read(tmp_path, digit_shards):
+def test_truncated_tar_fails_or_keeps_every_complete_sample(tmp_path, digit_shards):
     data = open(digit_shards[0], "rb").read()
     cut = tmp_path / "cut-000000.tar"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(GenddError, match=r"cut-000000.tar: truncated or unreadable tar after \d+ samples"):
+    with tarfile.open(digit_shards[0]) as tar:  # samples whose every member lies before the cut
+        ends: dict[str, int] = {}
+        for m in tar.getmembers():
+            key = m.name.split(".")[0]
+            ends[key] = max(ends.get(key, 0), m.offset_data + m.size)
+    whole = [k for k, end in ends.items() if end <= len(data) // 2]
+    with pytest.raises(GenddError, match=rf"cut-000000.tar: tar breaks at byte \d+ after sample '{whole[-1]}'"):
         extract([str(cut)], str(tmp_path / "a.zarr"), _cfg(TINY), progress=False)
     m = extract([str(cut)], str(tmp_path / "b.zarr"), _cfg(TINY, on_error="skip"), progress=False)
-    assert 0 < m["shards"][0]["count"] < 40 and m["skipped"][0]["key"] is None
+    assert FeatureStore.open(str(tmp_path / "b.zarr")).read_shard("cut-000000")["keys"].tolist() == whole
+    record = m["skipped"][-1]
+    assert record["key"] is None and record["after"] == whole[-1] and 0 < record["offset"] <= len(data) // 2
 
 
 def test_a_store_of_another_teacher_is_refused_and_kept(tmp_path, digit_shards):

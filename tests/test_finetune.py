@@ -38,7 +38,7 @@ def test_a_fine_tuned_teacher_learns_and_feeds_extract(digit_store, tmp_path):
     assert metrics["num_classes"] == 10 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     assert metrics["val"]["top1"] > 20  # 10 classes, 96 digits: well above chance after 3 epochs
     files = set(os.listdir(tmp_path / "teacher"))
-    assert {"metrics.json", "model.safetensors", "metrics.jsonl", "metrics.csv"} <= files and "last.pt" not in files
+    assert {"metrics.json", "model.safetensors", "metrics.jsonl", "metrics.csv"} <= files and "last.safetensors" not in files
     assert load_file(metrics["model"])["fc.weight"].shape == (10, 512)
 
     cfg = ExtractConfig(teacher=TeacherConfig("resnet10t", metrics["model"], input_size=32),
@@ -58,7 +58,7 @@ def test_epochs_zero_keeps_the_teacher_as_it_ships(digit_store, tmp_path):
 def test_unlabeled_shards_and_a_foreign_run_are_refused(digit_store, cc3m_shard, tmp_path):
     with pytest.raises(GenddError, match="carry no labels"):
         finetune([cc3m_shard], digit_store["val"], str(tmp_path / "a"), _cfg(), progress=False)
-    save_checkpoint(str(tmp_path / "b" / "last.pt"), {"epoch": 1})  # a student's checkpoint, not a teacher's
+    save_checkpoint(str(tmp_path / "b" / "last.safetensors"), {"epoch": 1})  # a student's checkpoint, not a teacher's
     with pytest.raises(GenddError, match="not a gendd-pipe/teacher-1 checkpoint"):
         finetune(digit_store["train"], digit_store["val"], str(tmp_path / "b"), _cfg(), resume=True, progress=False)
 
@@ -81,7 +81,7 @@ def test_a_killed_fine_tune_resumes_to_the_same_weights(digit_store, tmp_path):
     proc = subprocess.Popen(_cli(digit_store, tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (tmp_path / "killed" / "last.pt").exists() and time.time() < deadline:
+    while not (tmp_path / "killed" / "last.safetensors").exists() and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

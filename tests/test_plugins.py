@@ -71,7 +71,7 @@ def test_a_method_defined_in_a_test_trains_through_the_cli(digit_store, tmp_path
     assert epoch["epoch"] == 1 and epoch["train"]["hint"] > 0 and {k for k, v in epoch["val"].items() if isinstance(v, dict)} == {"student"}
     resolved = yaml.safe_load((run / "config.yaml").read_text())["runs"]["hint"]
     assert resolved["method"] == "hint" and resolved["hint"] == {"weight": 0.5}
-    result = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.pt"), "--val-shards",
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.safetensors"), "--val-shards",
                                  digit_store["val"][0], "-q"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["run"] == "hint" and 0 <= json.loads(result.output)["student"]["top1"] <= 100
@@ -94,7 +94,7 @@ def test_an_entry_point_method_trains_in_a_fresh_process(digit_store, tmp_path):
     cmd = [sys.executable, "-m", "gendd_pipe.cli", *_distill_args(digit_store, tmp_path / "d")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "d" / "runs" / "hint" / "last.pt").exists()
+    assert (tmp_path / "d" / "runs" / "hint" / "last.safetensors").exists()
     assert "hint" in subprocess.run([sys.executable, "-m", "gendd_pipe.cli", "distill", "--help"], env=env,
                                     capture_output=True, text=True, timeout=120).stdout
 

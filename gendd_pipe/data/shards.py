@@ -3,8 +3,15 @@
 Two layouts are read as they are: ImageNet-style (``KEY.jpg|png`` + ``KEY.cls``)
 and img2dataset/CC3M-style (``KEY.jpg`` + ``KEY.txt`` + ``KEY.json``, no label;
 such samples get label -1). Shards are addressed by local paths, brace patterns
-(``train-{000000..000009}.tar``) or fsspec URLs. The tar is streamed once with
-webdataset's tar iterators while its sha256 is computed on the way.
+(``train-{000000..000009}.tar``) or fsspec URLs. The tar is streamed once while
+its sha256 is computed on the way; members are grouped into samples by
+webdataset's rule (`base_plus_ext`: the key is the name up to the first dot of
+its last part). Member names are only ever keys, never paths on this machine.
+
+A bad sample (unreadable image, bad label, a member twice, a key seen before in
+the shard) is one `Skipped` record naming its key. A tar that breaks off keeps
+every sample read in full before the break, and its record names the byte
+offset and the last good key. 16-bit images are scaled to 8 bits, not clipped.
 """
 
 from __future__ import annotations
@@ -13,19 +20,23 @@ import glob
 import hashlib
 import io
 import os
+import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import braceexpand
 import fsspec
+import numpy as np
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from gendd_pipe.errors import GenddError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
 UNLABELED = -1
+META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, not samples
 
 
 @dataclass
@@ -43,6 +54,13 @@ class Skipped:
 
     key: str | None  # None when the tar itself broke
     reason: str
+    offset: int | None = None  # where a broken tar broke: the byte offset of the first member not read in full
+    after: str | None = None  # ... and the last key read in full before it
+
+    def record(self) -> dict:
+        """The manifest's entry (without the shard name)."""
+        extra = {"offset": self.offset, "after": self.after} if self.offset is not None else {}
+        return {"key": self.key, "reason": self.reason, **extra}
 
 
 def expand_urls(patterns: list[str] | tuple[str, ...]) -> list[str]:
@@ -90,8 +108,27 @@ class _HashingReader(io.RawIOBase):
             pass
 
 
-def decode_sample(sample: dict) -> Sample:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as timm's loaders see it, but with 16-bit and 32-bit integer images scaled to 8 bits, not clipped.
+
+    Raises:
+        ValueError: a float image (no defined 8-bit scale) or integers outside 0..65535.
+    """
+    if image.mode.startswith("I"):  # I;16, I;16B, I;16L (16-bit) and I (32-bit, how some 16-bit PNGs open)
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{image.mode} image with values outside 0..65535")
+        image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise ValueError("32-bit float image: no defined 8-bit scale")
+    return image.convert("RGB")
+
+
+def decode_sample(sample: dict, num_classes: int | None = None) -> Sample:
     """A grouped tar sample (``__key__`` plus extension -> bytes) to a decoded `Sample`.
+
+    Args:
+        num_classes: When given, a label must lie in 0..num_classes-1 (or be -1, none).
 
     Raises:
         ValueError: the sample has no image, an unreadable image or a bad ``cls``.
@@ -102,7 +139,7 @@ def decode_sample(sample: dict) -> Sample:
     try:
         image = Image.open(io.BytesIO(sample[ext]))
         image.load()
-        image = image.convert("RGB")
+        image = to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"unreadable {ext} image ({exc})") from exc
     label = UNLABELED
@@ -112,7 +149,39 @@ def decode_sample(sample: dict) -> Sample:
             label = int(text)
         except ValueError as exc:
             raise ValueError(f"cls is not an integer ({text[:20]!r})") from exc
+        if label < UNLABELED or (num_classes is not None and label >= num_classes):
+            top = f"0..{num_classes - 1}" if num_classes is not None else "0 or more"
+            raise ValueError(f"label {label} is outside the classes ({top}, or -1 for none)")
     return Sample(str(sample["__key__"]), image, label)
+
+
+class _Break(Exception):
+    """The tar ended badly: at ``offset``, in member ``member`` (None: between members)."""
+
+    def __init__(self, offset: int, member: str | None, reason: str):
+        super().__init__(reason)
+        self.offset, self.member = offset, member
+
+
+def tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of each regular member of a tar stream, in order.
+
+    Raises:
+        _Break: the tar is truncated or corrupt; what was yielded before is whole.
+    """
+    tar = info = None
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for info in tar:
+            if info.isreg() and not META.match(info.name):
+                yield info.name, tar.extractfile(info).read()
+            tar.members = []  # stream mode: keep no history
+            info = None
+        if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:  # tarfile ends quietly where a header is cut
+            raise tarfile.ReadError("no end-of-archive block")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        offset = info.offset if info is not None else (tar.offset if tar is not None else 0)
+        raise _Break(offset, info.name if info is not None else None, str(exc) or type(exc).__name__) from None
 
 
 class ShardReader:
@@ -122,12 +191,13 @@ class ShardReader:
         url: Local path or fsspec URL of a tar shard.
         on_error: ``fail`` raises `GenddError` at the first bad sample or broken tar;
             ``skip`` yields a `Skipped` record instead and goes on.
+        num_classes: Labels must lie in 0..num_classes-1 (or be -1); None checks only >= -1.
     """
 
-    def __init__(self, url: str, on_error: str = "fail"):
+    def __init__(self, url: str, on_error: str = "fail", num_classes: int | None = None):
         if on_error not in ("fail", "skip"):
             raise GenddError(f"on_error must be fail or skip, not {on_error!r}")
-        self.url, self.on_error = url, on_error
+        self.url, self.on_error, self.num_classes = url, on_error, num_classes
         self.sha256: str | None = None
         self.nbytes = 0
 
@@ -143,22 +213,57 @@ class ShardReader:
             self.sha256, self.nbytes = reader.sha256.hexdigest(), reader.nbytes
 
     def _samples(self, stream) -> Iterator[Sample | Skipped]:
-        count = 0
+        """Group members into samples (a new key ends the previous sample) and decode each."""
+        seen: set[str] = set()
+        group: dict = {}
+        last = None  # the last sample read in full: its key and extensions
         try:
-            files = ({**f, "__url__": self.url} for f in tar_file_iterator(stream))
-            for raw in group_by_keys(files):
-                try:
-                    sample = decode_sample(raw)
-                except ValueError as exc:
-                    yield self._skip(raw.get("__key__"), str(exc))
-                    continue
-                count += 1
-                yield sample
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            yield self._skip(None, f"truncated or unreadable tar after {count} samples ({exc})")
+            for name, data in tar_members(stream):
+                key, ext = base_plus_ext(name)
+                if key is None:
+                    continue  # no extension: not part of any sample
+                if group and key != group["__key__"]:
+                    yield self._decode(group, seen)
+                    last, group = (group["__key__"], set(group) - {"__key__"}), {}
+                group.setdefault("__key__", key)
+                ext = ext.lower()
+                if ext in group:
+                    group["__twice__"] = f"member {name} appears twice"
+                group[ext] = data
+        except _Break as cut:
+            # The sample being read when the tar broke is whole if the broken member is the next sample's, or,
+            # where the break is in a header, if it has the members the sample before it had.
+            if cut.member is not None:
+                whole = base_plus_ext(cut.member)[0] != group.get("__key__")
+            else:
+                whole = last is not None and set(group) - {"__key__"} == last[1]
+            if group and whole:
+                yield self._decode(group, seen)
+                last = (group["__key__"], None)
+            elif group:
+                yield self._skip(group["__key__"], f"may be cut off: the tar breaks at byte {cut.offset}, inside it "
+                                 "or before another of its members")
+            after = last[0] if last else None
+            yield self._skip(None, f"tar breaks at byte {cut.offset} after sample {after!r} ({cut})",
+                             offset=cut.offset, after=after)
+            return
+        if group:
+            yield self._decode(group, seen)
 
-    def _skip(self, key: str | None, reason: str) -> Skipped:
+    def _decode(self, group: dict, seen: set[str]) -> Sample | Skipped:
+        key = group["__key__"]
+        if key in seen:
+            return self._skip(key, "duplicate key: an earlier sample of this shard has it (that one is kept)")
+        seen.add(key)
+        if "__twice__" in group:
+            return self._skip(key, group["__twice__"])
+        try:
+            return decode_sample(group, self.num_classes)
+        except ValueError as exc:
+            return self._skip(key, str(exc))
+
+    def _skip(self, key: str | None, reason: str, **where) -> Skipped:
         if self.on_error == "fail":
-            where = f"sample {key}: " if key is not None else ""
-            raise GenddError(f"{self.url}: {where}{reason}")
-        return Skipped(key, reason)
+            prefix = f"sample {key}: " if key is not None else ""
+            raise GenddError(f"{self.url}: {prefix}{reason}")
+        return Skipped(key, reason, **where)

@@ -30,7 +30,7 @@ from gendd_pipe.distill.config import DistillConfig, parse_run, upgrade
 from gendd_pipe.distill.train import distill
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import write_json, write_yaml
-from gendd_pipe.layout import LAST, config_beside, run_dir, run_metrics, run_plot
+from gendd_pipe.layout import LAST, checkpoint_in, config_beside, run_dir, run_metrics, run_plot
 from gendd_pipe.metrics import read_epochs
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _holds(data: Mapping, loc: tuple) -> bool:
 
 def _fresh_or_resume(directory: str, cfg: DistillConfig) -> bool:
     """DVC's rule for a persistent run directory: True to resume it; otherwise it is cleared for a fresh run."""
-    path = os.path.join(directory, LAST)
+    path = checkpoint_in(directory, LAST)
     if not os.path.exists(path):
         return False
     ckpt = read_checkpoint(path)

@@ -3,9 +3,9 @@
 `distill` checks the store against the shards and the method, builds the student
 and method, and trains with AdamW (beta2 ramped as the official GenDD code
 does), a per-step cosine schedule with linear warmup (timm's
-`CosineLRScheduler`), one checkpoint per epoch (``last.pt``, plus ``best.pt``
+`CosineLRScheduler`), one checkpoint per epoch (``last.safetensors``, plus ``best.safetensors``
 when the primary predictor improves) and one JSON line of metrics per epoch
-(``metrics.jsonl``). ``resume`` continues a killed run from ``last.pt``; each
+(``metrics.jsonl``). ``resume`` continues a killed run from ``last.safetensors``; each
 epoch seeds its own randomness from (seed, epoch), so a resumed run replays the
 epochs an uninterrupted one would have run. Under torchrun the method is
 wrapped in DDP, shards are split by rank and rank 0 validates and writes.
@@ -37,7 +37,7 @@ from gendd_pipe.distill.methods import TeacherHead, create_method, get_method
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.student import create_student
 from gendd_pipe.progress import StepBar
-from gendd_pipe.layout import BEST, LAST, SUMMARY
+from gendd_pipe.layout import BEST, LAST, SUMMARY, checkpoint_in
 from gendd_pipe.metrics import EpochLog, read_epochs
 from gendd_pipe.store.reader import FeatureStore
 
@@ -95,8 +95,8 @@ def _epoch_seed(cfg: DistillConfig, epoch: int, rank: int) -> int:
 
 
 def _resume(out: str, cfg: DistillConfig, method, optimizer, scheduler, resume: bool) -> tuple[int, dict]:
-    """Load ``last.pt`` into the run when resuming; returns (epochs done, best so far)."""
-    path = os.path.join(out, LAST)
+    """Load the last checkpoint into the run when resuming; returns (epochs done, best so far)."""
+    path = checkpoint_in(out, LAST)
     if not os.path.exists(path):
         return 0, {"top1": -1.0, "epoch": 0}
     if not resume:
