@@ -22,6 +22,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from gendd_pipe.config import ConfigError, default_of, join_key, set_key, to_dict
 from gendd_pipe.data import prepare as prepare_stage
@@ -30,7 +31,7 @@ from gendd_pipe.distill import probe as probes_stage
 from gendd_pipe.distill import stage as distill_stage
 from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.distill.methods import method_names
-from gendd_pipe.errors import GenddError
+from gendd_pipe.errors import GenddError, user_message
 from gendd_pipe import extract as extract_stage
 from gendd_pipe import finetune as teacher_stage
 from gendd_pipe.files import dump_yaml
@@ -63,14 +64,16 @@ class Key:
 
 
 def user_errors(command):
-    """Turn a `GenddError` into ``error: ...`` on stderr and exit code 1, without a traceback."""
+    """Turn a `GenddError`, or a filesystem refusing a write (full, read-only, not a directory), into
+    ``error: ...`` on stderr and exit code 1, without a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except GenddError as exc:
-            Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True, markup=True)
+        except (GenddError, OSError) as exc:
+            Console(stderr=True).print(Text.assemble(("error:", "red"), " ", user_message(exc)), highlight=False,
+                                       soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

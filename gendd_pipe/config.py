@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -44,6 +45,36 @@ def _ordered(pair: tuple) -> tuple:
 
 Range = Annotated[tuple[PositiveFloat, PositiveFloat], AfterValidator(_ordered)]
 """Two positive numbers, low then high: ``[0.08, 1.0]``."""
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _output_dir(path: str) -> str:
+    if "://" not in path:  # URLs are checked by the store that opens them
+        found = _nearest_existing(path)
+        if not os.path.isdir(found):
+            where = "is a regular file" if found == os.path.abspath(path) else f"lies below the regular file {found}"
+            raise ValueError(f"{where}; give a directory")
+    return path
+
+
+def _output_file(path: str) -> str:
+    if "://" not in path:
+        if os.path.isdir(path):
+            raise ValueError("is a directory; give a file name")
+        _output_dir(os.path.dirname(os.path.abspath(path)))
+    return path
+
+
+OutputDir = Annotated[str, AfterValidator(_output_dir)]
+"""A directory to write (or a URL): checked before any work, so a path that is a file fails at once."""
+OutputFile = Annotated[str, AfterValidator(_output_file)]
+"""A file to write (or a URL), not a directory and not below a regular file."""
 Shards = Annotated[tuple[str, ...], BeforeValidator(lambda v: (v,) if isinstance(v, str) else v), Field(min_length=1)]
 """Shard paths, brace patterns, globs or URLs: one string or a list of them."""
 

@@ -24,7 +24,8 @@ import torch
 from pydantic import Field, field_validator
 
 from gendd_pipe import __version__
-from gendd_pipe.config import NonNegativeInt, PositiveInt, Shards, configclass, narrow, to_dict
+from gendd_pipe.config import (NonNegativeInt, OutputDir, OutputFile, PositiveInt, Shards, configclass, narrow,
+                               to_dict)
 from gendd_pipe.data.shards import Sample, ShardReader, expand_urls, shard_name
 from gendd_pipe.data.views import ViewConfig, render_view, sample_views, to_tensor
 from gendd_pipe.errors import GenddError
@@ -275,8 +276,8 @@ class ExtractStage(ExtractConfig):
     """Stage ``extract``: the extraction and where it reads and writes."""
 
     shards: Shards  # input shards: paths, brace patterns or fsspec URLs
-    out: str  # the feature store (path or URL), created or resumed
-    metrics: str | None = None  # a JSON summary for dvc metrics: samples, images/s, bytes per view, compression
+    out: OutputDir  # the feature store (path or URL), created or resumed
+    metrics: OutputFile | None = None  # a JSON summary for dvc metrics: samples, images/s, bytes per view, compression
 
 
 def run_stage(cfg: ExtractStage, progress: bool = True) -> dict:

@@ -31,8 +31,8 @@ from pydantic import Field
 from safetensors.torch import save_file
 from timm.scheduler import CosineLRScheduler
 
-from gendd_pipe.config import (NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Shards, configclass,
-                               differences, narrow, to_dict)
+from gendd_pipe.config import (NonNegativeFloat, NonNegativeInt, OutputDir, PositiveFloat, PositiveInt, Shards,
+                               configclass, differences, narrow, to_dict)
 from gendd_pipe.data.loader import augmented_pipeline, eval_pipeline
 from gendd_pipe.data.shards import expand_urls
 from gendd_pipe.data.views import ViewConfig
@@ -201,7 +201,7 @@ class TeacherStage(FinetuneConfig):
 
     shards: Shards  # labeled train shards
     val_shards: Shards  # labeled val shards
-    out: str  # model.safetensors, metrics.json, metrics.csv, config.yaml (and last.safetensors while it runs)
+    out: OutputDir  # model.safetensors, metrics.json, metrics.csv, config.yaml (and last.safetensors while it runs)
 
 
 def run_stage(cfg: TeacherStage, resume: bool | None = None, progress: bool = True) -> dict:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import yaml
 
 from gendd_pipe.config import apply_sets, parse, unknown_key
-from gendd_pipe.errors import GenddError
+from gendd_pipe.errors import GenddError, user_message
 from gendd_pipe.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,6 @@ def stage_main(name: str, run_stage: Callable) -> None:
         cfg = section(load_params(args.params, args.set), name, args.params)
         log.info("stage %s%s of %s", name, f"@{args.run}" if with_run else "", os.path.abspath(args.params))
         run_stage(cfg, args.run) if with_run else run_stage(cfg)
-    except GenddError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (GenddError, OSError) as exc:
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         sys.exit(1)

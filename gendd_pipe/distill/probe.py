@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gendd_pipe.config import NonNegativeInt, PositiveInt, Shards, configclass, to_dict
+from gendd_pipe.config import NonNegativeInt, OutputFile, PositiveInt, Shards, configclass, to_dict
 from gendd_pipe.data.loader import check_shards, eval_pipeline
 from gendd_pipe.data.shards import expand_urls
 from gendd_pipe.errors import GenddError
@@ -113,7 +113,7 @@ class ProbesStage:
     student: StudentConfig  # the student of the recipe, probed at random init
     seed: NonNegativeInt = 0  # the random init
     batch_size: PositiveInt = 128
-    out: str  # the JSON of the probes
+    out: OutputFile  # the JSON of the probes
 
 
 def run_stage(cfg: ProbesStage) -> dict:

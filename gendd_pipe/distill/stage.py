@@ -24,7 +24,7 @@ from dataclasses import field
 
 from pydantic import model_validator
 
-from gendd_pipe.config import ConfigError, Shards, configclass, differences, merged, to_dict
+from gendd_pipe.config import ConfigError, OutputDir, Shards, configclass, differences, merged, to_dict
 from gendd_pipe.distill.checkpoint import read_checkpoint
 from gendd_pipe.distill.config import DistillConfig, parse_run, upgrade
 from gendd_pipe.distill.train import distill
@@ -43,7 +43,7 @@ class DistillStage:
     store: str  # the feature store (path or URL)
     shards: Shards  # train image shards
     val_shards: Shards  # val image shards
-    out: str  # root of runs/RUN, metrics/RUN.json, plots/RUN.csv
+    out: OutputDir  # root of runs/RUN, metrics/RUN.json, plots/RUN.csv
     common: dict = field(default_factory=dict)  # settings of every run: DistillConfig fields and method sections
     runs: dict[str, dict | None] = field(default_factory=dict)  # run name -> its own settings over common
 

@@ -1,6 +1,7 @@
 """Looking into a store: `summarize` (what `gendd-pipe info` prints) and `verify`.
 
-`verify` checks that every listed shard is complete and self-consistent (array
+`verify` checks that every listed shard is complete and self-consistent (every
+array present, readable and matching the checksum written with it, array
 lengths, view and feature widths, unique keys, finite values), and optionally
 re-runs N random (sample, view) pairs through the teacher named in the
 manifest, from the source shards, and reports the cosine similarity of the
@@ -53,20 +54,15 @@ def summarize(store: FeatureStore) -> dict:
 
 def check_shard(store: FeatureStore, name: str) -> list[str]:
     """Problems found in one shard (empty if consistent)."""
-    m, group, problems = store.manifest, store.shard(name), []
-    data = store.read_shard(name)
-    n = int(group.attrs["count"])
+    m = store.manifest
+    data, problems = store.check_arrays(name)  # missing, unreadable, short, or not matching its checksum
     widths = {"views": 5, "features": m["teacher"]["num_features"]}
     if m["logits"]["mode"] == "full":
         widths["logits"] = m["teacher"]["num_classes"]
     else:
         widths["topk_values"] = widths["topk_indices"] = m["logits"]["k"]
-    for key in ("keys", "labels", *widths):
-        if key not in data:
-            problems.append(f"shard {name}: array {key} is missing")
-        elif len(data[key]) != n:
-            problems.append(f"shard {name}: {key} has {len(data[key])} rows, count says {n}")
-        elif key in widths and data[key].shape[1:] != (m["views"]["count"], widths[key]):
+    for key in widths:
+        if key in data and data[key].shape[1:] != (m["views"]["count"], widths[key]):
             problems.append(f"shard {name}: {key} has shape {data[key].shape}, expected (n, {m['views']['count']}, {widths[key]})")
     if "keys" in data and len(set(data["keys"].tolist())) != len(data["keys"]):
         problems.append(f"shard {name}: duplicate keys")

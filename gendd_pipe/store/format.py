@@ -4,7 +4,7 @@ Layout (a Zarr v3 group; see README "The feature store")::
 
     store.zarr/                 attrs["gendd_pipe"] = manifest
       teacher/head_weight (C, D) float32, teacher/head_bias (C,) float32
-      shards/<name>/            attrs: source, source_sha256, count, skipped, complete
+      shards/<name>/            attrs: source, source_sha256, count, skipped, checksums, complete
         keys (n,) str, labels (n,) int64, views (n, V, 5) float32,
         features (n, V, D) float16, logits (n, V, C) float16
         or topk_values (n, V, k) float16 + topk_indices (n, V, k) int32
@@ -12,8 +12,10 @@ Layout (a Zarr v3 group; see README "The feature store")::
 
 from __future__ import annotations
 
+import hashlib
 import re
 
+import numpy as np
 from zarr.codecs import BloscCodec
 
 from gendd_pipe.errors import GenddError
@@ -22,7 +24,7 @@ FORMAT_VERSION = 1
 MANIFEST_ATTR = "gendd_pipe"
 SHARDS = "shards"
 HEAD_WEIGHT, HEAD_BIAS = "teacher/head_weight", "teacher/head_bias"
-COMPLETE = "complete"
+COMPLETE, CHECKSUMS = "complete", "checksums"
 
 # Fields that must agree before a store is extended or resumed: anything that changes the bytes.
 COMPATIBLE_SECTIONS = ("format_version", "teacher", "preprocessing", "views", "logits", "storage")
@@ -31,6 +33,21 @@ COMPATIBLE_SECTIONS = ("format_version", "teacher", "preprocessing", "views", "l
 def compressor(clevel: int = 5) -> BloscCodec:
     """Blosc zstd with bit shuffle: fp16 features compress well once their bits are grouped."""
     return BloscCodec(cname="zstd", clevel=clevel, shuffle="bitshuffle")
+
+
+def shard_arrays(manifest: dict) -> list[str]:
+    """The arrays every feature shard of a store holds."""
+    logits = ["logits"] if manifest["logits"]["mode"] == "full" else ["topk_values", "topk_indices"]
+    return ["keys", "labels", "views", "features", *logits]
+
+
+def checksum(data: np.ndarray) -> str:
+    """``sha256:HEX`` of an array's values (C order; strings joined by NUL), whatever its chunks and codecs."""
+    if data.dtype.kind in "OUT":
+        payload = "\x00".join(str(x) for x in data.tolist()).encode()
+    else:
+        payload = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).data
+    return "sha256:" + hashlib.sha256(payload).hexdigest()
 
 
 def parse_logits(mode: str) -> dict:

@@ -6,7 +6,10 @@
     >>> shard = store.shard("train-000000"); shard["features"][:8]   # zarr arrays
     >>> lazy = store.to_dask()                                       # whole-store dask arrays
 
-Only shards whose ``complete`` attribute is set are visible.
+Only shards whose ``complete`` attribute is set are visible. `read_shard` checks
+what it reads against the checksums written with the shard, so a flipped byte,
+a lost chunk or a truncated array is an error naming the shard and the array,
+never silently wrong features.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import numpy as np
 import zarr
 
 from gendd_pipe.errors import GenddError
-from gendd_pipe.store.format import COMPLETE, FORMAT_VERSION, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, SHARDS
+from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, FORMAT_VERSION, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR,
+                                     SHARDS, checksum, shard_arrays)
 
 
 class FeatureStore:
@@ -69,10 +73,38 @@ class FeatureStore:
             raise GenddError(f"{self.url}: shard {name!r} is missing or incomplete")
         return group
 
-    def read_shard(self, name: str) -> dict[str, np.ndarray]:
-        """All arrays of one shard as numpy, read in one go (what the student's loader does per shard)."""
+    def read_shard(self, name: str, verify: bool = True) -> dict[str, np.ndarray]:
+        """All arrays of one shard as numpy, read in one go (what the student's loader does per shard).
+
+        Raises:
+            GenddError: an array is missing, unreadable, of the wrong length or (``verify``) does not match
+                its checksum.
+        """
+        data, problems = self.check_arrays(name, verify)
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise GenddError(f"{self.url}: {problems[0]}{more}; re-extract the shard")
+        return data
+
+    def check_arrays(self, name: str, verify: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Read one shard's arrays; returns them and the problems found (missing, unreadable, short, checksum)."""
         group = self.shard(name)
-        return {key: array[...] for key, array in group.arrays()}
+        n, sums = int(group.attrs["count"]), dict(group.attrs.get(CHECKSUMS) or {})  # stores written before checksums: none
+        data, problems = {}, []
+        for key in shard_arrays(self.manifest):
+            try:
+                data[key] = group[key][...]
+            except KeyError:
+                problems.append(f"shard {name}: array {key} is missing")
+                continue
+            except Exception as exc:  # a codec or the filesystem failing on damaged bytes
+                problems.append(f"shard {name}: array {key} cannot be read ({str(exc).splitlines()[0][:120]})")
+                continue
+            if len(data[key]) != n:
+                problems.append(f"shard {name}: {key} has {len(data[key])} rows, count says {n}")
+            elif verify and key in sums and checksum(data[key]) != sums[key]:
+                problems.append(f"shard {name}: array {key} does not match its checksum (damaged or rewritten)")
+        return data, problems
 
     def to_dask(self) -> dict:
         """Whole-store dask arrays (concatenated over complete shards, in `shard_names` order)."""

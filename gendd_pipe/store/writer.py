@@ -1,7 +1,8 @@
 """Writing feature stores: the root (manifest, teacher head) and one feature shard at a time.
 
 A feature shard is written by a single task into its own subgroup, so writers
-never share a chunk. Its ``complete`` attribute is written last: object stores
+never share a chunk. Each array's checksum goes into the shard's attributes
+(`FeatureStore.read_shard` checks them). Its ``complete`` attribute is written last: object stores
 have no rename, so that attribute is the commit, and readers ignore a shard
 without it. A partial shard is simply rewritten on resume.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from gendd_pipe.store.format import COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, SHARDS, compressor
+from gendd_pipe.store.format import CHECKSUMS, COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, SHARDS, checksum, compressor
 
 
 def open_root(url: str, mode: str = "a", storage_options: dict | None = None) -> zarr.Group:
@@ -53,5 +54,5 @@ def write_shard(root: zarr.Group, name: str, arrays: dict[str, np.ndarray], attr
                                        compressors=compressor(clevel))
         if data.size:
             array[...] = data
-    group.attrs.update(attrs)
+    group.attrs.update({**attrs, CHECKSUMS: {key: checksum(data) for key, data in arrays.items()}})
     group.attrs[COMPLETE] = True
