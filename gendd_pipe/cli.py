@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import re
 import typing
 from collections.abc import Callable
 from typing import Annotated, Optional
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gendd_pipe.config import ConfigError, default_of, join_key, set_key, to_dict
+from gendd_pipe.config import RUN_NAME, ConfigError, default_of, join_key, set_key, to_dict
 from gendd_pipe.data import prepare as prepare_stage
 from gendd_pipe.distill import evaluate as evaluate_stage
 from gendd_pipe.distill import probe as probes_stage
@@ -34,7 +35,7 @@ from gendd_pipe.distill.methods import method_names
 from gendd_pipe.errors import GenddError, user_message
 from gendd_pipe import extract as extract_stage
 from gendd_pipe import finetune as teacher_stage
-from gendd_pipe.files import dump_yaml
+from gendd_pipe.files import dump_yaml, redact
 from gendd_pipe.logs import setup_logging
 from gendd_pipe import report as report_stage
 from gendd_pipe.recipe import SECTIONS, load_params, section, section_class
@@ -97,6 +98,8 @@ def keyed_options(command) -> dict[str, Key]:
 def _pick_run(params: dict, given: str | None, default: str | None) -> str:
     """The run a distill or evaluate command is about: ``--run``, the recipe's only run, or ``default``."""
     runs = (params.get("distill") or {}).get("runs") or {}
+    if given is not None and not re.fullmatch(RUN_NAME, given):
+        raise GenddError(f"--run {given!r}: a run name is letters, digits, _ . - (it names a directory)")
     if given is not None:
         if runs and given not in runs:
             raise GenddError(f"--run {given}: not in the recipe (distill.runs has: {', '.join(runs)})")
@@ -127,7 +130,7 @@ def _resolve(name: str, command, values: dict, run: str | None = None):
             params = set_key(params, [name, *(["runs", run] if key.run else []), *path.split(".")], value)
     try:
         cfg = section(params, name, values.get("config") or "the command line")
-        log.debug("%s: %s", name, json.dumps(to_dict(cfg), default=str))
+        log.debug("%s: %s", name, json.dumps(redact(to_dict(cfg)), default=str))
         return cfg
     except ConfigError as exc:  # say which option sets the key, where one does
         for param, key in options.items():
@@ -392,6 +395,7 @@ def evaluate_command(
     params = load_params(config, sets or [])
     if run is None and checkpoint not in (None, "last", "best") and not (params.get("distill") or {}).get("runs"):
         run = os.path.basename(os.path.dirname(os.path.abspath(checkpoint)))  # runs/RUN/best.safetensors -> RUN
+        run = re.sub(r"[^A-Za-z0-9_.-]", "_", run).lstrip("_.-") or "run"
     run = _pick_run(params, run, None)
     cfg = _resolve("evaluate", evaluate_command, locals())
     print(json.dumps({"run": run, **evaluate_stage.run_stage(cfg, run)}, indent=2))

@@ -71,6 +71,9 @@ def _output_file(path: str) -> str:
     return path
 
 
+RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+RunName = Annotated[str, Field(pattern=f"^{RUN_NAME}$", max_length=100)]
+"""A run's name: a directory name and a DVC stage key, so letters, digits, ``_ . -`` and no path."""
 OutputDir = Annotated[str, AfterValidator(_output_dir)]
 """A directory to write (or a URL): checked before any work, so a path that is a file fails at once."""
 OutputFile = Annotated[str, AfterValidator(_output_file)]

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, field, replace
 from typing import Annotated, Literal
 
@@ -29,7 +29,7 @@ from gendd_pipe.config import (NonNegativeInt, OutputDir, OutputFile, PositiveIn
 from gendd_pipe.data.shards import Sample, ShardReader, expand_urls, shard_name
 from gendd_pipe.data.views import ViewConfig, render_view, sample_views, to_tensor
 from gendd_pipe.errors import GenddError
-from gendd_pipe.files import write_json, write_yaml
+from gendd_pipe.files import public_url, write_json, write_yaml
 from gendd_pipe.layout import config_beside
 from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher, create_teacher
 from gendd_pipe.store.format import FORMAT_VERSION, MANIFEST_ATTR, SHARDS, check_compatible, parse_logits
@@ -153,10 +153,11 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
     }
     for i, (key, width, dtype) in enumerate(zip(names, widths, dtypes)):
         arrays[key] = np.concatenate([o[i] for o in outputs]) if n else np.zeros((0, v, width), dtype)
-    attrs = {"source": url, "source_sha256": reader.sha256, "count": n, "skipped": skipped}
-    write_shard(open_root(store), name, arrays, attrs, cfg.chunk_size, cfg.clevel)
-    log.debug("feature shard %s: %d samples, %d skipped, from %s", name, n, len(skipped), url)
-    return {"name": name, "source": url, "count": n, "skipped": skipped}
+    attrs = {"source": public_url(url), "source_sha256": reader.sha256, "count": n, "skipped": skipped}
+    with _writing(store, f"feature shard {name}"):
+        write_shard(open_root(store), name, arrays, attrs, cfg.chunk_size, cfg.clevel)
+    log.debug("feature shard %s: %d samples, %d skipped, from %s", name, n, len(skipped), public_url(url))
+    return {"name": name, "source": public_url(url), "count": n, "skipped": skipped}
 
 
 @contextmanager
@@ -217,7 +218,8 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
         check_compatible(store, manifest, requested)
         _check_sources(store, root, urls)
     else:
-        write_root(root, manifest, teacher.head())
+        with _writing(store, "the manifest and teacher head"):
+            write_root(root, manifest, teacher.head())
     todo = [u for u in urls if not is_complete(root, shard_name(u))]
     try:
         with ExtractProgress(len(urls), len(urls) - len(todo), enabled=progress) as bar:
@@ -227,9 +229,21 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
                     bar.shard_done()
             elif todo:
                 _run_on_dask(todo, store, cfg, bar)
-    finally:  # shards that completed stay listed even when another one failed
-        manifest = _finalize(root, manifest, urls)
-    return manifest
+    except BaseException:  # shards that completed stay listed even when another one failed ...
+        with suppress(GenddError):  # ... where the disk still takes the manifest; a re-run lists them anyway
+            _finalize(store, root, manifest, urls)
+        raise
+    return _finalize(store, root, manifest, urls)
+
+
+@contextmanager
+def _writing(store: str, what: str):
+    """A filesystem refusing a write (full, read-only, gone) as one line naming the store and what was written."""
+    try:
+        yield
+    except OSError as exc:
+        raise GenddError(f"{public_url(store)}: cannot write {what} ({exc.strerror or exc}); complete shards are kept, "
+                         "re-run to resume") from exc
 
 
 def _run_on_dask(todo: list[str], store: str, cfg: ExtractConfig, bar) -> None:
@@ -250,11 +264,12 @@ def _check_sources(store: str, root, urls: list[str]) -> None:
         name = shard_name(url)
         if is_complete(root, name):
             source = root[f"{SHARDS}/{name}"].attrs["source"]
-            if source != url:
-                raise GenddError(f"{store}: shard {name} was extracted from {source}, not {url}; use a new --out")
+            if source != public_url(url):
+                raise GenddError(f"{store}: shard {name} was extracted from {source}, not {public_url(url)}; "
+                                 "use a new --out")
 
 
-def _finalize(root, manifest: dict, urls: list[str]) -> dict:
+def _finalize(store: str, root, manifest: dict, urls: list[str]) -> dict:
     """Record every complete shard (earlier ones first, then this run's in input order) in the manifest."""
     order = [s["name"] for s in manifest["shards"]] + [shard_name(u) for u in urls]
     shards, skipped, seen = [], [], set()
@@ -267,7 +282,8 @@ def _finalize(root, manifest: dict, urls: list[str]) -> dict:
                        "source_sha256": attrs["source_sha256"]})
         skipped += [{"shard": name, **s} for s in attrs["skipped"]]
     manifest = {**manifest, "shards": shards, "skipped": skipped}
-    root.attrs[MANIFEST_ATTR] = manifest
+    with _writing(store, "the manifest"):
+        root.attrs[MANIFEST_ATTR] = manifest
     return manifest
 
 

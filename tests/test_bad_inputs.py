@@ -517,3 +517,36 @@ def test_store_of_another_teacher_or_version_or_none(digit_store, copy_store, tm
     one_line(invoke("info", copy_store), "format version 99 is not 1")
     (tmp_path / "plain").mkdir()
     one_line(invoke("info", tmp_path / "plain"), "no feature store here")
+
+
+# --- credentials ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A real HTTP server over ``tmp_path`` (it ignores credentials, as a presigned-URL host checks them)."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # the server's own access log is not the product's output
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_credentials_in_urls_reach_no_record_and_no_log(tmp_path, digits, http_server):
+    write_tar(tmp_path / "cred-000000.tar", good(digits))
+    url = f"http://reader:s3cr3t@{http_server}/cred-000000.tar?X-Amz-Signature=t0ken&part=1"
+    result = invoke("extract", url, "--out", tmp_path / "s.zarr", *TINY[:-1], "-v")
+    assert result.exit_code == 0, result.output
+    written = [p.read_text() for p in (tmp_path / "s.zarr").rglob("*.json")] + [(tmp_path / "s.zarr" / "config.yaml")
+                                                                              .read_text()]
+    for text in [result.output, *written]:
+        assert "s3cr3t" not in text and "t0ken" not in text
+    shards = FeatureStore.open(str(tmp_path / "s.zarr")).manifest["shards"]
+    assert shards[0]["source"] == f"http://{http_server}/cred-000000.tar?X-Amz-Signature=REDACTED&part=1"

@@ -171,7 +171,8 @@ def test_stages_write_their_metrics(digit_store, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights(digit_store, tmp_path):
-    """SIGKILL a real distill process after its first epoch; --resume ends where an uninterrupted run ends."""
+    """SIGKILL a real distill process in the middle of its second epoch; --resume ends where an uninterrupted run
+    ends, and the metrics hold each epoch once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "gendd_pipe.cli"]
     whole = subprocess.run(cmd + _cli_args(digit_store, tmp_path / "whole", "--epochs", "3"), env=env,
@@ -184,9 +185,10 @@ def test_a_killed_run_resumes_to_the_same_weights(digit_store, tmp_path):
     deadline = time.time() + 300
     while not (metrics.exists() and (killed_run / "last.safetensors").exists()) and time.time() < deadline:
         time.sleep(0.05)
+    time.sleep(0.5 * _lines(killed_run)[0]["train_seconds"])  # half-way through epoch 2's training steps
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert len(_lines(killed_run)) < 3
+    assert [m["epoch"] for m in _lines(killed_run)] == [1]
     again = subprocess.run(cmd + _cli_args(digit_store, tmp_path / "killed", "--epochs", "3", "--resume"), env=env,
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr

@@ -25,6 +25,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import braceexpand
 import fsspec
@@ -33,6 +34,7 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from gendd_pipe.errors import GenddError
+from gendd_pipe.files import public_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
 UNLABELED = -1
@@ -82,7 +84,8 @@ def expand_urls(patterns: list[str] | tuple[str, ...]) -> list[str]:
 
 def shard_name(url: str) -> str:
     """The feature-shard name of an input shard: its file name without ``.tar``."""
-    base = url.rstrip("/").rsplit("/", 1)[-1]
+    path = urlsplit(url.rsplit("::", 1)[-1]).path if "://" in url else url  # no query string, no fragment
+    base = path.rstrip("/").rsplit("/", 1)[-1]
     return base[: -len(".tar")] if base.endswith(".tar") else base
 
 
@@ -205,7 +208,7 @@ class ShardReader:
         try:
             handle = fsspec.open(self.url, "rb").open()
         except (OSError, ValueError) as exc:
-            raise GenddError(f"{self.url}: cannot open shard ({exc})") from exc
+            raise GenddError(f"{public_url(self.url)}: cannot open shard ({exc})") from exc
         with handle:
             reader = _HashingReader(handle)
             yield from self._samples(io.BufferedReader(reader, buffer_size=1 << 20))
@@ -265,5 +268,5 @@ class ShardReader:
     def _skip(self, key: str | None, reason: str, **where) -> Skipped:
         if self.on_error == "fail":
             prefix = f"sample {key}: " if key is not None else ""
-            raise GenddError(f"{self.url}: {prefix}{reason}")
+            raise GenddError(f"{public_url(self.url)}: {prefix}{reason}")
         return Skipped(key, reason, **where)

@@ -24,7 +24,7 @@ from dataclasses import field
 
 from pydantic import model_validator
 
-from gendd_pipe.config import ConfigError, OutputDir, Shards, configclass, differences, merged, to_dict
+from gendd_pipe.config import ConfigError, OutputDir, RunName, Shards, configclass, differences, merged, to_dict
 from gendd_pipe.distill.checkpoint import read_checkpoint
 from gendd_pipe.distill.config import DistillConfig, parse_run, upgrade
 from gendd_pipe.distill.train import distill
@@ -45,7 +45,7 @@ class DistillStage:
     val_shards: Shards  # val image shards
     out: OutputDir  # root of runs/RUN, metrics/RUN.json, plots/RUN.csv
     common: dict = field(default_factory=dict)  # settings of every run: DistillConfig fields and method sections
-    runs: dict[str, dict | None] = field(default_factory=dict)  # run name -> its own settings over common
+    runs: dict[RunName, dict | None] = field(default_factory=dict)  # run name -> its own settings over common
 
     @model_validator(mode="after")
     def _every_run_validates(self):

@@ -35,6 +35,7 @@ from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.distill.evaluate import evaluate
 from gendd_pipe.distill.methods import TeacherHead, create_method, get_method
 from gendd_pipe.errors import GenddError
+from gendd_pipe.files import public_url
 from gendd_pipe.models.student import create_student
 from gendd_pipe.progress import StepBar
 from gendd_pipe.layout import BEST, LAST, SUMMARY, checkpoint_in
@@ -134,7 +135,8 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     model = method
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
-    record = {"store": store.url, "shards": urls, "val_shards": val_urls,
+    record = {"store": public_url(store.url), "shards": [public_url(u) for u in urls],
+              "val_shards": [public_url(u) for u in val_urls],
               "teacher": {**store.manifest["teacher"], "head_shape": list(head.weight.shape),
                           "feature_norm": head.feature_norm, "preprocessing": store.manifest["preprocessing"]}}
     epochs = EpochLog(out, keep_through=start_epoch) if rank == 0 else None  # drops epochs past the checkpoint

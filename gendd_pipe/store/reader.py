@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from gendd_pipe.errors import GenddError
+from gendd_pipe.files import public_url
 from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, FORMAT_VERSION, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR,
                                      SHARDS, checksum, shard_arrays)
 
@@ -28,10 +29,11 @@ class FeatureStore:
     def __init__(self, root: zarr.Group, url: str):
         self.root, self.url = root, url
         if MANIFEST_ATTR not in root.attrs:
-            raise GenddError(f"{url}: not a gendd-pipe feature store (no '{MANIFEST_ATTR}' manifest)")
+            raise GenddError(f"{public_url(url)}: not a gendd-pipe feature store (no '{MANIFEST_ATTR}' manifest)")
         self.manifest: dict = dict(root.attrs[MANIFEST_ATTR])
         if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise GenddError(f"{url}: format version {self.manifest.get('format_version')} is not {FORMAT_VERSION}")
+            raise GenddError(f"{public_url(url)}: format version {self.manifest.get('format_version')} is not "
+                             f"{FORMAT_VERSION}")
 
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None) -> "FeatureStore":
@@ -39,7 +41,7 @@ class FeatureStore:
         try:
             root = zarr.open_group(url, mode="r", zarr_format=3, storage_options=storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-            raise GenddError(f"{url}: no feature store here") from exc
+            raise GenddError(f"{public_url(url)}: no feature store here") from exc
         return cls(root, url)
 
     @property
@@ -70,7 +72,7 @@ class FeatureStore:
         """One complete feature shard; its arrays are lazy zarr arrays."""
         group = self.root.get(f"{SHARDS}/{name}")
         if group is None or not group.attrs.get(COMPLETE):
-            raise GenddError(f"{self.url}: shard {name!r} is missing or incomplete")
+            raise GenddError(f"{public_url(self.url)}: shard {name!r} is missing or incomplete")
         return group
 
     def read_shard(self, name: str, verify: bool = True) -> dict[str, np.ndarray]:
@@ -83,13 +85,14 @@ class FeatureStore:
         data, problems = self.check_arrays(name, verify)
         if problems:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-            raise GenddError(f"{self.url}: {problems[0]}{more}; re-extract the shard")
+            raise GenddError(f"{public_url(self.url)}: {problems[0]}{more}; re-extract the shard")
         return data
 
     def check_arrays(self, name: str, verify: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
         """Read one shard's arrays; returns them and the problems found (missing, unreadable, short, checksum)."""
         group = self.shard(name)
-        n, sums = int(group.attrs["count"]), dict(group.attrs.get(CHECKSUMS) or {})  # stores written before checksums: none
+        n = int(group.attrs["count"])
+        sums = dict(group.attrs.get(CHECKSUMS) or {})  # stores written before checksums have none
         data, problems = {}, []
         for key in shard_arrays(self.manifest):
             try:
@@ -112,10 +115,11 @@ class FeatureStore:
 
         names = self.shard_names
         if not names:
-            raise GenddError(f"{self.url}: no complete shards")
+            raise GenddError(f"{public_url(self.url)}: no complete shards")
         keys = [k for k, _ in self.shard(names[0]).arrays() if k != "keys"]
         return {k: da.concatenate([da.from_zarr(self.shard(n)[k]) for n in names]) for k in keys}
 
     def __repr__(self) -> str:
         t = self.manifest["teacher"]
-        return f"FeatureStore({self.url!r}, teacher={t['name']}, shards={len(self.shard_names)}, views={self.num_views})"
+        return (f"FeatureStore({public_url(self.url)!r}, teacher={t['name']}, shards={len(self.shard_names)}, "
+                f"views={self.num_views})")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from gendd_pipe.store.format import CHECKSUMS, COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, SHARDS, checksum, compressor
+from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, SHARDS, checksum,
+                                     compressor)
 
 
 def open_root(url: str, mode: str = "a", storage_options: dict | None = None) -> zarr.Group:

@@ -1,0 +1,166 @@
+"""Faults injected into real processes: SIGKILL at random moments, a full disk, an output turned read-only.
+
+Each ends with nothing lost: the store a resumed or re-run extraction leaves equals
+an uninterrupted extraction's byte for byte, and a reader watching the store the
+whole time never sees an incomplete or damaged shard.
+
+The full disk is a 2.6 MB tmpfs and the read-only output a tmpfs remounted
+read-only mid-run, both inside a user and mount namespace (``unshare -Urm``):
+the tests run as root, whom directory permissions do not stop, and need no
+privilege beyond what an unprivileged user namespace gives.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gendd_pipe import FeatureStore, GenddError
+from gendd_pipe.data.prepare import write_shards
+from gendd_pipe.data.views import ViewConfig
+from gendd_pipe.extract import ExtractConfig, extract
+from gendd_pipe.models.teacher import TeacherConfig
+
+SHARDS = 6
+ARGS = ["--teacher", "resnet18", "--weights", "none", "--input-size", "64", "--views", "3", "--threads", "1",
+        "--batch-size", "24", "-q"]
+CONFIG = ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=64), views=ViewConfig(count=3),
+                       batch_size=24, dask_workers=0, threads=1)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, mnist_records):
+    """Six shards of 32 digits and the store an uninterrupted in-process extraction makes of them."""
+    root = tmp_path_factory.mktemp("faults")
+    write_shards(mnist_records[: 32 * SHARDS], str(root / "shards"), "train", 32)
+    pattern = str(root / "shards" / f"train-{{000000..{SHARDS - 1:06d}}}.tar")
+    start = time.perf_counter()
+    extract([pattern], str(root / "clean.zarr"), CONFIG, progress=False)
+    return {"pattern": pattern, "clean": root / "clean.zarr", "seconds": time.perf_counter() - start}
+
+
+def _command(pattern: str, store: Path, workers: int = 0) -> list[str]:
+    return [sys.executable, "-m", "gendd_pipe.cli", "extract", pattern, "--out", str(store), *ARGS,
+            "--dask-workers", str(workers)]
+
+
+def _complete(store: Path) -> int:
+    return sum('"complete": true' in p.read_text() for p in store.glob("shards/*/zarr.json"))
+
+
+def _files(store: Path) -> dict[str, bytes]:
+    """Every file of a store but the config.yaml the CLI writes at its root (it names its --out)."""
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*"))
+            if p.is_file() and p.name != "config.yaml"}
+
+
+class Watcher(threading.Thread):
+    """Reads every shard a store shows, checksums included, again and again, until stopped."""
+
+    def __init__(self, store: Path):
+        super().__init__(daemon=True)
+        self.store, self.stop, self.reads, self.problems = store, threading.Event(), 0, []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                store = FeatureStore.open(str(self.store))
+            except GenddError:  # nothing, or no manifest, written yet
+                time.sleep(0.02)
+                continue
+            for name in store.shard_names:
+                try:
+                    data = store.read_shard(name)
+                    if len(data["keys"]) != 32:
+                        self.problems.append(f"{name}: {len(data['keys'])} rows")
+                except Exception as exc:  # noqa: BLE001 - any failure is what the test looks for
+                    self.problems.append(f"{name}: {exc}")
+                self.reads += 1
+            time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_ten_sigkills_at_random_moments_then_resume_equal_an_uninterrupted_run(tmp_path, inputs):
+    store, rng = tmp_path / "killed.zarr", random.Random(11)
+    watcher = Watcher(store)
+    watcher.start()
+    kills = []
+    for i in range(10):
+        workers = i % 2  # in process, then the driver and a Dask worker process
+        proc = subprocess.Popen(_command(inputs["pattern"], store, workers), start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not (store / "zarr.json").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)  # started work: the teacher is built and the manifest written
+        left = 1 - _complete(store) / SHARDS
+        time.sleep(rng.uniform(0, inputs["seconds"] * left + 0.5))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills.append((round(left, 2), _complete(store), proc.returncode))
+    assert sum(rc == -signal.SIGKILL for *_, rc in kills) >= 5, kills  # most rounds were really cut short
+    resumed = subprocess.run(_command(inputs["pattern"], store), capture_output=True, text=True, timeout=600)
+    watcher.stop.set()
+    watcher.join()
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert watcher.problems == [] and watcher.reads > 0
+    a, b = _files(store), _files(inputs["clean"])
+    assert a.keys() == b.keys() and [name for name in a if a[name] != b[name]] == []
+
+
+def _namespace_or_skip() -> None:
+    probe = subprocess.run(["unshare", "-Urm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no user namespaces here to mount a tmpfs ({probe.stderr.decode().strip()})")
+
+
+def _in_namespace(script: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["unshare", "-Urm", "bash", "-c", script], capture_output=True, text=True, timeout=timeout)
+
+
+def _error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["full disk", "read-only output"])
+def test_a_failing_disk_is_one_line_and_a_rerun_finishes(tmp_path, inputs, fault):
+    _namespace_or_skip()
+    mount, saved = tmp_path / "mnt", tmp_path / "saved.zarr"
+    mount.mkdir()
+    command = " ".join(_command(inputs["pattern"], mount / "s.zarr"))
+    if fault == "full disk":  # room for some shards, not all
+        run = f"rc=0; {command} > {tmp_path}/out.txt 2>&1 || rc=$?; echo $rc > {tmp_path}/rc"
+        size = "2600k"  # the teacher head (1.8 MB) and two or three shards (0.3 MB each)
+    else:  # writable until the first shard is complete, then read-only
+        run = (f"{command} > {tmp_path}/out.txt 2>&1 & pid=$!; "
+               f"until grep -qs '\"complete\": true' {mount}/s.zarr/shards/*/zarr.json || ! kill -0 $pid; "
+               f"do sleep 0.05; done; until mount -o remount,ro {mount}; do sleep 0.01; done; "  # busy while a file is open
+               f"rc=0; wait $pid || rc=$?; echo $rc > {tmp_path}/rc")
+        size = "64m"
+    done = _in_namespace(f"set -e; mount -t tmpfs -o size={size} tmpfs {mount}; {run}; "
+                         f"cp -a {mount}/s.zarr {saved}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    output, rc = (tmp_path / "out.txt").read_text(), int((tmp_path / "rc").read_text())
+    lines = _error_lines(output)
+    reason = "No space left on device" if fault == "full disk" else "Read-only file system"
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith(f"error: {mount / 's.zarr'}: cannot write"), output
+    assert reason in lines[0] and "complete shards are kept, re-run to resume" in lines[0], output
+    kept = FeatureStore.open(str(saved))
+    assert 1 <= len(kept.shard_names) < SHARDS  # the shards completed before the fault
+    for name in kept.shard_names:
+        kept.read_shard(name)  # whole, checksums included
+    again = subprocess.run(_command(inputs["pattern"], saved), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    a, b = _files(saved), _files(inputs["clean"])
+    assert a.keys() == b.keys() and [name for name in a if a[name] != b[name]] == []
+    shutil.rmtree(saved)
