@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -71,8 +72,16 @@ def _output_file(path: str) -> str:
     return path
 
 
-RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
-RunName = Annotated[str, Field(pattern=f"^{RUN_NAME}$", max_length=100)]
+RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
+
+
+def _run_name(name: str) -> str:
+    if not re.fullmatch(RUN_NAME, name):
+        raise ValueError("a run name is letters, digits, _ . - (it names a directory)")
+    return name
+
+
+RunName = Annotated[str, AfterValidator(_run_name)]
 """A run's name: a directory name and a DVC stage key, so letters, digits, ``_ . -`` and no path."""
 OutputDir = Annotated[str, AfterValidator(_output_dir)]
 """A directory to write (or a URL): checked before any work, so a path that is a file fails at once."""
@@ -188,7 +197,8 @@ def _reason(error: dict, cls) -> str:
 
 def _located(loc: tuple) -> tuple:
     """Pydantic locations without the tags it adds for union members and validator wrappers."""
-    return tuple(part for part in loc if isinstance(part, int) or not str(part).startswith(("function-", "union[")))
+    return tuple(part for part in loc if isinstance(part, int)
+                 or not str(part).startswith(("function-", "union[")) and part != "[key]")
 
 
 def _tuple_length(hint) -> int | None:

@@ -362,6 +362,8 @@ def distill(digit_store, out, *extra):
     (["--set", "distill.common.gendd.head.width=-3"], "distill.common.gendd.head.width: must be > 0"),
     (["--set", "distill.common.epoch=3"], "distill.common.epoch: unknown key (did you mean 'epochs'?"),
     (["--set", "distill.common.seed=many"], "distill.common.seed: must be an integer"),
+    (["--run", "../escape"], "--run '../escape': a run name is letters, digits, _ . -"),
+    (["--set", "distill.runs={../escape: {method: kd}}"], "distill.runs.../escape: a run name is letters, digits, _ . - (it names a directory), got '../escape'"),
 ])
 def test_distill_options_are_refused_before_any_training(tmp_path, digit_store, extra, message):
     one_line(distill(digit_store, tmp_path / "d", *extra), message)
