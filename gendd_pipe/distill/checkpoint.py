@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -87,7 +88,9 @@ def read_checkpoint(path: str, fmt: str = FORMAT) -> dict:
     except (SafetensorError, OSError, ValueError, KeyError):
         pass  # not safetensors: a checkpoint of an earlier version, or not a checkpoint at all
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses anyway
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a torn, foreign or code-carrying file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GenddError(f"{path}: not a {fmt} checkpoint; refused to load it ({reason[:200]})") from None
