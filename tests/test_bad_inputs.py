@@ -552,3 +552,22 @@ def test_credentials_in_urls_reach_no_record_and_no_log(tmp_path, digits, http_s
         assert "s3cr3t" not in text and "t0ken" not in text
     shards = FeatureStore.open(str(tmp_path / "s.zarr")).manifest["shards"]
     assert shards[0]["source"] == f"http://{http_server}/cred-000000.tar?X-Amz-Signature=REDACTED&part=1"
+
+
+def test_an_image_shard_changed_after_extraction_is_one_line(digit_store, tmp_path):
+    """Same keys and labels, other pixels in one image: the student would see what the teacher never saw."""
+    import webdataset as wds
+
+    samples = [{"__key__": s["__key__"], "png": s["png"], "cls": s["cls"].decode()}
+               for s in wds.WebDataset(digit_store["train"][0], shardshuffle=False)]
+    samples[0]["png"] = png(255 - np.asarray(Image.open(io.BytesIO(samples[0]["png"]))))
+    changed = write_tar(tmp_path / "train-000000.tar", samples)
+    args = ["distill", "--store", digit_store["store"], "--shards", changed, "--val-shards", digit_store["val"][0],
+            "--out", tmp_path / "d", "--method", "kd", "--student", "resnet10t", "--input-size", "32", "--epochs", "1",
+            "--batch-size", "16", "-q"]
+    one_line(invoke(*args), "train-000000.tar: not the bytes the store was extracted from")
+
+
+def test_a_shard_url_that_is_refused_or_missing_is_one_line(tmp_path, http_server):
+    one_line(extract(tmp_path, [f"http://{http_server}/no-such-000000.tar"]), "no-such-000000.tar: cannot open shard")
+    one_line(extract(tmp_path, ["nosuchproto://bucket/x-000000.tar"]), "x-000000.tar: cannot open shard")

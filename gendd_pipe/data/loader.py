@@ -41,7 +41,7 @@ class LoaderConfig:
     batch_size: PositiveInt = 128  # samples per step (per process under torchrun)
     shuffle_buffer: PositiveInt = 1000  # samples held in the shuffle buffer
     num_workers: NonNegativeInt = 0  # DataLoader worker processes (0 loads in the training process)
-    verify: bool = True  # check each feature shard against its checksums as it is read (benchmarks/integrity.py)
+    verify: bool = True  # check feature shards against their checksums, image shards against their sha256
 
 
 def check_shards(store: FeatureStore, urls: list[str]) -> dict[str, int]:
@@ -64,14 +64,17 @@ def _skipped_keys(store: FeatureStore) -> dict[str, set[str]]:
     return skipped
 
 
-def join_shard(url: str, features: dict[str, np.ndarray], skipped: set[str]):
+def join_shard(url: str, features: dict[str, np.ndarray], skipped: set[str], source_sha256: str | None = None):
     """Yield ``(sample, row)`` pairs of an image shard and its feature shard, checking keys in order.
 
     Samples the extract skipped (recorded in the manifest) are passed over; any
-    other disagreement is a `GenddError` naming the shard and the key.
+    other disagreement is a `GenddError` naming the shard and the key. With
+    ``source_sha256``, the image shard read to its end must have the bytes the
+    store was extracted from (the hash is taken on the way, at no extra read).
     """
     keys, row = features["keys"], 0
-    for item in ShardReader(url, on_error="skip"):
+    reader = ShardReader(url, on_error="skip")
+    for item in reader:
         if isinstance(item, Skipped):
             continue
         if row < len(keys) and item.key == keys[row]:
@@ -84,6 +87,10 @@ def join_shard(url: str, features: dict[str, np.ndarray], skipped: set[str]):
     if row != len(keys):
         raise GenddError(f"{url}: shard ended after {row} samples but the store has {len(keys)} "
                          f"(first missing key {str(keys[row])!r})")
+    if source_sha256 and reader.sha256 != source_sha256:
+        raise GenddError(f"{url}: not the bytes the store was extracted from (sha256 {reader.sha256[:12]}, the "
+                         f"store's {source_sha256[:12]}): its images may differ from what the teacher saw; "
+                         "re-extract it or pass the original")
 
 
 def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = True):
@@ -93,7 +100,8 @@ def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = T
         url = item["url"]
         name = shard_name(url)
         block = store.read_shard(name, verify)
-        for sample, row in join_shard(url, block, skipped.get(name, set())):
+        source = store.shard(name).attrs.get("source_sha256") if verify else None
+        for sample, row in join_shard(url, block, skipped.get(name, set()), source):
             yield {"sample": sample, "views": block["views"][row], "features": block["features"][row],
                    **({"logits": block["logits"][row]} if "logits" in block else {})}
 

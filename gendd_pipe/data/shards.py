@@ -99,7 +99,12 @@ class _HashingReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        data = self.raw.read(len(buffer))
+        try:
+            data = self.raw.read(len(buffer))
+        except OSError:
+            raise
+        except Exception as exc:  # a remote filesystem's own errors (HTTP status, connection) as I/O errors
+            raise OSError(f"read failed: {exc}") from exc
         buffer[: len(data)] = data
         self.sha256.update(data)
         self.nbytes += len(data)
@@ -207,8 +212,9 @@ class ShardReader:
     def __iter__(self) -> Iterator[Sample | Skipped]:
         try:
             handle = fsspec.open(self.url, "rb").open()
-        except (OSError, ValueError) as exc:
-            raise GenddError(f"{public_url(self.url)}: cannot open shard ({exc})") from exc
+        except Exception as exc:  # no such file, an unknown protocol, a refusing server (HTTP 403)...
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise GenddError(f"{public_url(self.url)}: cannot open shard ({public_url(reason)[:200]})") from exc
         with handle:
             reader = _HashingReader(handle)
             yield from self._samples(io.BufferedReader(reader, buffer_size=1 << 20))
