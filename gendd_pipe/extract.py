@@ -221,6 +221,8 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
         with _writing(store, "the manifest and teacher head"):
             write_root(root, manifest, teacher.head())
     todo = [u for u in urls if not is_complete(root, shard_name(u))]
+    log.info("%s: %d of %d shards to extract%s", public_url(store), len(todo), len(urls),
+             f" ({len(urls) - len(todo)} complete already)" if len(todo) < len(urls) else "")
     try:
         with ExtractProgress(len(urls), len(urls) - len(todo), enabled=progress) as bar:
             if cfg.dask_workers == 0 and not cfg.scheduler:

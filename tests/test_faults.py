@@ -30,7 +30,7 @@ from gendd_pipe.data.views import ViewConfig
 from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.models.teacher import TeacherConfig
 
-SHARDS = 6
+SHARDS = 10
 ARGS = ["--teacher", "resnet18", "--weights", "none", "--input-size", "64", "--views", "3", "--threads", "1",
         "--batch-size", "24", "-q"]
 CONFIG = ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=64), views=ViewConfig(count=3),
@@ -39,18 +39,33 @@ CONFIG = ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=64),
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, mnist_records):
-    """Six shards of 32 digits and the store an uninterrupted in-process extraction makes of them."""
+    """Ten shards of 24 digits and the store an uninterrupted in-process extraction makes of them."""
     root = tmp_path_factory.mktemp("faults")
-    write_shards(mnist_records[: 32 * SHARDS], str(root / "shards"), "train", 32)
+    write_shards(mnist_records[: 24 * SHARDS], str(root / "shards"), "train", 24)
     pattern = str(root / "shards" / f"train-{{000000..{SHARDS - 1:06d}}}.tar")
     start = time.perf_counter()
     extract([pattern], str(root / "clean.zarr"), CONFIG, progress=False)
     return {"pattern": pattern, "clean": root / "clean.zarr", "seconds": time.perf_counter() - start}
 
 
-def _command(pattern: str, store: Path, workers: int = 0) -> list[str]:
-    return [sys.executable, "-m", "gendd_pipe.cli", "extract", pattern, "--out", str(store), *ARGS,
+def _command(pattern: str, store: Path, workers: int = 0, quiet: bool = True) -> list[str]:
+    args = ARGS if quiet else [a for a in ARGS if a != "-q"]
+    return [sys.executable, "-m", "gendd_pipe.cli", "extract", pattern, "--out", str(store), *args,
             "--dask-workers", str(workers)]
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+
+
+def _wait_for_start(proc: subprocess.Popen, started: threading.Event) -> None:
+    """Drain the process's output; set ``started`` at its line saying how many shards are left to do."""
+    for line in proc.stdout:
+        if "shards to extract" in line:
+            started.set()
+    started.set()  # it ended first
 
 
 def _complete(store: Path) -> int:
@@ -80,7 +95,7 @@ class Watcher(threading.Thread):
             for name in store.shard_names:
                 try:
                     data = store.read_shard(name)
-                    if len(data["keys"]) != 32:
+                    if len(data["keys"]) != 24:
                         self.problems.append(f"{name}: {len(data['keys'])} rows")
                 except Exception as exc:  # noqa: BLE001 - any failure is what the test looks for
                     self.problems.append(f"{name}: {exc}")
@@ -95,19 +110,23 @@ def test_ten_sigkills_at_random_moments_then_resume_equal_an_uninterrupted_run(t
     watcher.start()
     kills = []
     for i in range(10):
-        workers = i % 2  # in process, then the driver and a Dask worker process
-        proc = subprocess.Popen(_command(inputs["pattern"], store, workers), start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while not (store / "zarr.json").exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)  # started work: the teacher is built and the manifest written
-        left = 1 - _complete(store) / SHARDS
-        time.sleep(rng.uniform(0, inputs["seconds"] * left + 0.5))
+        workers = i % 2  # in process, then the driver and a Dask worker process (whose start takes seconds)
+        proc = subprocess.Popen(_command(inputs["pattern"], store, workers, quiet=False), start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started = threading.Event()
+        threading.Thread(target=_wait_for_start, args=(proc, started), daemon=True).start()
+        _wait_for(started.is_set, proc)  # the teacher is built, the store open: "N of 10 shards to extract"
+        before = _complete(store)
+        # a random moment in the first or second shard this run writes (a Dask worker takes seconds to start)
+        target = min(before + rng.randint(0, 1), SHARDS)
+        _wait_for(lambda: _complete(store) >= target, proc)
+        time.sleep(rng.uniform(0, inputs["seconds"] / SHARDS))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        kills.append((round(left, 2), _complete(store), proc.returncode))
-    assert sum(rc == -signal.SIGKILL for *_, rc in kills) >= 5, kills  # most rounds were really cut short
+        kills.append((before, _complete(store), proc.returncode))
+    mid_work = [k for k in kills if k[2] == -signal.SIGKILL and k[0] < SHARDS]
+    assert len(mid_work) >= 6 and any(after > before for before, after, _ in mid_work), kills
     resumed = subprocess.run(_command(inputs["pattern"], store), capture_output=True, text=True, timeout=600)
     watcher.stop.set()
     watcher.join()
@@ -140,7 +159,7 @@ def test_a_failing_disk_is_one_line_and_a_rerun_finishes(tmp_path, inputs, fault
     command = " ".join(_command(inputs["pattern"], mount / "s.zarr"))
     if fault == "full disk":  # room for some shards, not all
         run = f"rc=0; {command} > {tmp_path}/out.txt 2>&1 || rc=$?; echo $rc > {tmp_path}/rc"
-        size = "2600k"  # the teacher head (1.8 MB) and two or three shards (0.3 MB each)
+        size = "2600k"  # the teacher head (1.8 MB) and a few shards (0.2 MB each)
     else:  # writable until the first shard is complete, then read-only
         run = (f"{command} > {tmp_path}/out.txt 2>&1 & pid=$!; "
                f"until grep -qs '\"complete\": true' {mount}/s.zarr/shards/*/zarr.json || ! kill -0 $pid; "
