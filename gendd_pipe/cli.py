@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gendd_pipe.config import RUN_NAME, ConfigError, default_of, join_key, set_key, to_dict
+from gendd_pipe.config import RUN_NAME, ConfigError, default_of, join_key, parse, set_key, to_dict
 from gendd_pipe.data import prepare as prepare_stage
 from gendd_pipe.distill import evaluate as evaluate_stage
 from gendd_pipe.distill import probe as probes_stage
@@ -39,6 +39,7 @@ from gendd_pipe.files import dump_yaml, redact
 from gendd_pipe.logs import setup_logging
 from gendd_pipe import report as report_stage
 from gendd_pipe.recipe import SECTIONS, load_params, section, section_class
+from gendd_pipe.runtime import RuntimeConfig
 from gendd_pipe.store.audit import summarize, verify
 from gendd_pipe.store.reader import FeatureStore
 
@@ -164,6 +165,14 @@ ViewScale = Annotated[Optional[str], typer.Option(help="Random-resized-crop area
 ViewRatio = Annotated[Optional[str], typer.Option(help="Random-resized-crop aspect range, LOW,HIGH."),
                       Key("views.ratio", convert=_pair)]
 Hflip = Annotated[Optional[float], typer.Option(help="Horizontal flip probability."), Key("views.hflip")]
+Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (auto: a GPU when there is one)."),
+                   Key("runtime.device")]
+Amp = Annotated[Optional[str], typer.Option(help="Autocast precision: off | bf16 | fp16 (fp16 needs a GPU)."),
+                Key("runtime.amp")]
+ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
+                                                      help="NHWC models and inputs."), Key("runtime.channels_last")]
+Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the network."),
+                    Key("runtime.compile")]
 
 
 @app.command("prepare")
@@ -204,7 +213,8 @@ def teacher_command(
     view_scale: ViewScale = None, view_ratio: ViewRatio = None, hflip: Hflip = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the new classifier, crops and order."),
                     Key("views.seed")] = None,
-    num_workers: NumWorkers = None, resume: Resume = False, quiet: Quiet = False, verbose: Verbose = False,
+    num_workers: NumWorkers = None, device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None,
+    compile: Compile = None, resume: Resume = False, quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Fine-tune a teacher on labeled shards; extract then loads weights OUT/model.safetensors."""
     cfg = _resolve("teacher", teacher_command, locals())
@@ -227,7 +237,9 @@ def extract_command(
     view_scale: ViewScale = None, view_ratio: ViewRatio = None, hflip: Hflip = None,
     seed: Annotated[Optional[int], typer.Option(help="View seed (and init seed for --weights none)."),
                     Key("views.seed", "teacher.seed")] = None,
-    logits: Annotated[Optional[str], typer.Option(help="full | topk:K."), Key("logits")] = None,
+    logits: Annotated[Optional[str], typer.Option(
+        help="auto | derived | full | topk:K (auto: derived, computed from the stored head, where the classifier "
+             "is one linear layer)."), Key("logits")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per teacher forward."), Key("batch_size")] = None,
     chunk_size: Annotated[Optional[int], typer.Option(help="Samples per Zarr chunk."), Key("chunk_size")] = None,
     dask_workers: Annotated[Optional[int], typer.Option(help="Dask LocalCluster workers; 0 runs in this process."),
@@ -238,6 +250,7 @@ def extract_command(
                        Key("threads")] = None,
     on_error: Annotated[Optional[str], typer.Option(help="fail | skip (skipped samples go in the manifest)."),
                         Key("on_error")] = None,
+    device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = None,
     quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Run a teacher once over image shards and write (or resume) a feature store."""
@@ -276,6 +289,7 @@ def info_command(store: Annotated[Optional[str], typer.Argument(help="Store path
         ("views", f"{v['count']} (scale {v['scale']}, ratio {[round(r, 3) for r in v['ratio']]}, hflip {v['hflip']}, "
                   f"seed {v['seed']})"),
         ("logits", summary["logits"]["mode"] + (f":{summary['logits']['k']}" if "k" in summary["logits"] else "")),
+        ("compute precision", summary["compute"]["precision"]),
         ("shards / samples / skipped", f"{summary['shards']} / {summary['samples']} / {summary['skipped']}"),
         ("bytes on disk", f"{summary['bytes_stored']:,} ({summary['bytes_per_view']:,.0f} per view)"),
         ("compression vs raw fp32", f"{summary['compression_ratio']:.2f}x"),
@@ -290,10 +304,16 @@ def info_command(store: Annotated[Optional[str], typer.Argument(help="Store path
 def verify_command(store: Annotated[Optional[str], typer.Argument(help="Store path or URL.")] = None,
                    config: Config = None, sets: Sets = None,
                    recompute: Annotated[int, typer.Option(help="Random samples to re-run through the teacher.")] = 0,
-                   seed: Annotated[int, typer.Option(help="Seed for choosing samples.")] = 0):
+                   seed: Annotated[int, typer.Option(help="Seed for choosing samples.")] = 0,
+                   device: Annotated[Optional[str], typer.Option(
+                       help="auto | cpu | cuda | cuda:N for --recompute.")] = None,
+                   amp: Annotated[Optional[str], typer.Option(
+                       help="off | bf16 | fp16 for --recompute (default: the store's precision).")] = None):
     """Check every shard is complete and consistent; optionally recompute samples with the teacher."""
     store = _store(store, config, sets)
-    report = verify(FeatureStore.open(store), recompute, seed)
+    given = {k: v for k, v in (("device", device), ("amp", amp)) if v is not None}
+    runtime = parse(RuntimeConfig, given, "verify") if given else None
+    report = verify(FeatureStore.open(store), recompute, seed, runtime=runtime)
     for problem in report["problems"]:
         console.print(f"[red]problem:[/red] {problem}", highlight=False)
     line = f"{store}: {report['shards']} shards checked"
@@ -319,6 +339,7 @@ def probes_command(
     seed: Annotated[Optional[int], typer.Option(help="Seed of the random-init student."), Key("seed")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per batch."), Key("batch_size")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="JSON of the probes."), Key("out")] = None,
+    device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = None,
     quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Reference linear probes: the teacher's cached features and a randomly initialised student."""

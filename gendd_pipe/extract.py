@@ -32,6 +32,7 @@ from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url, write_json, write_yaml
 from gendd_pipe.layout import config_beside
 from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher, create_teacher
+from gendd_pipe.runtime import RuntimeConfig, resolve_device
 from gendd_pipe.store.format import FORMAT_VERSION, MANIFEST_ATTR, SHARDS, check_compatible, parse_logits
 from gendd_pipe.store.reader import FeatureStore
 from gendd_pipe.store.writer import is_complete, open_root, write_root, write_shard
@@ -46,7 +47,7 @@ class ExtractConfig:
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     views: ViewConfig = field(default_factory=ViewConfig)
-    logits: str = "full"  # full | topk:K
+    logits: str = "auto"  # auto (derived where the classifier is linear, else full) | derived | full | topk:K
     batch_size: PositiveInt = 64  # images per teacher forward
     chunk_size: PositiveInt = 256  # samples per Zarr chunk
     clevel: Annotated[int, Field(ge=0, le=9)] = 5  # Blosc zstd level
@@ -54,14 +55,16 @@ class ExtractConfig:
     dask_workers: NonNegativeInt = 1  # Dask LocalCluster worker processes; 0 runs in this process
     scheduler: str | None = None  # address of an existing Dask scheduler (overrides dask_workers)
     threads: PositiveInt | None = None  # torch threads per worker; default: cores / dask_workers
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # device and precision (recorded: precision)
 
     @field_validator("logits")
     @classmethod
     def _logits(cls, value: str) -> str:
-        try:
-            parse_logits(value)
-        except GenddError:
-            raise ValueError("must be full or topk:K with K >= 1") from None
+        if value != "auto":
+            try:
+                parse_logits(value)
+            except GenddError:
+                raise ValueError("must be auto, derived, full or topk:K with K >= 1") from None
         return value
 
 
@@ -72,6 +75,7 @@ def requested_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
         **teacher.manifest(),
         "views": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg.views).items()},
         "logits": parse_logits(cfg.logits),
+        "compute": {"precision": cfg.runtime.precision},
         "storage": {"features_dtype": "float16", "codec": "blosc-zstd-bitshuffle", "clevel": cfg.clevel,
                     "chunk_size": cfg.chunk_size},
         "shards": [],
@@ -108,6 +112,8 @@ def _forward(teacher: Teacher, batch: list, logits: dict) -> tuple[np.ndarray, .
     n, v = len(batch), len(batch[0][1])
     features = features.reshape(n, v, -1).numpy().astype(np.float16)
     out = out.reshape(n, v, -1)
+    if logits["mode"] == "derived":
+        return (features,)
     if logits["mode"] == "full":
         return features, out.numpy().astype(np.float16)
     values, indices = out.topk(logits["k"], dim=-1)
@@ -124,13 +130,23 @@ def _report(images: int) -> None:
         pass
 
 
-def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[int], None] = _report) -> dict:
+def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[int], None] = _report,
+                  devices: tuple[str, ...] = ()) -> dict:
     """Extract one input shard into the feature shard of the same name. Runs as one Dask task.
+
+    Args:
+        devices: The devices of a local cluster's workers, by worker name (`worker_devices`); empty runs on
+            ``cfg.runtime.device``.
 
     Returns:
         The shard's manifest entry plus its skipped samples.
     """
-    teacher = cached_teacher(cfg.teacher, cfg.threads)
+    runtime = cfg.runtime
+    if devices:
+        from distributed import get_worker
+
+        runtime = replace(runtime, device=devices[int(get_worker().name)])
+    teacher = cached_teacher(cfg.teacher, runtime, cfg.threads)
     logits = parse_logits(cfg.logits)
     name, reader = shard_name(url), ShardReader(url, cfg.on_error, teacher.num_classes)
     skipped: list[dict] = []
@@ -143,8 +159,11 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
         report(len(batch))
     n = len(keys)
     v, d, c = cfg.views.count, teacher.num_features, teacher.num_classes
-    names = ["features", "logits"] if logits["mode"] == "full" else ["features", "topk_values", "topk_indices"]
-    widths = [d, c] if logits["mode"] == "full" else [d, logits["k"], logits["k"]]
+    names, widths = ["features"], [d]
+    if logits["mode"] == "full":
+        names, widths = ["features", "logits"], [d, c]
+    elif logits["mode"] == "topk":
+        names, widths = ["features", "topk_values", "topk_indices"], [d, logits["k"], logits["k"]]
     dtypes = [np.float16, np.float16, np.int32]
     arrays = {
         "keys": np.array(keys, dtype=str) if n else np.zeros(0, dtype="<U1"),
@@ -160,9 +179,26 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
     return {"name": name, "source": public_url(url), "count": n, "skipped": skipped}
 
 
+def worker_devices(runtime: RuntimeConfig, visible: int) -> tuple[str, ...]:
+    """The device of each local Dask worker: one worker per visible GPU for device ``auto`` or ``cuda``, one on
+    the GPU that ``cuda:N`` names; none (CPU workers, ``dask_workers`` of them) without a GPU or on ``cpu``."""
+    if runtime.device == "cpu" or visible == 0:
+        return ()
+    if runtime.device in ("auto", "cuda"):
+        return tuple(f"cuda:{i}" for i in range(visible))
+    return (runtime.device,)
+
+
+def _local_devices(cfg: ExtractConfig) -> tuple[str, ...]:
+    if cfg.scheduler or cfg.dask_workers == 0:
+        return ()
+    return worker_devices(cfg.runtime, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
 @contextmanager
-def dask_client(cfg: ExtractConfig):
-    """A client on the given scheduler, or on a fresh LocalCluster of ``cfg.dask_workers`` processes."""
+def dask_client(cfg: ExtractConfig, devices: tuple[str, ...] = ()):
+    """A client on the given scheduler, or on a fresh LocalCluster: one worker per device in ``devices``
+    (each with the resource ``GPU=1``), else ``cfg.dask_workers`` CPU workers."""
     import logging
 
     import dask
@@ -172,21 +208,23 @@ def dask_client(cfg: ExtractConfig):
         with Client(cfg.scheduler) as client:
             yield client
         return
+    gpus = {"resources": {"GPU": 1}} if devices else {}
     # Dask's default worker environment sets MALLOC_TRIM_THRESHOLD_=65536, which makes torch's large
     # allocations 2-3x slower; workers get only their thread counts.
     threads = str(cfg.threads or 1)
     environ = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
-            LocalCluster(n_workers=cfg.dask_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                         silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+            LocalCluster(n_workers=len(devices) or cfg.dask_workers, threads_per_worker=1, processes=True,
+                         dashboard_address=None, silence_logs=logging.ERROR, **gpus) as cluster, \
+            Client(cluster) as client:
         yield client
 
 
-def _threads(cfg: ExtractConfig) -> ExtractConfig:
+def _threads(cfg: ExtractConfig, workers: int) -> ExtractConfig:
     """Split the machine's cores among the local workers, unless told otherwise."""
     if cfg.threads or cfg.scheduler:
         return cfg
-    return replace(cfg, threads=max(1, (os.cpu_count() or 1) // max(1, cfg.dask_workers)))
+    return replace(cfg, threads=max(1, (os.cpu_count() or 1) // max(1, workers)))
 
 
 def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool = True) -> dict:
@@ -209,10 +247,13 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
         dup = next(n for n in names if names.count(n) > 1)
         raise GenddError(f"two input shards are both named {dup!r}; feature shards are named by file name")
     store = store if "://" in store else os.path.abspath(store)
-    cfg = _threads(cfg)
-    teacher = create_teacher(cfg.teacher)
-    manifest = requested_manifest(teacher, cfg)
+    devices = _local_devices(cfg)
+    cfg = _threads(cfg, len(devices) or cfg.dask_workers)
+    resolve_device(cfg.runtime)  # a device or precision this machine lacks fails here, before any work
+    teacher = create_teacher(cfg.teacher, RuntimeConfig(device="cpu"))  # the manifest and head; shards build their own
     root = open_root(store)
+    cfg = replace(cfg, logits=_logits_mode(cfg.logits, teacher, root.attrs.get(MANIFEST_ATTR)))
+    manifest = requested_manifest(teacher, cfg)
     if MANIFEST_ATTR in root.attrs:
         requested, manifest = manifest, dict(root.attrs[MANIFEST_ATTR])
         check_compatible(store, manifest, requested)
@@ -230,12 +271,27 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
                     extract_shard(url, store, cfg, report=bar.add_images)
                     bar.shard_done()
             elif todo:
-                _run_on_dask(todo, store, cfg, bar)
+                _run_on_dask(todo, store, cfg, bar, devices)
     except BaseException:  # shards that completed stay listed even when another one failed ...
         with suppress(GenddError):  # ... where the disk still takes the manifest; a re-run lists them anyway
             _finalize(store, root, manifest, urls)
         raise
     return _finalize(store, root, manifest, urls)
+
+
+def _logits_mode(mode: str, teacher: Teacher, existing: dict | None) -> str:
+    """``auto`` made concrete (an existing store's own mode, else derived where the classifier is one linear
+    layer, else full); ``derived`` refused for a teacher whose logits are not ``f @ W.T + b``."""
+    if mode == "auto" and existing and "logits" in existing:
+        logits = existing["logits"]
+        return logits["mode"] + (f":{logits['k']}" if "k" in logits else "")
+    if mode == "auto":
+        return "derived" if teacher.linear_head else "full"
+    if mode == "derived" and not teacher.linear_head:
+        kind = type(teacher.model.get_classifier()).__name__
+        raise GenddError(f"--logits derived: the classifier of {teacher.config.name} is a {kind}, not one linear layer "
+                         "on the pre-logits features, so its logits cannot be derived; use --logits full")
+    return mode
 
 
 @contextmanager
@@ -248,13 +304,14 @@ def _writing(store: str, what: str):
                          "re-run to resume") from exc
 
 
-def _run_on_dask(todo: list[str], store: str, cfg: ExtractConfig, bar) -> None:
+def _run_on_dask(todo: list[str], store: str, cfg: ExtractConfig, bar, devices: tuple[str, ...] = ()) -> None:
     from distributed import as_completed
 
-    with dask_client(cfg) as client:
+    with dask_client(cfg, devices) as client:
         client.subscribe_topic(PROGRESS_TOPIC, lambda event: bar.add_images(event[1]))
-        futures = [client.submit(extract_shard, url, store, cfg, key=f"extract-{shard_name(url)}", pure=False)
-                   for url in todo]
+        gpu = {"resources": {"GPU": 1}} if devices else {}
+        futures = [client.submit(extract_shard, url, store, cfg, devices=devices, key=f"extract-{shard_name(url)}",
+                                 pure=False, **gpu) for url in todo]
         for future in as_completed(futures):
             future.result()  # re-raises a task's GenddError here
             bar.shard_done()

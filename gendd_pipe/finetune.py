@@ -43,6 +43,7 @@ from gendd_pipe.layout import LAST, METRICS, MODEL, checkpoint_in, config_beside
 from gendd_pipe.metrics import EpochLog, topk_hits
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.progress import StepBar
+from gendd_pipe.runtime import RuntimeConfig, autocast, place, resolve_device, to_device
 
 FORMAT = "gendd-pipe/teacher-1"
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class FinetuneConfig:
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     shuffle_buffer: PositiveInt = 1000
     num_workers: NonNegativeInt = 0  # DataLoader worker processes
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # device and precision (a resume may change them)
 
 
 def shard_labels(urls: list[str]) -> tuple[int, int]:
@@ -83,15 +85,16 @@ def shard_labels(urls: list[str]) -> tuple[int, int]:
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, urls: list[str], data_config: dict, batch_size: int,
-             num_workers: int = 0) -> dict | None:
+             num_workers: int = 0, runtime: RuntimeConfig = RuntimeConfig()) -> dict | None:
     """Top-1/top-5 (percent) of a classifier on the eval view of every labeled image; None when the shards have
     no labels or labels beyond the classifier (a teacher whose classes are not the shards')."""
     was_training = model.training
     model.eval()
-    hits, n = {}, 0
+    hits, n, device = {}, 0, resolve_device(runtime)
     for batch in eval_pipeline(urls, data_config, batch_size, num_workers):
         keep = batch["label"] >= 0
-        logits = model(batch["image"][keep])
+        with autocast(runtime, device):
+            logits = model(to_device(batch["image"][keep], runtime, device)).float().cpu()
         if (batch["label"][keep] >= logits.shape[1]).any():
             n = 0
             break
@@ -114,7 +117,7 @@ def _resume(out: str, cfg: FinetuneConfig, model, optimizer, scheduler, resume: 
     if not resume:
         raise GenddError(f"{out}: holds a fine-tune already ({LAST}); pass --resume to continue it or choose another --out")
     ckpt = read_checkpoint(path, FORMAT)
-    differ = differences(to_dict(cfg), _upgrade(ckpt["config"]), ignore=("epochs",))
+    differ = differences(to_dict(cfg), _upgrade(ckpt["config"]), ignore=("epochs", "runtime"))
     if differ:
         raise GenddError(f"{path}: was trained with other settings ({', '.join(differ)}); use another --out")
     model.load_state_dict(ckpt["state_dict"])
@@ -128,10 +131,10 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
     """Fine-tune the teacher; writes ``model.safetensors`` and ``metrics.json`` to ``out`` and returns the metrics."""
     urls, val_urls = expand_urls(shards), expand_urls(val_shards)
     torch.manual_seed(cfg.views.seed)
-    teacher = create_teacher(cfg.teacher)
-    model, data_config = teacher.model, teacher.data_config
+    teacher = create_teacher(cfg.teacher, cfg.runtime)
+    model, data_config, runtime, device = teacher.model, teacher.data_config, cfg.runtime, teacher.device
     if cfg.epochs == 0:
-        val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.num_workers)
+        val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.num_workers, runtime)
         return _write(out, cfg, model, None, [{"epoch": 0, "val": val}])
     count, top = shard_labels(urls)
     num_classes = cfg.num_classes or top + 1
@@ -141,7 +144,9 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
     if steps < 1:
         raise GenddError(f"{count} train samples do not fill one batch of {cfg.batch_size}")
     model.reset_classifier(num_classes)
-    model.train()
+    place(model.train(), runtime, device)  # the new classifier too
+    forward = torch.compile(model) if runtime.compile else model
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp == "fp16")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = steps * cfg.epochs
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=cfg.warmup_steps,
@@ -156,16 +161,19 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
         loss_sum, begin = 0.0, time.perf_counter()
         with StepBar(f"teacher epoch {epoch + 1}/{cfg.epochs}", steps, progress) as bar:
             for i, batch in enumerate(itertools.islice(loader, steps)):
-                images = batch["image"].contiguous(memory_format=torch.channels_last)
-                loss = F.cross_entropy(model(images), batch["label"], ignore_index=-1, label_smoothing=cfg.label_smoothing)
+                images, labels = to_device(batch["image"], runtime, device), batch["label"].to(device)
+                with autocast(runtime, device):
+                    logits = forward(images)
+                loss = F.cross_entropy(logits.float(), labels, ignore_index=-1, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step_update(epoch * steps + i + 1)
                 loss_sum += loss.item()
                 bar.step(loss.item())
         seconds = time.perf_counter() - begin
-        val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.num_workers)
+        val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.num_workers, runtime)
         if val is None:
             raise GenddError(f"{val_urls[0]}: no val labels the fine-tuned classifier can score")
         history.append({"epoch": epoch + 1, "loss": loss_sum / steps, "images_per_s": steps * cfg.batch_size / seconds,

@@ -16,6 +16,17 @@ from skimage import data as skdata
 
 from gendd_pipe.data.prepare import mnist5k_records, write_shards
 
+def pytest_collection_modifyitems(config, items):
+    """``cuda`` tests run where torch sees a GPU; elsewhere they are skipped, saying why."""
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none here")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
 PHOTOS = {"chelsea": 281, "coffee": 967, "astronaut": 0, "rocket": 0}  # ImageNet-style labels for the tests
 
 

@@ -67,7 +67,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, digit_shards, photos):
     _one_line_error(_invoke("extract", digit_shards[0], *out, "--teacher", "nonet", "--weights", "none"),
                     "unknown teacher model 'nonet'")
     _one_line_error(_invoke("extract", digit_shards[0], *out, *TINY, "--logits", "top5"),
-                    "extract.logits: must be full or topk:K with K >= 1, got 'top5' (option --logits)")
+                    "extract.logits: must be auto, derived, full or topk:K with K >= 1, got 'top5' (option --logits)")
     broken = write_tar(tmp_path / "broken-000000.tar", [{"__key__": "x1", "png": b"garbage", "cls": 0}])
     _one_line_error(_invoke("extract", broken, *out, *TINY, "--dask-workers", "0"), "broken-000000.tar", "sample x1")
     _one_line_error(_invoke("info", tmp_path / "nowhere.zarr"), "nowhere.zarr")

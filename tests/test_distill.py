@@ -29,6 +29,7 @@ from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.models.gendd_head import HeadConfig, SamplingConfig
 from gendd_pipe.models.student import StudentConfig
 from gendd_pipe.models.teacher import TeacherConfig
+from gendd_pipe.data.views import ViewConfig
 
 SMALL_GENDD = GenddConfig(head=HeadConfig(depth=1, width=64, diffusion_batch_mul=2),
                           predict=SamplingConfig(sampling_steps=4))
@@ -210,6 +211,51 @@ def test_torchrun_with_two_processes(digit_store, tmp_path):
     lines = _lines(tmp_path / "ddp" / "runs" / "kd")
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["val"]["images"] == 48
     assert os.path.exists(tmp_path / "ddp" / "runs" / "kd" / "summary.json")
+
+
+@pytest.fixture(scope="module")
+def full_store(digit_store, tmp_path_factory):
+    """The digit store's extraction again with full logits stored (the digit store derives them)."""
+    store = str(tmp_path_factory.mktemp("full") / "full.zarr")
+    cfg = ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=32), logits="full",
+                        views=ViewConfig(count=3, scale=(0.5, 1.0), hflip=0.0, seed=0), dask_workers=0)
+    extract(digit_store["train"] + digit_store["val"], store, cfg, progress=False)
+    return store
+
+
+def test_kd_from_derived_logits_matches_kd_from_stored_logits(digit_store, full_store, tmp_path):
+    assert FeatureStore.open(digit_store["store"]).logits_mode == "derived"
+    derived = _run(digit_store, tmp_path / "derived", _cfg("kd", epochs=1))
+    full = distill(full_store, digit_store["train"], digit_store["val"], str(tmp_path / "full"), _cfg("kd", epochs=1),
+                   progress=False)
+    a, b = _lines(tmp_path / "derived")[0], _lines(tmp_path / "full")[0]
+    assert a["train"]["loss"] == pytest.approx(b["train"]["loss"], rel=1e-3), (a, b)
+    wa = read_checkpoint(str(tmp_path / "derived" / "last.safetensors"))["state_dict"]
+    wb = read_checkpoint(str(tmp_path / "full" / "last.safetensors"))["state_dict"]
+    weights = [k for k in wa if wa[k].is_floating_point()]
+    a_all, b_all = (torch.cat([w[k].float().flatten() for k in weights]) for w in (wa, wb))
+    assert float((a_all - b_all).norm() / b_all.norm()) < 1e-2  # the same run up to the logits' fp16 rounding
+    assert abs(a["val"]["student"]["top1"] - b["val"]["student"]["top1"]) <= 100 / 48 + 1e-9  # one val digit
+
+
+def test_a_version_1_store_opens_and_distills_as_before(digit_store, full_store, tmp_path):
+    import shutil
+
+    from gendd_pipe.store.format import MANIFEST_ATTR
+    from gendd_pipe.store.writer import open_root
+
+    old = str(tmp_path / "v1.zarr")
+    shutil.copytree(full_store, old)
+    root = open_root(old)  # version 1: the same layout, no compute section
+    root.attrs[MANIFEST_ATTR] = {**{k: v for k, v in root.attrs[MANIFEST_ATTR].items() if k != "compute"},
+                                 "format_version": 1}
+    summary = distill(old, digit_store["train"], digit_store["val"], str(tmp_path / "run"), _cfg("kd", epochs=1),
+                      progress=False)
+    assert summary["last"]["epoch"] == 1
+    cfg = ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=32), logits="full",
+                        views=ViewConfig(count=3, scale=(0.5, 1.0), hflip=0.0, seed=0), dask_workers=0)
+    with pytest.raises(GenddError, match="format version 1 cannot be extended by this version"):
+        extract(digit_store["train"], old, cfg, progress=False)
 
 
 def test_gdkd_needs_a_top_k_smaller_than_the_class_count(digit_store, tmp_path):

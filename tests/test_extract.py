@@ -33,7 +33,7 @@ def bundled_teacher():
 @pytest.fixture
 def photo_store(tmp_path, photo_shard):
     store = str(tmp_path / "store.zarr")
-    extract([photo_shard], store, _cfg(), progress=False)
+    extract([photo_shard], store, _cfg(logits="full"), progress=False)
     return store
 
 
@@ -102,7 +102,7 @@ print(json.dumps(out))
     assert out["labels"] == [[4], "int64"]
     assert out["keys"] == ["chelsea", "coffee", "astronaut", "rocket"]
     assert out["head_weight"] == [[1000, 1280], "float32"] and out["head_bias"] == [[1000], "float32"]
-    assert out["complete"] is True and out["count"] == 4 and out["version"] == 1
+    assert out["complete"] is True and out["count"] == 4 and out["version"] == 2
 
 
 def test_manifest_records_teacher_preprocessing_and_views(photo_store):
@@ -130,6 +130,43 @@ def test_cc3m_layout_gets_label_minus_one_and_topk_logits(tmp_path, cc3m_shard):
     lazy = fs.to_dask()
     assert lazy["features"].shape == (4, 3, 512) and float(lazy["features"].sum().compute()) == pytest.approx(
         float(data["features"].astype(np.float64).sum()), rel=1e-3)
+
+
+def test_derived_logits_equal_the_full_logits_within_fp16_rounding(tmp_path, photo_store, photo_shard):
+    derived = str(tmp_path / "derived.zarr")
+    manifest = extract([photo_shard], derived, _cfg(), progress=False)  # auto: a linear classifier is derived
+    assert manifest["logits"] == {"mode": "derived"} and manifest["format_version"] == 2
+    full, derived = FeatureStore.open(photo_store), FeatureStore.open(derived)
+    a, b = full.read_shard("photos-000000"), derived.read_shard("photos-000000")
+    assert "logits" not in b and np.array_equal(a["features"], b["features"])
+    stored, computed = full.logits(a), derived.logits(b)
+    weight = derived.head()[0]
+    # derived: the fp32 logits plus W (fp16 rounding of f); full: the fp32 logits rounded to fp16
+    bound = (np.abs(b["features"].astype(np.float32)) * 2.0 ** -11) @ np.abs(weight).T + np.abs(stored) * 2.0 ** -11
+    gap = np.abs(stored - computed)
+    print(f"derived vs full logits: max gap {gap.max():.4f}, max bound {bound.max():.4f}")
+    assert (gap <= 1.01 * bound + 1e-6).all(), (gap.max(), bound.min())
+    assert gap.max() < 0.05 and (stored.argmax(-1) == computed.argmax(-1)).all()  # 0.0034 measured
+    assert derived.root["shards/photos-000000"].attrs["count"] == 4
+    assert sum(a.nbytes_stored() for _, a in derived.shard("photos-000000").arrays()) < 0.6 * sum(  # 1280 of 2280
+        a.nbytes_stored() for _, a in full.shard("photos-000000").arrays())
+
+
+def test_a_teacher_whose_classifier_is_not_linear_keeps_full_logits(tmp_path, digit_shards):
+    dla = TeacherConfig("dla34", "none", input_size=32)  # a 1x1 convolution classifier
+    with pytest.raises(GenddError, match="--logits derived: the classifier of dla34 is a Conv2d, not one linear"):
+        extract(digit_shards[:1], str(tmp_path / "d.zarr"), _cfg(dla, logits="derived"), progress=False)
+    manifest = extract(digit_shards[:1], str(tmp_path / "f.zarr"), _cfg(dla), progress=False)
+    assert manifest["logits"] == {"mode": "full"}
+    store = FeatureStore.open(str(tmp_path / "f.zarr"))
+    data = store.read_shard(store.shard_names[0])
+    teacher = create_teacher(dla)
+    image = next(iter(ShardReader(digit_shards[0]))).image
+    dc = teacher.data_config
+    x = to_tensor(render_view(image, data["views"][0, 0], teacher.input_hw, dc["interpolation"]), dc["mean"], dc["std"])
+    with torch.no_grad():
+        logits = teacher.model(x[None].contiguous(memory_format=torch.channels_last))[0].numpy()
+    np.testing.assert_allclose(data["logits"][0, 0].astype(np.float32), logits, rtol=1e-2, atol=1e-2)
 
 
 def _bad_shard(tmp_path, photos):

@@ -31,6 +31,7 @@ from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
 from gendd_pipe.data.views import ViewConfig, eval_view, random_view, render_view, to_tensor, view_rng
 from gendd_pipe.errors import GenddError
+from gendd_pipe.store.format import derive_logits
 from gendd_pipe.store.reader import FeatureStore
 
 
@@ -101,9 +102,10 @@ def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = T
         name = shard_name(url)
         block = store.read_shard(name, verify)
         source = store.shard(name).attrs.get("source_sha256") if verify else None
+        derived = {"head": store.head()} if store.logits_mode == "derived" else {}  # the chosen view's, later
         for sample, row in join_shard(url, block, skipped.get(name, set()), source):
             yield {"sample": sample, "views": block["views"][row], "features": block["features"][row],
-                   **({"logits": block["logits"][row]} if "logits" in block else {})}
+                   **({"logits": block["logits"][row]} if "logits" in block else derived)}
 
 
 def _each(src, fn):
@@ -127,6 +129,8 @@ def _render_train(item: dict, data_config: dict, seed: int, epoch: int) -> dict:
            "feature": torch.from_numpy(item["features"][v].astype(np.float32))}
     if "logits" in item:
         out["logits"] = torch.from_numpy(item["logits"][v].astype(np.float32))
+    elif "head" in item:  # logits mode derived: f @ W.T + b of this view alone
+        out["logits"] = torch.from_numpy(derive_logits(item["features"][v], *item["head"]))
     return out
 
 

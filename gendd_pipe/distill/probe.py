@@ -9,6 +9,8 @@ read beside: the teacher's cached features and a randomly initialised student.
 
 from __future__ import annotations
 
+from dataclasses import field
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from gendd_pipe.files import write_json, write_yaml
 from gendd_pipe.layout import config_beside
 from gendd_pipe.metrics import as_percent, topk_hits
 from gendd_pipe.models.student import Student, StudentConfig, create_student
+from gendd_pipe.runtime import RuntimeConfig, autocast, place, resolve_device, to_device
 from gendd_pipe.store.reader import FeatureStore
 
 
@@ -69,12 +72,14 @@ def probe_score(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tenso
 
 
 @torch.no_grad()
-def student_features(student: Student, urls: list[str], batch_size: int, num_workers: int = 0):
+def student_features(student: Student, urls: list[str], batch_size: int, num_workers: int = 0,
+                     runtime: RuntimeConfig = RuntimeConfig()):
     """Frozen student features and labels of the eval view of every image: (N, D), (N,)."""
     device = next(student.parameters()).device
     feats, labels = [], []
     for batch in eval_pipeline(urls, student.data_config, batch_size, num_workers):
-        feats.append(student.features(batch["image"].to(device)).float().cpu())
+        with autocast(runtime, device):
+            feats.append(student.features(to_device(batch["image"], runtime, device)).float().cpu())
         labels.append(batch["label"])
     return torch.cat(feats), torch.cat(labels)
 
@@ -90,16 +95,18 @@ def store_features(store: FeatureStore, urls: list[str]) -> tuple[torch.Tensor, 
 
 
 def reference_probes(store_url: str, train_shards: list[str], val_shards: list[str], student: StudentConfig,
-                     seed: int = 0, batch_size: int = 128) -> dict[str, dict[str, float]]:
+                     seed: int = 0, batch_size: int = 128,
+                     runtime: RuntimeConfig = RuntimeConfig()) -> dict[str, dict[str, float]]:
     """The probes an unsupervised student is read beside: the teacher's cached features, and a randomly
-    initialised ``student`` (seeded) that saw no data."""
+    initialised ``student`` (seeded) that saw no data, run on ``runtime``'s device."""
+    device = resolve_device(runtime)
     store = FeatureStore.open(store_url)
     train, val = expand_urls(train_shards), expand_urls(val_shards)
     result = {"teacher features": probe_score(store_features(store, train), store_features(store, val), train[0])}
     torch.manual_seed(seed)
-    model = create_student(student, store.manifest["teacher"]["num_classes"]).eval()
-    result["random-init student"] = probe_score(student_features(model, train, batch_size),
-                                                student_features(model, val, batch_size), train[0])
+    model = place(create_student(student, store.manifest["teacher"]["num_classes"]).eval(), runtime, device)
+    result["random-init student"] = probe_score(student_features(model, train, batch_size, runtime=runtime),
+                                                student_features(model, val, batch_size, runtime=runtime), train[0])
     return result
 
 
@@ -114,12 +121,13 @@ class ProbesStage:
     seed: NonNegativeInt = 0  # the random init
     batch_size: PositiveInt = 128
     out: OutputFile  # the JSON of the probes
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # where the student runs
 
 
 def run_stage(cfg: ProbesStage) -> dict:
     """Write the reference probes (``cfg.out``) and the config beside them."""
     result = reference_probes(cfg.store, list(cfg.shards), list(cfg.val_shards), cfg.student, cfg.seed,
-                              cfg.batch_size)
+                              cfg.batch_size, cfg.runtime)
     write_yaml(config_beside(cfg.out, is_dir=False), to_dict(cfg))
     write_json(cfg.out, result)
     return result

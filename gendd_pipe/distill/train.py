@@ -47,9 +47,10 @@ log = logging.getLogger(__name__)
 
 def check_method(store: FeatureStore, cfg: DistillConfig, counts: dict[str, int]) -> None:
     """Refuse a method the store cannot feed: top-k logits where it needs full ones, or missing labels."""
-    if get_method(cfg.method).needs_logits and store.logits_mode != "full":
+    if get_method(cfg.method).needs_logits and store.logits_mode not in ("full", "derived"):
         raise GenddError(f"{store.url}: method {cfg.method} needs full teacher logits but the store keeps "
-                         f"{store.logits_mode} logits (re-extract with logits: full, or use another method)")
+                         f"{store.logits_mode} logits (re-extract with logits: derived or full, or use another "
+                         "method)")
     if cfg.unsupervised:
         return
     num_classes = store.manifest["teacher"]["num_classes"]

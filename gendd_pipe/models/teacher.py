@@ -13,8 +13,10 @@ input-size override) and built by `create_teacher`. Weight specs:
   or a ``.safetensors`` file; the classifier size is taken from the file.
 
 Features are timm's ``forward_head(forward_features(x), pre_logits=True)``; logits
-are the model's own classifier applied to them, so ``logits = f @ W.T + b`` holds
-with the stored head.
+are the model's own classifier applied to them, so where that classifier is one
+linear layer (timm's ResNets, EfficientNets, ViTs, ConvNeXts) ``logits = f @ W.T + b``
+holds with the stored head and a store may keep features alone (logits mode
+``derived``); any other head's logits come from the model's own ``forward_head``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from timm.models import load_state_dict, remap_state_dict
 from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.hub import architecture, create_model
+from gendd_pipe.runtime import RuntimeConfig, autocast, place, resolve_device, to_device
 
 BUNDLED = {"bundled:efficientnet-lite0": "tf_efficientnet_lite0"}
 
@@ -55,6 +58,18 @@ class Teacher:
     data_config: dict  # timm's resolved data config, with any override applied
     weights_sha256: str
     extra: dict = field(default_factory=dict)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self):
+        self._forward = torch.compile(self._outputs) if self.runtime.compile else self._outputs
+
+    def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        trunk = self.model.forward_features(x)
+        features = self.model.forward_head(trunk, pre_logits=True)  # (N, D)
+        if self.linear_head:
+            return features, self.model.get_classifier()(features)
+        return features, self.model.forward_head(trunk)  # a conv classifier: the model's own head
 
     @property
     def num_features(self) -> int:
@@ -68,19 +83,29 @@ class Teacher:
     def input_hw(self) -> tuple[int, int]:
         return tuple(self.data_config["input_size"][1:])
 
+    @property
+    def linear_head(self) -> bool:
+        """Whether the logits are one linear layer on the pre-logits features (so a store may derive them)."""
+        return isinstance(self.model.get_classifier(), torch.nn.Linear)
+
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         """The classifier as (weight (C, D), bias (C,)) float32 arrays: the class centers."""
         fc = self.model.get_classifier()
-        weight = fc.weight.detach().reshape(self.num_classes, -1).float().numpy()
-        bias = fc.bias.detach().float().numpy() if fc.bias is not None else np.zeros(self.num_classes, np.float32)
+        weight = fc.weight.detach().reshape(self.num_classes, -1).float().cpu().numpy()
+        bias = fc.bias.detach().float().cpu().numpy() if fc.bias is not None else np.zeros(self.num_classes, np.float32)
         return weight, bias
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (N, 3, H, W) -> (features (N, D), logits (N, C)), float32."""
-        x = images.contiguous(memory_format=torch.channels_last)
-        features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # (N, D)
-        return features.float(), self.model.get_classifier()(features).float()  # (N, D), (N, C)
+        """Images (N, 3, H, W) on any device -> (features (N, D), logits (N, C)), float32 on the CPU.
+
+        The forward runs on the teacher's device in its runtime's precision; the logits come from the
+        features as the precision left them, so ``logits = f @ W.T + b`` holds up to that precision.
+        """
+        x = to_device(images, self.runtime, self.device)
+        with autocast(self.runtime, self.device):
+            features, logits = self._forward(x)  # (N, D), (N, C)
+        return features.float().cpu(), logits.float().cpu()
 
     def manifest(self) -> dict:
         """The manifest's ``teacher`` and ``preprocessing`` sections."""
@@ -150,8 +175,9 @@ def _load_file(model: torch.nn.Module, cfg: TeacherConfig, path: str, by_order: 
         raise GenddError(f"{path}: weights do not fit {cfg.name}: {detail[:300]}") from exc
 
 
-def create_teacher(cfg: TeacherConfig) -> Teacher:
-    """Build the teacher that ``cfg`` names, in eval mode, with its data config resolved by timm."""
+def create_teacher(cfg: TeacherConfig, runtime: RuntimeConfig = RuntimeConfig()) -> Teacher:
+    """Build the teacher that ``cfg`` names, in eval mode on ``runtime``'s device, with timm's data config."""
+    device = resolve_device(runtime)
     extra = {}
     if cfg.weights == "none":
         torch.manual_seed(cfg.seed)
@@ -177,16 +203,16 @@ def create_teacher(cfg: TeacherConfig) -> Teacher:
         raise GenddError(f"{cfg.weights}: no such weights file (or use none, pretrained, {', '.join(BUNDLED)})")
     if model.num_classes == 0:
         raise GenddError(f"teacher {cfg.name} has no classifier; the store needs its logits and class centers")
-    model.eval().to(memory_format=torch.channels_last)
+    place(model.eval(), runtime, device)
     data_config = timm.data.resolve_model_data_config(model)
     if cfg.input_size is not None:
         data_config["input_size"] = (3, cfg.input_size, cfg.input_size)
-    return Teacher(model, cfg, data_config, sha, extra)
+    return Teacher(model, cfg, data_config, sha, extra, runtime, device)
 
 
 @lru_cache(maxsize=2)
-def cached_teacher(cfg: TeacherConfig, threads: int | None = None) -> Teacher:
+def cached_teacher(cfg: TeacherConfig, runtime: RuntimeConfig = RuntimeConfig(), threads: int | None = None) -> Teacher:
     """One teacher per process (per Dask worker), built on first use."""
     if threads:
         torch.set_num_threads(threads)
-    return create_teacher(cfg)
+    return create_teacher(cfg, runtime)

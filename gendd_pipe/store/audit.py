@@ -11,11 +11,14 @@ recomputed features to the stored ones.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from gendd_pipe.data.shards import Sample, ShardReader
 from gendd_pipe.data.views import render_view, to_tensor
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
+from gendd_pipe.runtime import RuntimeConfig
+from gendd_pipe.store.format import COMPUTE_BEFORE_PRECISION
 from gendd_pipe.store.reader import FeatureStore
 
 PAYLOAD = ("features", "logits", "topk_values")  # arrays compared against raw fp32
@@ -41,6 +44,7 @@ def summarize(store: FeatureStore) -> dict:
         "preprocessing": m["preprocessing"],
         "views": m["views"],
         "logits": m["logits"],
+        "compute": m.get("compute", COMPUTE_BEFORE_PRECISION),
         "shards": len(store.shard_names),
         "samples": samples,
         "skipped": len(m["skipped"]),
@@ -59,7 +63,7 @@ def check_shard(store: FeatureStore, name: str) -> list[str]:
     widths = {"views": 5, "features": m["teacher"]["num_features"]}
     if m["logits"]["mode"] == "full":
         widths["logits"] = m["teacher"]["num_classes"]
-    else:
+    elif m["logits"]["mode"] == "topk":
         widths["topk_values"] = widths["topk_indices"] = m["logits"]["k"]
     for key in widths:
         if key in data and data[key].shape[1:] != (m["views"]["count"], widths[key]):
@@ -72,12 +76,19 @@ def check_shard(store: FeatureStore, name: str) -> list[str]:
     return problems
 
 
-def recompute(store: FeatureStore, count: int, seed: int = 0) -> list[dict]:
-    """Re-run ``count`` random (sample, view) pairs through the teacher; one record per pair."""
+def recompute(store: FeatureStore, count: int, seed: int = 0, runtime: RuntimeConfig | None = None) -> list[dict]:
+    """Re-run ``count`` random (sample, view) pairs through the teacher; one record per pair.
+
+    ``runtime`` defaults to a GPU where there is one, else the CPU, at the store's own precision (fp32 for an
+    fp16 store on a machine without a GPU).
+    """
     m = store.manifest
     t = m["teacher"]
+    if runtime is None:
+        amp = {"fp32": "off", "bf16": "bf16", "fp16": "fp16" if torch.cuda.is_available() else "off"}
+        runtime = RuntimeConfig(amp=amp[m.get("compute", COMPUTE_BEFORE_PRECISION)["precision"]])
     teacher = create_teacher(TeacherConfig(t["name"], t["weights"], m["preprocessing"]["input_size_override"],
-                                           t.get("init_seed", 0)))
+                                           t.get("init_seed", 0)), runtime)
     if teacher.weights_sha256 != t["weights_sha256"]:
         raise GenddError(f"{store.url}: teacher weights {t['weights']} now hash to {teacher.weights_sha256[:12]}, "
                          f"the store was written with {t['weights_sha256'][:12]}")
@@ -105,14 +116,15 @@ def recompute(store: FeatureStore, count: int, seed: int = 0) -> list[dict]:
     return records
 
 
-def verify(store: FeatureStore, recompute_count: int = 0, seed: int = 0, min_cosine: float = 0.99) -> dict:
+def verify(store: FeatureStore, recompute_count: int = 0, seed: int = 0, min_cosine: float = 0.99,
+           runtime: RuntimeConfig | None = None) -> dict:
     """Check every shard, and optionally recompute samples; ``ok`` is False on any problem."""
     listed = [s["name"] for s in store.manifest["shards"]]
     problems = [f"shard {n}: listed in the manifest but missing or incomplete"
                 for n in listed if n not in store.shard_names]
     for name in store.shard_names:
         problems += check_shard(store, name)
-    records = recompute(store, recompute_count, seed) if recompute_count else []
+    records = recompute(store, recompute_count, seed, runtime) if recompute_count else []
     cosines = [r["cosine"] for r in records]
     problems += [f"shard {r['shard']}: key {r['key']} view {r['view']}: recomputed cosine {r['cosine']:.4f} "
                  f"< {min_cosine}" for r in records if r["cosine"] < min_cosine]

@@ -19,21 +19,21 @@ import zarr
 
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
-from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, FORMAT_VERSION, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR,
-                                     SHARDS, checksum, shard_arrays)
+from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, READABLE_VERSIONS,
+                                     SHARDS, checksum, derive_logits, shard_arrays)
 
 
 class FeatureStore:
-    """A read-only view of a feature store (format version 1)."""
+    """A read-only view of a feature store (format version 1 or 2)."""
 
     def __init__(self, root: zarr.Group, url: str):
         self.root, self.url = root, url
         if MANIFEST_ATTR not in root.attrs:
             raise GenddError(f"{public_url(url)}: not a gendd-pipe feature store (no '{MANIFEST_ATTR}' manifest)")
         self.manifest: dict = dict(root.attrs[MANIFEST_ATTR])
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise GenddError(f"{public_url(url)}: format version {self.manifest.get('format_version')} is not "
-                             f"{FORMAT_VERSION}")
+        if self.manifest.get("format_version") not in READABLE_VERSIONS:
+            raise GenddError(f"{public_url(url)}: format version {self.manifest.get('format_version')} is not one "
+                             f"this version of gendd-pipe reads ({', '.join(map(str, READABLE_VERSIONS))})")
 
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None) -> "FeatureStore":
@@ -65,8 +65,19 @@ class FeatureStore:
         return sum(int(self.shard(n).attrs["count"]) for n in self.shard_names)
 
     def head(self) -> tuple[np.ndarray, np.ndarray]:
-        """The teacher's classifier: weight (C, D) and bias (C,), float32."""
-        return self.root[HEAD_WEIGHT][...], self.root[HEAD_BIAS][...]
+        """The teacher's classifier: weight (C, D) and bias (C,), float32 (read once)."""
+        if not hasattr(self, "_head"):
+            self._head = self.root[HEAD_WEIGHT][...], self.root[HEAD_BIAS][...]
+        return self._head
+
+    def logits(self, data: dict[str, np.ndarray]) -> np.ndarray:
+        """The full teacher logits of a `read_shard` result: stored (mode full) or computed from the features
+        through the stored head (mode derived), float32 (n, V, C)."""
+        if "logits" in data:
+            return data["logits"].astype(np.float32)
+        if self.logits_mode != "derived":
+            raise GenddError(f"{public_url(self.url)}: keeps {self.logits_mode} logits, not full ones")
+        return derive_logits(data["features"], *self.head())
 
     def shard(self, name: str) -> zarr.Group:
         """One complete feature shard; its arrays are lazy zarr arrays."""

@@ -1,0 +1,86 @@
+"""Where and in what precision a network runs: the ``runtime`` section of every stage that runs one.
+
+``device`` is ``auto`` (the first CUDA device when there is one, else the CPU),
+``cpu``, ``cuda`` or ``cuda:N``; ``amp`` is ``off`` (float32), ``bf16`` or
+``fp16`` autocast (bf16 works on the CPU as well, so tests run the same code
+path without a GPU); ``channels_last`` sets the memory format of models and
+inputs; ``compile`` wraps the model in ``torch.compile``.
+
+Models are placed once with `place`; code that runs them moves its inputs with
+`to_device` and runs them under `autocast`, so no model code names a device.
+The compute precision changes the stored bytes of an extraction, so the
+manifest records `precision`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Literal
+
+import torch
+from pydantic import field_validator
+
+from gendd_pipe.config import configclass
+from gendd_pipe.errors import GenddError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@configclass
+class RuntimeConfig:
+    """The device, precision and compilation of the networks a stage runs."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast precision; off runs float32
+    channels_last: bool = True  # NHWC models and inputs (faster convolutions on CPUs and tensor cores)
+    compile: bool = False  # torch.compile the model (minutes of warm-up; pays off on long GPU runs)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @property
+    def precision(self) -> str:
+        """The compute precision as the manifest records it: fp32, bf16 or fp16."""
+        return "fp32" if self.amp == "off" else self.amp
+
+
+def resolve_device(cfg: RuntimeConfig) -> torch.device:
+    """The ``torch.device`` that ``cfg`` names, refusing one this machine does not have (one line)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    name = ("cuda" if count else "cpu") if cfg.device == "auto" else cfg.device
+    if name.startswith("cuda"):
+        index = int(name.partition(":")[2] or 0)
+        if count == 0:
+            raise GenddError(f"--device {cfg.device}: torch sees no CUDA device on this machine; use --device cpu "
+                             "(or auto)")
+        if index >= count:
+            raise GenddError(f"--device {cfg.device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        name = f"cuda:{index}"
+    device = torch.device(name)
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise GenddError("--amp fp16: float16 autocast needs a CUDA device; use --amp bf16 on the CPU")
+    return device
+
+
+def place(model: torch.nn.Module, cfg: RuntimeConfig, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device`` in the configured memory format, compiled when asked (the module itself is moved)."""
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    return torch.compile(model) if cfg.compile else model
+
+
+def to_device(images: torch.Tensor, cfg: RuntimeConfig, device: torch.device) -> torch.Tensor:
+    """A batch of images moved to ``device`` (without blocking when it is pinned) in the configured format."""
+    images = images.to(device, non_blocking=images.is_pinned())
+    return images.contiguous(memory_format=torch.channels_last) if cfg.channels_last and images.ndim == 4 else images
+
+
+def autocast(cfg: RuntimeConfig, device: torch.device):
+    """A context running its body in the configured precision on ``device`` (a no-op for ``amp: off``)."""
+    if cfg.amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[cfg.amp])

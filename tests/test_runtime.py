@@ -1,0 +1,160 @@
+"""Runtime options (device, AMP, channels_last, compile): the same code path on the CPU as on a GPU.
+
+bf16 autocast runs on the CPU, so every test here but the ``cuda`` ones runs in CI.
+The ``cuda`` tests run where torch sees a GPU and are skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gendd_pipe import FeatureStore
+from gendd_pipe.config import ConfigError, parse
+from gendd_pipe.data.views import ViewConfig
+from gendd_pipe.errors import GenddError
+from gendd_pipe.extract import ExtractConfig, extract, worker_devices
+from gendd_pipe.finetune import FinetuneConfig, finetune
+from gendd_pipe.models.teacher import TeacherConfig, create_teacher
+from gendd_pipe.runtime import RuntimeConfig, resolve_device
+from gendd_pipe.store.audit import verify
+from gendd_pipe.store.format import MANIFEST_ATTR
+from gendd_pipe.store.writer import open_root
+
+TEACHER = TeacherConfig("resnet18", "none", input_size=32)
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+cuda = pytest.mark.cuda
+
+
+def _extract(shards, out, dask_workers=0, **runtime) -> dict:
+    cfg = ExtractConfig(teacher=TEACHER, views=ViewConfig(count=2, scale=(0.5, 1.0), hflip=0.5),
+                        dask_workers=dask_workers, runtime=RuntimeConfig(**runtime))
+    return extract(shards, str(out), cfg, progress=False)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _features(store) -> np.ndarray:
+    store = FeatureStore.open(str(store))
+    return np.concatenate([store.read_shard(n)["features"] for n in store.shard_names])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("device", "gpu", "must be auto, cpu, cuda or cuda:N"),
+    ("device", "cuda:x", "must be auto, cpu, cuda or cuda:N"),
+    ("amp", "fp8", "must be one of 'off', 'bf16' or 'fp16'"),
+])
+def test_runtime_values_are_checked_where_they_are_read(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(ExtractConfig, {"runtime": {field: value}}, "extract")
+
+
+@no_gpu
+@pytest.mark.parametrize("runtime,message", [
+    ({"device": "cuda"}, "--device cuda: torch sees no CUDA device"),
+    ({"device": "cuda:7"}, "--device cuda:7: torch sees no CUDA device"),
+    ({"amp": "fp16"}, "--amp fp16: float16 autocast needs a CUDA device; use --amp bf16"),
+])
+def test_a_device_or_precision_this_machine_lacks_is_one_line(runtime, message):
+    with pytest.raises(GenddError, match=message):
+        resolve_device(RuntimeConfig(**runtime))
+
+
+def test_auto_is_the_gpu_when_there_is_one():
+    assert resolve_device(RuntimeConfig()).type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_one_local_dask_worker_per_visible_gpu():
+    assert worker_devices(RuntimeConfig(), 0) == () and worker_devices(RuntimeConfig(device="cpu"), 4) == ()
+    assert worker_devices(RuntimeConfig(), 3) == worker_devices(RuntimeConfig(device="cuda"), 3) == (
+        "cuda:0", "cuda:1", "cuda:2")
+    assert worker_devices(RuntimeConfig(device="cuda:2"), 4) == ("cuda:2",)
+
+
+def test_bf16_extraction_matches_fp32_and_is_recorded(digit_store, tmp_path):
+    full = _extract(digit_store["val"], tmp_path / "fp32.zarr")
+    half = _extract(digit_store["val"], tmp_path / "bf16.zarr", amp="bf16", channels_last=False)
+    assert full["compute"] == {"precision": "fp32"} and half["compute"] == {"precision": "bf16"}
+    cosines = _cosines(_features(tmp_path / "fp32.zarr"), _features(tmp_path / "bf16.zarr"))
+    assert cosines.min() >= 0.999, cosines.min()
+    report = verify(FeatureStore.open(str(tmp_path / "bf16.zarr")), recompute_count=4)  # at the store's precision
+    assert report["ok"] and report["cosine_min"] >= 0.999, report
+
+
+def test_resuming_at_another_precision_is_refused_and_keeps_the_store(digit_store, tmp_path):
+    store = tmp_path / "s.zarr"
+    _extract(digit_store["val"], store)
+    before = FeatureStore.open(str(store)).read_shard("val-000000")["features"]
+    with pytest.raises(GenddError, match=r"written with another compute \(precision differ.*'fp32'.*'bf16'"):
+        _extract(digit_store["val"] + digit_store["train"], store, amp="bf16")
+    after = FeatureStore.open(str(store))
+    assert after.shard_names == ["val-000000"] and np.array_equal(after.read_shard("val-000000")["features"], before)
+
+
+def test_a_store_written_before_precision_was_recorded_resumes_at_fp32(digit_store, tmp_path):
+    store = tmp_path / "s.zarr"
+    _extract(digit_store["val"], store)
+    root = open_root(str(store))
+    root.attrs[MANIFEST_ATTR] = {k: v for k, v in root.attrs[MANIFEST_ATTR].items() if k != "compute"}
+    manifest = _extract(digit_store["val"] + digit_store["train"], store)
+    assert [s["name"] for s in manifest["shards"]] == ["val-000000", "train-000000", "train-000001"]
+    with pytest.raises(GenddError, match="another compute"):
+        _extract(digit_store["val"], store, amp="bf16")
+
+
+def test_fine_tune_trains_under_bf16_autocast(digit_store, tmp_path):
+    cfg = FinetuneConfig(teacher=TeacherConfig("resnet10t", "none", input_size=32), views=ViewConfig(hflip=0.0),
+                         epochs=1, batch_size=32, warmup_steps=1, runtime=RuntimeConfig(amp="bf16"))
+    metrics = finetune(digit_store["train"], digit_store["val"], str(tmp_path), cfg, progress=False)
+    weights = load_file(metrics["model"])
+    assert weights["fc.weight"].dtype == torch.float32 and torch.isfinite(weights["fc.weight"]).all()
+    assert np.isfinite(metrics["history"][0]["loss"])
+
+
+@cuda
+def test_gpu_amp_extraction_matches_cpu_fp32(digit_store, tmp_path):
+    _extract(digit_store["val"], tmp_path / "cpu.zarr", device="cpu")
+    for amp in ("bf16", "fp16"):
+        manifest = _extract(digit_store["val"], tmp_path / f"{amp}.zarr", device="cuda", amp=amp)
+        assert manifest["compute"] == {"precision": amp}
+        cosines = _cosines(_features(tmp_path / "cpu.zarr"), _features(tmp_path / f"{amp}.zarr"))
+        assert cosines.min() >= 0.999, (amp, cosines.min())
+
+
+@cuda
+def test_a_teacher_on_the_gpu_keeps_the_head_and_returns_cpu_outputs():
+    teacher = create_teacher(TEACHER, RuntimeConfig(device="cuda", amp="bf16"))
+    features, logits = teacher(torch.randn(4, 3, 32, 32))
+    assert features.device.type == logits.device.type == "cpu" and features.dtype == torch.float32
+    weight, bias = teacher.head()
+    torch.testing.assert_close(logits, features @ torch.from_numpy(weight).T + torch.from_numpy(bias),
+                               atol=0.1, rtol=0.02)  # bf16 classifier
+
+
+@cuda
+@pytest.mark.slow
+def test_dask_gpu_workers_write_what_the_gpu_writes_in_process(digit_store, tmp_path):
+    _extract(digit_store["val"], tmp_path / "here.zarr", device="cuda", amp="bf16")
+    _extract(digit_store["val"], tmp_path / "dask.zarr", dask_workers=1, device="cuda", amp="bf16")
+    assert _cosines(_features(tmp_path / "here.zarr"), _features(tmp_path / "dask.zarr")).min() >= 0.9999
+
+
+@no_gpu
+@pytest.mark.parametrize("options,message", [
+    (["--device", "cuda"], "error: --device cuda: torch sees no CUDA device"),
+    (["--amp", "fp16"], "error: --amp fp16: float16 autocast needs a CUDA device"),
+    (["--device", "gpu"], "error: extract.runtime.device: must be auto, cpu, cuda or cuda:N, got 'gpu' (option --device)"),
+    (["--logits", "derived", "--teacher", "dla34"], "error: --logits derived: the classifier of dla34 is a Conv2d"),
+])
+def test_the_cli_refuses_in_one_line_before_any_work(digit_store, tmp_path, options, message):
+    from tests.test_bad_inputs import invoke, one_line
+
+    args = ["extract", *digit_store["val"], "--out", tmp_path / "s.zarr", "--teacher", "resnet18", "--weights", "none",
+            "--input-size", "32", "--dask-workers", "0", "-q", *options]
+    one_line(invoke(*args), message)
+    assert not (tmp_path / "s.zarr" / "shards").exists()
