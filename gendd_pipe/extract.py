@@ -265,7 +265,8 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
     log.info("%s: %d of %d shards to extract%s", public_url(store), len(todo), len(urls),
              f" ({len(urls) - len(todo)} complete already)" if len(todo) < len(urls) else "")
     try:
-        with ExtractProgress(len(urls), len(urls) - len(todo), enabled=progress) as bar:
+        gpus = tuple(torch.device(d).index for d in devices or [resolve_device(cfg.runtime)] if "cuda" in str(d))
+        with ExtractProgress(len(urls), len(urls) - len(todo), enabled=progress, gpus=gpus) as bar:
             if cfg.dask_workers == 0 and not cfg.scheduler:
                 for url in todo:
                     extract_shard(url, store, cfg, report=bar.add_images)

@@ -39,19 +39,42 @@ class _Ticker:
         return str(timedelta(seconds=int(time.perf_counter() - self.start)))
 
 
-class ExtractProgress:
-    """Counts shards (the bar) and images (the rate)."""
+def gpu_status(gpus: tuple[int, ...]) -> str:
+    """``cuda:0 87% 10.2/139.8 GiB`` for each GPU index given (device-wide, so it sees Dask workers' use too);
+    utilisation where the NVIDIA management library is installed, memory always; empty for none."""
+    import torch
 
-    def __init__(self, shards: int, done: int, enabled: bool = True):
-        self.images, self.shards, self.done = 0, shards, done
+    parts = []
+    for index in gpus:
+        free, total = torch.cuda.mem_get_info(index)
+        try:
+            busy = f" {torch.cuda.utilization(index)}%"
+        except Exception:  # noqa: BLE001 - without pynvml (or amdsmi) there is memory alone
+            busy = ""
+        parts.append(f"cuda:{index}{busy} {(total - free) / 2**30:.1f}/{total / 2**30:.1f} GiB")
+    return ", ".join(parts)
+
+
+class ExtractProgress:
+    """Counts shards (the bar) and images (the rate); on GPUs, shows their utilisation and memory."""
+
+    def __init__(self, shards: int, done: int, enabled: bool = True, gpus: tuple[int, ...] = ()):
+        self.images, self.shards, self.done, self.gpus = 0, shards, done, gpus
+        self._gpu, self._gpu_at = "", 0.0
         self._ticker = _Ticker(enabled)
         self._lock = threading.Lock()
         self._progress = Progress(
             TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
             TextColumn("{task.fields[images]} images"), TextColumn("{task.fields[rate]} img/s"),
-            TimeElapsedColumn(), disable=not self._ticker.live,
+            TimeElapsedColumn(), TextColumn("{task.fields[gpu]}"), disable=not self._ticker.live,
         )
-        self._task = self._progress.add_task("extract", total=shards, completed=done, images=0, rate="-")
+        self._task = self._progress.add_task("extract", total=shards, completed=done, images=0, rate="-", gpu="")
+
+    def _gpus(self) -> str:
+        """The GPU status, refreshed at most once a second."""
+        if self.gpus and time.perf_counter() - self._gpu_at >= 1.0:
+            self._gpu, self._gpu_at = gpu_status(self.gpus), time.perf_counter()
+        return self._gpu
 
     def __enter__(self) -> "ExtractProgress":
         self._progress.__enter__()
@@ -66,13 +89,14 @@ class ExtractProgress:
         return self.images / max(time.perf_counter() - self._ticker.start, 1e-9)
 
     def _line(self) -> str:
+        gpu = f", {self._gpu}" if self._gpu else ""
         return (f"extract: {self.done}/{self.shards} shards, {self.images:,} images, {self._rate():,.1f} img/s, "
-                f"elapsed {self._ticker.elapsed()}")
+                f"elapsed {self._ticker.elapsed()}{gpu}")
 
     def add_images(self, n: int) -> None:
         with self._lock:
             self.images += n
-            self._progress.update(self._task, images=self.images, rate=f"{self._rate():,.1f}")
+            self._progress.update(self._task, images=self.images, rate=f"{self._rate():,.1f}", gpu=self._gpus())
             self._ticker.tick(self._line)
 
     def shard_done(self) -> None:

@@ -475,8 +475,8 @@ def damage(store: Path, kind: str) -> str:
         chunk.write_bytes(bytes(data))
         return "array features does not match its checksum"
     if kind == "lost chunk":
-        _first_chunk(store, "logits").unlink()
-        return "array logits does not match its checksum"
+        _first_chunk(store, "features").unlink()  # zarr reads a lost chunk as fill values
+        return "array features does not match its checksum"
     if kind == "missing array":
         shutil.rmtree(store / "shards" / "train-000000" / "views")
         return "array views is missing"
