@@ -32,9 +32,9 @@ from gendd_pipe.models.teacher import TeacherConfig
 
 SHARDS = 10
 ARGS = ["--teacher", "resnet18", "--weights", "none", "--input-size", "64", "--views", "3", "--threads", "1",
-        "--batch-size", "24", "-q"]
+        "--batch-size", "24", "--logits", "full", "-q"]
 CONFIG = ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=64), views=ViewConfig(count=3),
-                       batch_size=24, dask_workers=0, threads=1)
+                       batch_size=24, logits="full", dask_workers=0, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_a_failing_disk_is_one_line_and_a_rerun_finishes(tmp_path, inputs, fault
     command = " ".join(_command(inputs["pattern"], mount / "s.zarr"))
     if fault == "full disk":  # room for some shards, not all
         run = f"rc=0; {command} > {tmp_path}/out.txt 2>&1 || rc=$?; echo $rc > {tmp_path}/rc"
-        size = "2600k"  # the teacher head (1.8 MB) and a few shards (0.2 MB each)
+        size = "2600k"  # the teacher head (2 MB) and a few shards (0.2 MB each, with full logits)
     else:  # writable until the first shard is complete, then read-only
         run = (f"{command} > {tmp_path}/out.txt 2>&1 & pid=$!; "
                f"until grep -qs '\"complete\": true' {mount}/s.zarr/shards/*/zarr.json || ! kill -0 $pid; "
