@@ -89,7 +89,7 @@ def input_side(urls: list[str], teacher, views: ViewConfig) -> tuple[float, list
     return len(tensors) / views.count / seconds, [torch.stack(tensors[i:i + BATCH]) for i in range(0, len(tensors), BATCH)]
 
 
-def bare_forward(teacher, batches: list[torch.Tensor], count: int) -> float:
+def bare_forward(teacher, batches: list[torch.Tensor], views_per_image: int) -> float:
     """Images/s of the teacher forward alone on preprocessed tensors (after one warm-up batch)."""
     teacher(batches[0])
     if teacher.device.type == "cuda":
@@ -100,7 +100,7 @@ def bare_forward(teacher, batches: list[torch.Tensor], count: int) -> float:
     for batch in batches:
         teacher(batch)  # returns CPU tensors, so the device work is finished
         views += len(batch)
-    return views / count / (time.perf_counter() - start)
+    return views / views_per_image / (time.perf_counter() - start)
 
 
 def end_to_end(urls: list[str], store: str, cfg: ExtractConfig, images: int) -> float:
@@ -172,7 +172,7 @@ def main() -> None:
                         runtime = RuntimeConfig(device=device, amp=amp)
                         teacher = create_teacher(teacher_cfg, runtime)
                         inputs, batches = input_side(urls, teacher, views)
-                        forward = bare_forward(teacher, batches, args.images)
+                        forward = bare_forward(teacher, batches, count)
                         cfg = ExtractConfig(teacher=teacher_cfg, views=views, batch_size=BATCH, dask_workers=0,
                                             runtime=runtime)
                         e2e = end_to_end(urls, f"{tmp}/{device}-{name}-{count}-{amp}.zarr", cfg, args.images)
