@@ -41,6 +41,7 @@ from gendd_pipe import report as report_stage
 from gendd_pipe.recipe import SECTIONS, load_params, section, section_class
 from gendd_pipe.runtime import RuntimeConfig
 from gendd_pipe.store.audit import summarize, verify
+from gendd_pipe.store.format import logits_spec
 from gendd_pipe.store.reader import FeatureStore
 
 app = typer.Typer(help="Offline teacher-feature cache and GenDD distillation.", no_args_is_help=True,
@@ -288,7 +289,7 @@ def info_command(store: Annotated[Optional[str], typer.Argument(help="Store path
         ("input", f"{p['input_size']} {p['interpolation']} crop_pct {p['crop_pct']} mean {p['mean']} std {p['std']}"),
         ("views", f"{v['count']} (scale {v['scale']}, ratio {[round(r, 3) for r in v['ratio']]}, hflip {v['hflip']}, "
                   f"seed {v['seed']})"),
-        ("logits", summary["logits"]["mode"] + (f":{summary['logits']['k']}" if "k" in summary["logits"] else "")),
+        ("logits", logits_spec(summary["logits"])),
         ("compute precision", summary["compute"]["precision"]),
         ("shards / samples / skipped", f"{summary['shards']} / {summary['samples']} / {summary['skipped']}"),
         ("bytes on disk", f"{summary['bytes_stored']:,} ({summary['bytes_per_view']:,.0f} per view)"),

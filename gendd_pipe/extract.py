@@ -33,7 +33,8 @@ from gendd_pipe.files import public_url, write_json, write_yaml
 from gendd_pipe.layout import config_beside
 from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher, create_teacher
 from gendd_pipe.runtime import RuntimeConfig, resolve_device
-from gendd_pipe.store.format import FORMAT_VERSION, MANIFEST_ATTR, SHARDS, check_compatible, parse_logits
+from gendd_pipe.store.format import (FORMAT_VERSION, MANIFEST_ATTR, SHARDS, check_compatible, logits_spec,
+                                     parse_logits)
 from gendd_pipe.store.reader import FeatureStore
 from gendd_pipe.store.writer import is_complete, open_root, write_root, write_shard
 
@@ -249,7 +250,7 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
     store = store if "://" in store else os.path.abspath(store)
     devices = _local_devices(cfg)
     cfg = _threads(cfg, len(devices) or cfg.dask_workers)
-    resolve_device(cfg.runtime)  # a device or precision this machine lacks fails here, before any work
+    device = None if cfg.scheduler else resolve_device(cfg.runtime)  # one this machine lacks fails before any work
     teacher = create_teacher(cfg.teacher, RuntimeConfig(device="cpu"))  # the manifest and head; shards build their own
     root = open_root(store)
     cfg = replace(cfg, logits=_logits_mode(cfg.logits, teacher, root.attrs.get(MANIFEST_ATTR)))
@@ -265,7 +266,8 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
     log.info("%s: %d of %d shards to extract%s", public_url(store), len(todo), len(urls),
              f" ({len(urls) - len(todo)} complete already)" if len(todo) < len(urls) else "")
     try:
-        gpus = tuple(torch.device(d).index for d in devices or [resolve_device(cfg.runtime)] if "cuda" in str(d))
+        local_gpu = (device.index,) if device is not None and device.type == "cuda" else ()
+        gpus = tuple(torch.device(d).index for d in devices) or local_gpu
         with ExtractProgress(len(urls), len(urls) - len(todo), enabled=progress, gpus=gpus) as bar:
             if cfg.dask_workers == 0 and not cfg.scheduler:
                 for url in todo:
@@ -284,8 +286,7 @@ def _logits_mode(mode: str, teacher: Teacher, existing: dict | None) -> str:
     """``auto`` made concrete (an existing store's own mode, else derived where the classifier is one linear
     layer, else full); ``derived`` refused for a teacher whose logits are not ``f @ W.T + b``."""
     if mode == "auto" and existing and "logits" in existing:
-        logits = existing["logits"]
-        return logits["mode"] + (f":{logits['k']}" if "k" in logits else "")
+        return logits_spec(existing["logits"])
     if mode == "auto":
         return "derived" if teacher.linear_head else "full"
     if mode == "derived" and not teacher.linear_head:

@@ -43,7 +43,7 @@ from gendd_pipe.layout import LAST, METRICS, MODEL, checkpoint_in, config_beside
 from gendd_pipe.metrics import EpochLog, topk_hits
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.progress import StepBar
-from gendd_pipe.runtime import RuntimeConfig, autocast, place, resolve_device, to_device
+from gendd_pipe.runtime import RuntimeConfig, autocast, compiled, place, resolve_device, to_device
 
 FORMAT = "gendd-pipe/teacher-1"
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
         raise GenddError(f"{count} train samples do not fill one batch of {cfg.batch_size}")
     model.reset_classifier(num_classes)
     place(model.train(), runtime, device)  # the new classifier too
-    forward = torch.compile(model) if runtime.compile else model
+    forward = compiled(model, runtime)
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp == "fp16")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = steps * cfg.epochs

@@ -6,8 +6,9 @@
 path without a GPU); ``channels_last`` sets the memory format of models and
 inputs; ``compile`` wraps the model in ``torch.compile``.
 
-Models are placed once with `place`; code that runs them moves its inputs with
-`to_device` and runs them under `autocast`, so no model code names a device.
+Models are placed once with `place` and wrapped by `compiled`; code that runs
+them moves its inputs with `to_device` and runs them under `autocast`, so no
+model code names a device.
 The compute precision changes the stored bytes of an extraction, so the
 manifest records `precision`.
 """
@@ -68,9 +69,13 @@ def resolve_device(cfg: RuntimeConfig) -> torch.device:
 
 
 def place(model: torch.nn.Module, cfg: RuntimeConfig, device: torch.device) -> torch.nn.Module:
-    """``model`` on ``device`` in the configured memory format, compiled when asked (the module itself is moved)."""
-    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    return torch.compile(model) if cfg.compile else model
+    """``model`` moved to ``device`` in the configured memory format (in place; returned for chaining)."""
+    return model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+
+
+def compiled(fn, cfg: RuntimeConfig):
+    """``fn`` (a module or a function) wrapped in ``torch.compile`` when ``cfg.compile`` asks for it."""
+    return torch.compile(fn) if cfg.compile else fn
 
 
 def to_device(images: torch.Tensor, cfg: RuntimeConfig, device: torch.device) -> torch.Tensor:

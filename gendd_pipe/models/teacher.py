@@ -34,7 +34,7 @@ from timm.models import load_state_dict, remap_state_dict
 from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.hub import architecture, create_model
-from gendd_pipe.runtime import RuntimeConfig, autocast, place, resolve_device, to_device
+from gendd_pipe.runtime import RuntimeConfig, autocast, compiled, place, resolve_device, to_device
 
 BUNDLED = {"bundled:efficientnet-lite0": "tf_efficientnet_lite0"}
 
@@ -62,7 +62,7 @@ class Teacher:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def __post_init__(self):
-        self._forward = torch.compile(self._outputs) if self.runtime.compile else self._outputs
+        self._forward = compiled(self._outputs, self.runtime)
 
     def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         trunk = self.model.forward_features(x)

@@ -67,6 +67,11 @@ def parse_logits(mode: str) -> dict:
     return {"mode": "topk", "k": int(match.group(1))}
 
 
+def logits_spec(section: dict) -> str:
+    """The manifest's ``logits`` section as the option that writes it: ``full``, ``derived`` or ``topk:K``."""
+    return section["mode"] + (f":{section['k']}" if "k" in section else "")
+
+
 def check_compatible(store: str, existing: dict, requested: dict) -> None:
     """Refuse to extend a store whose bytes would come from another teacher, recipe or precision."""
     existing = {"compute": COMPUTE_BEFORE_PRECISION, **existing}

@@ -28,6 +28,7 @@ class FeatureStore:
 
     def __init__(self, root: zarr.Group, url: str):
         self.root, self.url = root, url
+        self._head: tuple[np.ndarray, np.ndarray] | None = None
         if MANIFEST_ATTR not in root.attrs:
             raise GenddError(f"{public_url(url)}: not a gendd-pipe feature store (no '{MANIFEST_ATTR}' manifest)")
         self.manifest: dict = dict(root.attrs[MANIFEST_ATTR])
@@ -66,7 +67,7 @@ class FeatureStore:
 
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         """The teacher's classifier: weight (C, D) and bias (C,), float32 (read once)."""
-        if not hasattr(self, "_head"):
+        if self._head is None:
             self._head = self.root[HEAD_WEIGHT][...], self.root[HEAD_BIAS][...]
         return self._head
 
