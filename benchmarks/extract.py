@@ -1,30 +1,36 @@
 """Extraction against the bare teacher forward, every ratio measured side by side in one run.
 
-    python benchmarks/extract.py [--images 48] [--teachers tf_efficientnet_lite0 resnet50] [--views 1 10]
-                                 [--amp off bf16] [--devices cpu cuda] [--json]
+    python benchmarks/extract.py [--shards 2] [--batches-per-shard 4] [--teachers tf_efficientnet_lite0 resnet50] [--views 1 10]
+                                 [--amp off bf16] [--renderers pil tensor] [--devices cpu cuda] [--json]
 
 Builds its own inputs: photo-sized JPEGs (500x375 crops of scikit-image photos) in
-ImageNet-layout WebDataset shards. For each device present (the CPU always, CUDA
-when torch sees it), teacher, view count and precision it prints:
+ImageNet-layout WebDataset shards, each shard some teacher batches long (ImageNet's
+shards hold a thousand images: a shard of one batch would measure only the
+per-shard start). For each device present (the CPU always, CUDA
+when torch sees it), teacher, view count, precision and renderer it prints:
 
 - efficiency: end-to-end ``extract`` images/s (read, decode, views, forward,
   compress, write) over the bare teacher forward's images/s on preprocessed
   tensors of the same model, batch, views, precision and device;
-- decode headroom: images/s of the input side alone (read, decode, cut and
-  resize every view) over the images/s the forward consumes;
+- decode headroom: images/s of extraction's input pipeline alone (read, decode,
+  cut and resize every view, on its threads) over the images/s the forward consumes;
 
 and, once per teacher, the storage (bytes on disk per view over the raw fp32
-bytes of features + logits) for logits full, topk:10 and derived, and the memory
+bytes of features + logits) for logits full, topk:10, derived and derived with
+int8 features, and the memory
 ratio: peak RSS of an extraction over 4x the shards over that of 1x (flat is 1.0).
-Absolute numbers drift on a shared machine; the ratios are what to compare.
+Each side is run ``--repeats`` times in turn and its best run counts. Absolute
+numbers drift on a shared machine; the ratios are what to compare.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,9 +43,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data as skdata  # noqa: E402
 
-from gendd_pipe.data.shards import Sample, ShardReader  # noqa: E402
-from gendd_pipe.data.views import ViewConfig, render_view, sample_views, to_tensor  # noqa: E402
-from gendd_pipe.extract import ExtractConfig, extract  # noqa: E402
+from gendd_pipe.data.render import normalize_pixels  # noqa: E402
+from gendd_pipe.data.shards import ShardReader  # noqa: E402
+from gendd_pipe.data.views import ViewConfig  # noqa: E402
+from gendd_pipe.extract import ExtractConfig, _rendered, _threads, extract  # noqa: E402
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher  # noqa: E402
 from gendd_pipe.runtime import RuntimeConfig  # noqa: E402
 from gendd_pipe.store.audit import summarize  # noqa: E402
@@ -50,9 +57,13 @@ BATCH = 64  # views per forward
 
 
 def photo_shards(root: str, images: int, per_shard: int) -> list[str]:
-    """``images`` distinct 500x375 JPEGs (random crops and flips of the photos), labelled, in shards."""
+    """``images`` distinct 500x375 JPEGs (random crops and flips of the photos), labelled, in shards (made once
+    per ``root``)."""
     import webdataset as wds
 
+    made = [f"{root}/photos-{i:06d}.tar" for i in range(-(-images // per_shard))]
+    if all(os.path.exists(url) for url in made):
+        return made
     rng = np.random.default_rng(0)
     photos = [Image.fromarray(getattr(skdata, name)()).convert("RGB") for name in PHOTOS]
     os.makedirs(root, exist_ok=True)
@@ -74,19 +85,18 @@ def photo_shards(root: str, images: int, per_shard: int) -> list[str]:
     return urls
 
 
-def input_side(urls: list[str], teacher, views: ViewConfig) -> tuple[float, list[torch.Tensor]]:
-    """Images/s of reading, decoding and rendering every view alone; returns the rendered batches too."""
-    dc, size = teacher.data_config, teacher.input_hw
-    tensors, start = [], time.perf_counter()
+def input_side(urls: list[str], teacher, cfg: ExtractConfig) -> tuple[float, list[torch.Tensor]]:
+    """Images/s of extraction's input pipeline alone (reading, decoding and rendering every view, on its
+    threads); returns the rendered views too, normalized, in teacher batches."""
+    pixels, start = [], time.perf_counter()
     for url in urls:
-        for sample in ShardReader(url):
-            if isinstance(sample, Sample):
-                for view in sample_views(sample.key, *sample.image.size, views, size, dc["crop_pct"],
-                                         dc.get("crop_mode", "center")):
-                    tensors.append(to_tensor(render_view(sample.image, view, size, dc["interpolation"]),
-                                             dc["mean"], dc["std"]))
+        for item in _rendered(ShardReader(url, decode=False), teacher, cfg):
+            pixels.append(item[2])
     seconds = time.perf_counter() - start
-    return len(tensors) / views.count / seconds, [torch.stack(tensors[i:i + BATCH]) for i in range(0, len(tensors), BATCH)]
+    dc, views = teacher.data_config, torch.cat(pixels).cpu()
+    if views.dtype == torch.uint8:  # rendered for a GPU, which normalizes them
+        views = normalize_pixels(views, dc["mean"], dc["std"])
+    return len(pixels) / seconds, [views[i:i + BATCH] for i in range(0, len(views), BATCH)]
 
 
 def bare_forward(teacher, batches: list[torch.Tensor], views_per_image: int) -> float:
@@ -104,21 +114,36 @@ def bare_forward(teacher, batches: list[torch.Tensor], views_per_image: int) -> 
 
 
 def end_to_end(urls: list[str], store: str, cfg: ExtractConfig, images: int) -> float:
-    extract(urls[:1], store + ".warm", cfg, progress=False)  # builds and caches the teacher of this process
+    """Images/s of a whole extraction into a new store (the teacher of this process already built)."""
+    shutil.rmtree(store, ignore_errors=True)
     start = time.perf_counter()
     extract(urls, store, cfg, progress=False)
     return images / (time.perf_counter() - start)
 
 
+def side_by_side(urls: list[str], store: str, cfg: ExtractConfig, teacher, images: int, repeats: int) -> tuple:
+    """(extract, forward, input) images/s, each the best of ``repeats`` runs taken in turn, so that a slow
+    spell of a shared machine does not fall on one side only."""
+    extract(urls[:1], store + ".warm", cfg, progress=False)  # builds and caches the teacher of this process
+    e2e, forward, inputs = [], [], []
+    for _ in range(repeats):
+        rate, batches = input_side(urls, teacher, cfg)
+        inputs.append(rate)
+        forward.append(bare_forward(teacher, batches, cfg.views.count))
+        e2e.append(end_to_end(urls, store, cfg, images))
+    return max(e2e), max(forward), max(inputs)
+
+
 def storage(urls: list[str], tmp: str, teacher: TeacherConfig) -> dict[str, float]:
     """Bytes on disk per view / raw fp32 bytes of features + logits per view, per logits mode."""
     out = {}
-    for mode in ("full", "topk:10", "derived"):
-        store = f"{tmp}/storage-{mode.replace(':', '')}.zarr"
-        extract(urls, store, ExtractConfig(teacher=teacher, views=ViewConfig(count=2), logits=mode, dask_workers=0),
-                progress=False)
+    for mode, dtype in (("full", "float16"), ("topk:10", "float16"), ("derived", "float16"), ("derived", "int8")):
+        name = mode if dtype == "float16" else f"{mode}+{dtype}"
+        store = f"{tmp}/storage-{name.replace(':', '')}.zarr"
+        extract(urls, store, ExtractConfig(teacher=teacher, views=ViewConfig(count=2), logits=mode, features_dtype=dtype,
+                                           dask_workers=0), progress=False)
         s, t = summarize(FeatureStore.open(store)), FeatureStore.open(store).manifest["teacher"]
-        out[mode] = s["bytes_per_view"] / (4 * (t["num_features"] + t["num_classes"]))
+        out[name] = s["bytes_per_view"] / (4 * (t["num_features"] + t["num_classes"]))
     return out
 
 
@@ -142,12 +167,15 @@ def teacher_config(name: str, size: int) -> TeacherConfig:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=48, help="photos per measurement")
+    parser.add_argument("--shards", type=int, default=2, help="input shards per measurement")
+    parser.add_argument("--batches-per-shard", type=int, default=4, help="teacher batches in each shard")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--teachers", nargs="+", default=["tf_efficientnet_lite0", "resnet50"])
     parser.add_argument("--storage-teacher", default="resnet18", help="a 512-dim, 1000-class teacher")
     parser.add_argument("--views", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--amp", nargs="+", default=["off", "bf16"])
+    parser.add_argument("--renderers", nargs="+", default=["pil", "tensor"])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, taken in turn; the best counts")
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="those present are measured")
     parser.add_argument("--json", action="store_true", help="also print one JSON line of every figure")
     args = parser.parse_args()
@@ -156,37 +184,37 @@ def main() -> None:
     result = {"machine": os.uname().nodename, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "rows": rows}
     with tempfile.TemporaryDirectory() as tmp:
-        per_shard = max(1, args.images // 2)
-        urls = photo_shards(f"{tmp}/photos", args.images, per_shard)
-        print(f"{args.images} photo JPEGs (500x375) in {len(urls)} shards, {args.input_size} px, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-        print("| device | teacher | views | amp | extract img/s | forward img/s | efficiency | input img/s | "
-              "decode headroom |")
-        print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+        print(f"photo JPEGs (500x375), {args.shards} shards of {args.batches_per_shard} batches of {BATCH} views, "
+              f"{args.input_size} px, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print("| device | teacher | views | amp | renderer | extract img/s | forward img/s | efficiency | "
+              "input img/s | decode headroom |")
+        print("|---|---|---:|---|---|---:|---:|---:|---:|---:|")
         for device in devices:
             for name in args.teachers:
                 teacher_cfg = teacher_config(name, args.input_size)
-                for count in args.views:
-                    views = ViewConfig(count=count)
-                    for amp in args.amp:
-                        runtime = RuntimeConfig(device=device, amp=amp)
-                        teacher = create_teacher(teacher_cfg, runtime)
-                        inputs, batches = input_side(urls, teacher, views)
-                        forward = bare_forward(teacher, batches, count)
-                        cfg = ExtractConfig(teacher=teacher_cfg, views=views, batch_size=BATCH, dask_workers=0,
-                                            runtime=runtime)
-                        e2e = end_to_end(urls, f"{tmp}/{device}-{name}-{count}-{amp}.zarr", cfg, args.images)
-                        rows.append({"device": device, "teacher": name, "views": count, "amp": amp,
-                                     "extract": e2e, "forward": forward, "efficiency": e2e / forward,
-                                     "input": inputs, "headroom": inputs / forward})
-                        r = rows[-1]
-                        print(f"| {device} | {name} | {count} | {amp} | {e2e:.1f} | {forward:.1f} | "
-                              f"{r['efficiency']:.2f} | {inputs:.1f} | {r['headroom']:.2f} |", flush=True)
+                for count, amp, renderer in itertools.product(args.views, args.amp, args.renderers):
+                    per_shard = args.batches_per_shard * max(1, BATCH // count)
+                    images = per_shard * args.shards
+                    urls = photo_shards(f"{tmp}/photos-{per_shard}", images, per_shard)
+                    runtime = RuntimeConfig(device=device, amp=amp)
+                    teacher = create_teacher(teacher_cfg, runtime)
+                    cfg = _threads(ExtractConfig(teacher=teacher_cfg, views=ViewConfig(count=count, renderer=renderer),
+                                                 batch_size=BATCH, dask_workers=0, runtime=runtime), 1)
+                    store = f"{tmp}/{device}-{name}-{count}-{amp}-{renderer}.zarr"
+                    e2e, forward, inputs = side_by_side(urls, store, cfg, teacher, images, args.repeats)
+                    rows.append({"device": device, "teacher": name, "views": count, "amp": amp, "renderer": renderer,
+                                 "extract": e2e, "forward": forward, "efficiency": e2e / forward,
+                                 "input": inputs, "headroom": inputs / forward})
+                    r = rows[-1]
+                    print(f"| {device} | {name} | {count} | {amp} | {renderer} | {e2e:.1f} | {forward:.1f} | "
+                          f"{r['efficiency']:.2f} | {inputs:.1f} | {r['headroom']:.2f} |", flush=True)
         small = teacher_config(args.storage_teacher, 64)
+        per_shard = 24
+        urls = photo_shards(f"{tmp}/photos-{per_shard}", 2 * per_shard, per_shard)
         result["storage"] = storage(urls, tmp, small)
         print(f"\nstorage, {args.storage_teacher} (bytes on disk per view / raw fp32 features + logits): "
               + ", ".join(f"{k} {v:.3f}" for k, v in result["storage"].items()))
-        more = photo_shards(f"{tmp}/more", args.images * 4, per_shard)
+        more = photo_shards(f"{tmp}/more", 8 * per_shard, per_shard)
         one, four = peak_rss(urls, f"{tmp}/rss1.zarr", small), peak_rss(more, f"{tmp}/rss4.zarr", small)
         result["memory"] = {"peak_rss_1x": one, "peak_rss_4x": four, "ratio": four / one}
         print(f"memory: peak RSS over 4x the shards / over 1x = {four / one:.3f} ({one / 2**20:.0f} MiB, "

@@ -41,7 +41,7 @@ from gendd_pipe import report as report_stage
 from gendd_pipe.recipe import SECTIONS, load_params, section, section_class
 from gendd_pipe.runtime import RuntimeConfig
 from gendd_pipe.store.audit import summarize, verify
-from gendd_pipe.store.format import logits_spec
+from gendd_pipe.store.format import logits_spec, renderer_of
 from gendd_pipe.store.reader import FeatureStore
 
 app = typer.Typer(help="Offline teacher-feature cache and GenDD distillation.", no_args_is_help=True,
@@ -166,6 +166,9 @@ ViewScale = Annotated[Optional[str], typer.Option(help="Random-resized-crop area
 ViewRatio = Annotated[Optional[str], typer.Option(help="Random-resized-crop aspect range, LOW,HIGH."),
                       Key("views.ratio", convert=_pair)]
 Hflip = Annotated[Optional[float], typer.Option(help="Horizontal flip probability."), Key("views.hflip")]
+Renderer = Annotated[Optional[str], typer.Option(
+    help="How pixels are cut from views: pil | tensor (torchvision; decodes and resizes on the GPU when there is "
+         "one). Recorded in the store; students render alike."), Key("views.renderer")]
 Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (auto: a GPU when there is one)."),
                    Key("runtime.device")]
 Amp = Annotated[Optional[str], typer.Option(help="Autocast precision: off | bf16 | fp16 (fp16 needs a GPU)."),
@@ -211,7 +214,7 @@ def teacher_command(
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay."), Key("weight_decay")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(help="Cross-entropy label smoothing."),
                                Key("label_smoothing")] = None,
-    view_scale: ViewScale = None, view_ratio: ViewRatio = None, hflip: Hflip = None,
+    view_scale: ViewScale = None, view_ratio: ViewRatio = None, hflip: Hflip = None, renderer: Renderer = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the new classifier, crops and order."),
                     Key("views.seed")] = None,
     num_workers: NumWorkers = None, device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None,
@@ -235,12 +238,18 @@ def extract_command(
     teacher: TeacherName = None, weights: Weights = None, input_size: TeacherSize = None,
     views: Annotated[Optional[int], typer.Option(help="Views per image; view 0 is the eval view."),
                      Key("views.count")] = None,
-    view_scale: ViewScale = None, view_ratio: ViewRatio = None, hflip: Hflip = None,
+    view_scale: ViewScale = None, view_ratio: ViewRatio = None, hflip: Hflip = None, renderer: Renderer = None,
     seed: Annotated[Optional[int], typer.Option(help="View seed (and init seed for --weights none)."),
                     Key("views.seed", "teacher.seed")] = None,
     logits: Annotated[Optional[str], typer.Option(
         help="auto | derived | full | topk:K (auto: derived, computed from the stored head, where the classifier "
              "is one linear layer)."), Key("logits")] = None,
+    features_dtype: Annotated[Optional[str], typer.Option(
+        help="float16 | int8 (lossy: one scale per channel and chunk; the round-trip cosine goes in the manifest)."),
+        Key("features_dtype")] = None,
+    int8_floor: Annotated[Optional[float], typer.Option(
+        help="int8: the lowest round-trip cosine a view may have; a shard under it is refused."),
+        Key("int8_floor")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per teacher forward."), Key("batch_size")] = None,
     chunk_size: Annotated[Optional[int], typer.Option(help="Samples per Zarr chunk."), Key("chunk_size")] = None,
     dask_workers: Annotated[Optional[int], typer.Option(help="Dask LocalCluster workers; 0 runs in this process."),
@@ -249,6 +258,9 @@ def extract_command(
                          Key("scheduler")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads per Dask worker (default cores/workers)."),
                        Key("threads")] = None,
+    render_threads: Annotated[Optional[int], typer.Option(
+        help="Threads decoding and rendering views ahead of the forward (default: --threads)."),
+        Key("render_threads")] = None,
     on_error: Annotated[Optional[str], typer.Option(help="fail | skip (skipped samples go in the manifest)."),
                         Key("on_error")] = None,
     device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = None,
@@ -288,8 +300,11 @@ def info_command(store: Annotated[Optional[str], typer.Argument(help="Store path
         ("features / classes", f"{t['num_features']} / {t['num_classes']}"),
         ("input", f"{p['input_size']} {p['interpolation']} crop_pct {p['crop_pct']} mean {p['mean']} std {p['std']}"),
         ("views", f"{v['count']} (scale {v['scale']}, ratio {[round(r, 3) for r in v['ratio']]}, hflip {v['hflip']}, "
-                  f"seed {v['seed']})"),
+                  f"seed {v['seed']}, renderer {renderer_of(summary)})"),
         ("logits", logits_spec(summary["logits"])),
+        ("features", summary["storage"]["features_dtype"] + (
+            f" (round-trip cosine min {summary['int8_cosine']['min']:.5f}, mean {summary['int8_cosine']['mean']:.5f})"
+            if "int8_cosine" in summary else "")),
         ("compute precision", summary["compute"]["precision"]),
         ("shards / samples / skipped", f"{summary['shards']} / {summary['samples']} / {summary['skipped']}"),
         ("bytes on disk", f"{summary['bytes_stored']:,} ({summary['bytes_per_view']:,.0f} per view)"),

@@ -1,8 +1,10 @@
 """Extraction: run a teacher once over image shards and write a feature store.
 
 One Dask task per input shard builds (once per worker) the teacher, streams the
-shard, renders every view of every image with `render_view`, and writes one
-feature shard whose ``complete`` attribute is the commit. The driver writes the
+shard, renders every view of every image with the configured renderer
+(`gendd_pipe.data.render`) on threads ahead of the forward, and writes one
+feature shard, chunk by chunk on a writer thread, whose ``complete`` attribute
+is the commit. The driver writes the
 manifest and the teacher head first, skips shards that are already complete
 (resume), and finally records the shard list and skipped samples in the manifest.
 Everything written derives from the inputs and the config, so a resumed run
@@ -26,8 +28,9 @@ from pydantic import Field, field_validator
 from gendd_pipe import __version__
 from gendd_pipe.config import (NonNegativeInt, OutputDir, OutputFile, PositiveInt, Shards, configclass, narrow,
                                to_dict)
-from gendd_pipe.data.shards import Sample, ShardReader, expand_urls, shard_name
-from gendd_pipe.data.views import ViewConfig, render_view, sample_views, to_tensor
+from gendd_pipe.data.render import create_renderer, normalize_pixels, prefetched
+from gendd_pipe.data.shards import Sample, ShardReader, Skipped, expand_urls, shard_name
+from gendd_pipe.data.views import ViewConfig, sample_views
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url, write_json, write_yaml
 from gendd_pipe.layout import config_beside
@@ -36,7 +39,7 @@ from gendd_pipe.runtime import RuntimeConfig, resolve_device
 from gendd_pipe.store.format import (FORMAT_VERSION, MANIFEST_ATTR, SHARDS, check_compatible, logits_spec,
                                      parse_logits)
 from gendd_pipe.store.reader import FeatureStore
-from gendd_pipe.store.writer import is_complete, open_root, write_root, write_shard
+from gendd_pipe.store.writer import ShardWriter, is_complete, open_root, write_root
 
 PROGRESS_TOPIC = "gendd-pipe-progress"
 log = logging.getLogger(__name__)
@@ -56,6 +59,9 @@ class ExtractConfig:
     dask_workers: NonNegativeInt = 1  # Dask LocalCluster worker processes; 0 runs in this process
     scheduler: str | None = None  # address of an existing Dask scheduler (overrides dask_workers)
     threads: PositiveInt | None = None  # torch threads per worker; default: cores / dask_workers
+    render_threads: PositiveInt | None = None  # threads decoding and rendering ahead of the forward; default: threads
+    features_dtype: Literal["float16", "int8"] = "float16"  # int8: lossy, one scale per channel and chunk
+    int8_floor: Annotated[float, Field(gt=0, le=1)] = 0.999  # int8: lowest round-trip cosine a view may have
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # device and precision (recorded: precision)
 
     @field_validator("logits")
@@ -77,48 +83,87 @@ def requested_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
         "views": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg.views).items()},
         "logits": parse_logits(cfg.logits),
         "compute": {"precision": cfg.runtime.precision},
-        "storage": {"features_dtype": "float16", "codec": "blosc-zstd-bitshuffle", "clevel": cfg.clevel,
-                    "chunk_size": cfg.chunk_size},
+        "storage": {"features_dtype": cfg.features_dtype, "codec": "blosc-zstd-bitshuffle", "clevel": cfg.clevel,
+                    "chunk_size": cfg.chunk_size, **({"int8_floor": cfg.int8_floor} if cfg.features_dtype == "int8" else {})},
         "shards": [],
         "skipped": [],
         "tool_version": __version__,
     }
 
 
-def _batches(samples: Iterator[Sample], teacher: Teacher, cfg: ExtractConfig, on_skip: Callable) -> Iterator[tuple]:
-    """Render every view of every sample and group them into teacher batches of whole images."""
+def _rendered(reader: ShardReader, teacher: Teacher, cfg: ExtractConfig) -> Iterator:
+    """Each sample of ``reader`` with its views (V, 5) and their pixels (V, 3, H, W), or its `Skipped` record,
+    rendered on ``cfg.render_threads`` threads ahead of the forward: normalized floats for a CPU teacher,
+    uint8 for a GPU one (normalized on the device)."""
     dc, size = teacher.data_config, teacher.input_hw
-    per_batch = max(1, cfg.batch_size // cfg.views.count)
-    pending: list[tuple[Sample, np.ndarray]] = []
-    for item in samples:
+    render = create_renderer(cfg.views.renderer)
+    device = teacher.device if cfg.views.renderer == "tensor" else torch.device("cpu")
+    on_cpu = teacher.device.type == "cpu"  # then these threads normalize too; a GPU gets bytes, normalized there
+
+    def one(item: Sample | Skipped):
         if not isinstance(item, Sample):
+            return item
+        views = sample_views(item.key, *item.image.size, cfg.views, size, dc["crop_pct"], dc.get("crop_mode", "center"))
+        try:
+            pixels = render(item, views, size, dc["interpolation"], device)  # (V, 3, H, W) uint8
+        except ValueError as exc:  # the image fails to decode: the reader's rule (fail, or skip and record)
+            return reader.skip(item.key, str(exc))
+        return item, views, normalize_pixels(pixels, dc["mean"], dc["std"]) if on_cpu else pixels
+
+    ahead = 2 * _images_per_batch(cfg)
+    return prefetched(one, reader, cfg.render_threads or cfg.threads or 1, ahead)
+
+
+def _images_per_batch(cfg: ExtractConfig) -> int:
+    return max(1, cfg.batch_size // cfg.views.count)
+
+
+def _batches(rendered: Iterator, cfg: ExtractConfig, on_skip: Callable) -> Iterator[list]:
+    """Rendered samples grouped into teacher batches of whole images; skipped ones go to ``on_skip``."""
+    pending = []
+    for item in rendered:
+        if isinstance(item, Skipped):
             on_skip(item)
             continue
-        views = sample_views(item.key, *item.image.size, cfg.views, size, dc["crop_pct"], dc.get("crop_mode", "center"))
-        pending.append((item, views))
-        if len(pending) == per_batch:
+        pending.append(item)
+        if len(pending) == _images_per_batch(cfg):
             yield pending
             pending = []
     if pending:
         yield pending
 
 
-def _forward(teacher: Teacher, batch: list, logits: dict) -> tuple[np.ndarray, ...]:
-    dc, size = teacher.data_config, teacher.input_hw
-    images = torch.stack([
-        to_tensor(render_view(sample.image, view, size, dc["interpolation"]), dc["mean"], dc["std"])
-        for sample, views in batch for view in views
-    ])  # (B*V, 3, H, W)
-    features, out = teacher(images)  # (B*V, D), (B*V, C)
+def _forward(teacher: Teacher, batch: list, logits: dict, int8: bool) -> dict[str, np.ndarray]:
+    """One batch through the teacher -> the shard's rows: keys, labels, views, features and logits arrays."""
+    pixels = torch.cat([p for _, _, p in batch])  # (B*V, 3, H, W)
+    if teacher.device.type == "cuda" and pixels.device.type == "cpu":
+        pixels = pixels.pin_memory()  # so the copy to the device does not block
+    features, out = teacher(pixels)  # (B*V, D), (B*V, C) float32
     n, v = len(batch), len(batch[0][1])
-    features = features.reshape(n, v, -1).numpy().astype(np.float16)
+    features = features.reshape(n, v, -1).numpy()
+    rows = {"keys": np.array([s.key for s, _, _ in batch], dtype=str),
+            "labels": np.array([s.label for s, _, _ in batch], dtype=np.int64),
+            "views": np.stack([views for _, views, _ in batch]),
+            "features": features if int8 else features.astype(np.float16)}  # int8: quantized per chunk
     out = out.reshape(n, v, -1)
-    if logits["mode"] == "derived":
-        return (features,)
     if logits["mode"] == "full":
-        return features, out.numpy().astype(np.float16)
-    values, indices = out.topk(logits["k"], dim=-1)
-    return features, values.numpy().astype(np.float16), indices.numpy().astype(np.int32)
+        rows["logits"] = out.numpy().astype(np.float16)
+    elif logits["mode"] == "topk":
+        values, indices = out.topk(logits["k"], dim=-1)
+        rows["topk_values"], rows["topk_indices"] = values.numpy().astype(np.float16), indices.numpy().astype(np.int32)
+    return rows
+
+
+def _fields(teacher: Teacher, cfg: ExtractConfig, logits: dict) -> dict[str, tuple[tuple, object]]:
+    """Row shape and dtype of every array of a feature shard."""
+    v, c = cfg.views.count, teacher.num_classes
+    fields = {"keys": ((), str), "labels": ((), np.int64), "views": ((v, 5), np.float32),
+              "features": ((v, teacher.num_features), np.float16)}
+    if logits["mode"] == "full":
+        fields["logits"] = ((v, c), np.float16)
+    elif logits["mode"] == "topk":
+        fields["topk_values"], fields["topk_indices"] = ((v, logits["k"]), np.float16), ((v, logits["k"]), np.int32)
+    return fields
 
 
 def _report(images: int) -> None:
@@ -135,6 +180,9 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
                   devices: tuple[str, ...] = ()) -> dict:
     """Extract one input shard into the feature shard of the same name. Runs as one Dask task.
 
+    Reading, decoding and rendering run on threads ahead of the forward (`_rendered`), and each chunk of rows
+    is compressed and written on a thread of its own (`ShardWriter`) while the next batches run.
+
     Args:
         devices: The devices of a local cluster's workers, by worker name (`worker_devices`); empty runs on
             ``cfg.runtime.device``.
@@ -148,36 +196,28 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
 
         runtime = replace(runtime, device=devices[int(get_worker().name)])
     teacher = cached_teacher(cfg.teacher, runtime, cfg.threads)
-    logits = parse_logits(cfg.logits)
-    name, reader = shard_name(url), ShardReader(url, cfg.on_error, teacher.num_classes)
+    logits, int8 = parse_logits(cfg.logits), cfg.features_dtype == "int8"
+    name, reader = shard_name(url), ShardReader(url, cfg.on_error, teacher.num_classes, decode=False)
     skipped: list[dict] = []
-    keys, labels, views, outputs = [], [], [], []
-    for batch in _batches(iter(reader), teacher, cfg, lambda s: skipped.append(s.record())):
-        keys += [sample.key for sample, _ in batch]
-        labels += [sample.label for sample, _ in batch]
-        views.append(np.stack([v for _, v in batch]))
-        outputs.append(_forward(teacher, batch, logits))
-        report(len(batch))
-    n = len(keys)
-    v, d, c = cfg.views.count, teacher.num_features, teacher.num_classes
-    names, widths = ["features"], [d]
-    if logits["mode"] == "full":
-        names, widths = ["features", "logits"], [d, c]
-    elif logits["mode"] == "topk":
-        names, widths = ["features", "topk_values", "topk_indices"], [d, logits["k"], logits["k"]]
-    dtypes = [np.float16, np.float16, np.int32]
-    arrays = {
-        "keys": np.array(keys, dtype=str) if n else np.zeros(0, dtype="<U1"),
-        "labels": np.array(labels, dtype=np.int64),
-        "views": np.concatenate(views) if n else np.zeros((0, v, 5), np.float32),
-    }
-    for i, (key, width, dtype) in enumerate(zip(names, widths, dtypes)):
-        arrays[key] = np.concatenate([o[i] for o in outputs]) if n else np.zeros((0, v, width), dtype)
-    attrs = {"source": public_url(url), "source_sha256": reader.sha256, "count": n, "skipped": skipped}
     with _writing(store, f"feature shard {name}"):
-        write_shard(open_root(store), name, arrays, attrs, cfg.chunk_size, cfg.clevel)
+        writer = ShardWriter(open_root(store), name, _fields(teacher, cfg, logits), cfg.chunk_size, cfg.clevel,
+                             cfg.int8_floor if int8 else None)
+    try:
+        n = 0
+        for batch in _batches(_rendered(reader, teacher, cfg), cfg, lambda s: skipped.append(s.record())):
+            rows = _forward(teacher, batch, logits, int8)
+            with _writing(store, f"feature shard {name}"):
+                writer.append(rows)
+            n += len(batch)
+            report(len(batch))
+        attrs = {"source": public_url(url), "source_sha256": reader.sha256, "count": n, "skipped": skipped}
+        with _writing(store, f"feature shard {name}"):
+            attrs = writer.commit(attrs)
+    finally:
+        writer.close()
     log.debug("feature shard %s: %d samples, %d skipped, from %s", name, n, len(skipped), public_url(url))
-    return {"name": name, "source": public_url(url), "count": n, "skipped": skipped}
+    return {"name": name, "source": public_url(url), "count": n, "skipped": skipped,
+            **({"int8_cosine": attrs["int8_cosine"]} if int8 else {})}
 
 
 def worker_devices(runtime: RuntimeConfig, visible: int) -> tuple[str, ...]:
@@ -251,7 +291,10 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
     devices = _local_devices(cfg)
     cfg = _threads(cfg, len(devices) or cfg.dask_workers)
     device = None if cfg.scheduler else resolve_device(cfg.runtime)  # one this machine lacks fails before any work
-    teacher = create_teacher(cfg.teacher, RuntimeConfig(device="cpu"))  # the manifest and head; shards build their own
+    if cfg.dask_workers == 0 and not cfg.scheduler:  # the manifest and head from the teacher the shards run here
+        teacher = cached_teacher(cfg.teacher, cfg.runtime, cfg.threads)
+    else:  # ... or from one on the CPU; the workers build their own
+        teacher = create_teacher(cfg.teacher, RuntimeConfig(device="cpu"))
     root = open_root(store)
     cfg = replace(cfg, logits=_logits_mode(cfg.logits, teacher, root.attrs.get(MANIFEST_ATTR)))
     manifest = requested_manifest(teacher, cfg)
@@ -340,9 +383,15 @@ def _finalize(store: str, root, manifest: dict, urls: list[str]) -> dict:
         seen.add(name)
         attrs = root[f"{SHARDS}/{name}"].attrs
         shards.append({"name": name, "source": attrs["source"], "count": attrs["count"],
-                       "source_sha256": attrs["source_sha256"]})
+                       "source_sha256": attrs["source_sha256"],
+                       **({"int8_cosine": attrs["int8_cosine"]} if "int8_cosine" in attrs else {})})
         skipped += [{"shard": name, **s} for s in attrs["skipped"]]
     manifest = {**manifest, "shards": shards, "skipped": skipped}
+    cosines = [s["int8_cosine"] for s in shards if "int8_cosine" in s]
+    if cosines:  # the int8 codec's measured round trip over the whole store
+        samples = sum(s["count"] for s in shards if "int8_cosine" in s) or 1
+        manifest["int8_cosine"] = {"min": min(c["min"] for c in cosines),
+                                   "mean": sum(c["mean"] * s["count"] for c, s in zip(cosines, shards)) / samples}
     with _writing(store, "the manifest"):
         root.attrs[MANIFEST_ATTR] = manifest
     return manifest

@@ -5,7 +5,8 @@ worker opens, it reads the matching feature shard from the store as one block
 (`FeatureStore.read_shard`, checked against its checksums) and joins sample by sample on the key, so there are
 no per-sample random reads of Zarr chunks. Each sample then picks one of its
 cached views and re-applies that view's crop and flip to the source image at the
-student's input size: the student sees the pixels the teacher saw.
+student's input size, with the renderer the store was extracted with: the student
+sees the pixels the teacher saw.
 
 Shards are shuffled per epoch, samples pass a shuffle buffer, and shards are
 split by node (torchrun rank) and by DataLoader worker. Every random choice
@@ -28,10 +29,11 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
+from gendd_pipe.data.render import create_renderer, model_input
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
 from gendd_pipe.data.views import ViewConfig, eval_view, random_view, render_view, to_tensor, view_rng
 from gendd_pipe.errors import GenddError
-from gendd_pipe.store.format import derive_logits
+from gendd_pipe.store.format import derive_logits, renderer_of
 from gendd_pipe.store.reader import FeatureStore
 
 
@@ -74,7 +76,7 @@ def join_shard(url: str, features: dict[str, np.ndarray], skipped: set[str], sou
     store was extracted from (the hash is taken on the way, at no extra read).
     """
     keys, row = features["keys"], 0
-    reader = ShardReader(url, on_error="skip")
+    reader = ShardReader(url, on_error="skip", decode=False)  # decoded by the renderer, for the samples it renders
     for item in reader:
         if isinstance(item, Skipped):
             continue
@@ -120,12 +122,14 @@ def view_choice(seed: int, epoch: int, key: str, count: int) -> int:
     return int.from_bytes(digest[:8], "little") % count
 
 
-def _render_train(item: dict, data_config: dict, seed: int, epoch: int) -> dict:
+def _render_train(item: dict, data_config: dict, renderer: str, seed: int, epoch: int) -> dict:
     sample: Sample = item["sample"]
     v = view_choice(seed, epoch, sample.key, len(item["views"]))
-    image = render_view(sample.image, item["views"][v], data_config["input_size"][1:], data_config["interpolation"])
-    out = {"key": sample.key, "image": to_tensor(image, data_config["mean"], data_config["std"]),
-           "label": sample.label, "view": v,
+    try:
+        image = model_input(renderer, sample, item["views"][v][None], data_config)[0]
+    except ValueError as exc:  # the image decoded at extraction, so these are other bytes
+        raise GenddError(f"sample {sample.key}: {exc}") from exc
+    out = {"key": sample.key, "image": image, "label": sample.label, "view": v,
            "feature": torch.from_numpy(item["features"][v].astype(np.float32))}
     if "logits" in item:
         out["logits"] = torch.from_numpy(item["logits"][v].astype(np.float32))
@@ -155,8 +159,10 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
                    epoch: int) -> DataLoader:
     """One epoch of training batches: ``key``, ``image``, ``label``, ``view``, ``feature`` and (full stores)
     ``logits``."""
+    renderer = renderer_of(store.manifest)
+    create_renderer(renderer)  # a store naming a renderer this version lacks fails here, in one line
     return _epoch_loader(urls, partial(_joined, store_url=store.url, skipped=_skipped_keys(store), verify=cfg.verify),
-                         partial(_render_train, data_config=data_config, seed=seed, epoch=epoch),
+                         partial(_render_train, data_config=data_config, renderer=renderer, seed=seed, epoch=epoch),
                          seed, epoch, cfg.batch_size, cfg.shuffle_buffer, cfg.num_workers)
 
 
@@ -186,8 +192,7 @@ def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, num_worke
 
 def _render_augmented(sample: Sample, data_config: dict, views: ViewConfig, epoch: int) -> dict:
     view = random_view(*sample.image.size, views, view_rng(views.seed, f"{epoch}:{sample.key}", 0))
-    image = render_view(sample.image, view, data_config["input_size"][1:], data_config["interpolation"])
-    return {"image": to_tensor(image, data_config["mean"], data_config["std"]), "label": sample.label}
+    return {"image": model_input(views.renderer, sample, view[None], data_config)[0], "label": sample.label}
 
 
 def augmented_pipeline(urls: list[str], data_config: dict, views: ViewConfig, batch_size: int, epoch: int,

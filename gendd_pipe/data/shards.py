@@ -43,11 +43,24 @@ META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, not sampl
 
 @dataclass
 class Sample:
-    """One decoded sample of a shard."""
+    """One sample of a shard: its image decoded to RGB, or (a reader with ``decode=False``) opened only, with
+    its encoded bytes, for a renderer to decode when and where it renders."""
 
     key: str
-    image: Image.Image  # RGB
+    image: Image.Image  # RGB; opened but not decoded (any mode) when ``data`` is kept
     label: int  # -1 where the shard has no label
+    data: bytes | None = None  # the encoded image, kept by a reader with decode=False ...
+    ext: str | None = None  # ... and the extension of its member
+
+    def rgb(self) -> Image.Image:
+        """The image decoded to RGB.
+
+        Raises:
+            ValueError: the image cannot be decoded (see `to_rgb`).
+        """
+        if self.data is None:
+            return self.image
+        return _decoded(self.image, self.ext or "image")
 
 
 @dataclass
@@ -132,24 +145,33 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_sample(sample: dict, num_classes: int | None = None) -> Sample:
-    """A grouped tar sample (``__key__`` plus extension -> bytes) to a decoded `Sample`.
+def _decoded(image: Image.Image, ext: str) -> Image.Image:
+    try:
+        image.load()
+        return to_rgb(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"unreadable {ext} image ({exc})") from exc
+
+
+def decode_sample(sample: dict, num_classes: int | None = None, decode: bool = True) -> Sample:
+    """A grouped tar sample (``__key__`` plus extension -> bytes) to a `Sample`.
 
     Args:
         num_classes: When given, a label must lie in 0..num_classes-1 (or be -1, none).
+        decode: Decode the image now; False only opens it (its header: format, mode, size) and keeps the bytes.
 
     Raises:
-        ValueError: the sample has no image, an unreadable image or a bad ``cls``.
+        ValueError: the sample has no image, an unreadable image (header, or all of it when decoding) or a bad
+            ``cls``.
     """
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
         raise ValueError(f"no image (found {', '.join(sorted(k for k in sample if not k.startswith('__')))})")
     try:
         image = Image.open(io.BytesIO(sample[ext]))
-        image.load()
-        image = to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"unreadable {ext} image ({exc})") from exc
+    image = _decoded(image, ext) if decode else image
     label = UNLABELED
     if "cls" in sample:
         text = sample["cls"].decode("utf-8", "replace").strip()
@@ -160,7 +182,7 @@ def decode_sample(sample: dict, num_classes: int | None = None) -> Sample:
         if label < UNLABELED or (num_classes is not None and label >= num_classes):
             top = f"0..{num_classes - 1}" if num_classes is not None else "0 or more"
             raise ValueError(f"label {label} is outside the classes ({top}, or -1 for none)")
-    return Sample(str(sample["__key__"]), image, label)
+    return Sample(str(sample["__key__"]), image, label, *((None, None) if decode else (sample[ext], ext)))
 
 
 class _Break(Exception):
@@ -200,12 +222,14 @@ class ShardReader:
         on_error: ``fail`` raises `GenddError` at the first bad sample or broken tar;
             ``skip`` yields a `Skipped` record instead and goes on.
         num_classes: Labels must lie in 0..num_classes-1 (or be -1); None checks only >= -1.
+        decode: Decode each image as it is read; False yields samples that keep their encoded bytes, to be
+            decoded by whoever renders them (and an image that then fails to decode goes to `skip`).
     """
 
-    def __init__(self, url: str, on_error: str = "fail", num_classes: int | None = None):
+    def __init__(self, url: str, on_error: str = "fail", num_classes: int | None = None, decode: bool = True):
         if on_error not in ("fail", "skip"):
             raise GenddError(f"on_error must be fail or skip, not {on_error!r}")
-        self.url, self.on_error, self.num_classes = url, on_error, num_classes
+        self.url, self.on_error, self.num_classes, self.decode = url, on_error, num_classes, decode
         self.sha256: str | None = None
         self.nbytes = 0
 
@@ -250,10 +274,10 @@ class ShardReader:
                 yield self._decode(group, seen)
                 last = (group["__key__"], None)
             elif group:
-                yield self._skip(group["__key__"], f"may be cut off: the tar breaks at byte {cut.offset}, inside it "
+                yield self.skip(group["__key__"], f"may be cut off: the tar breaks at byte {cut.offset}, inside it "
                                  "or before another of its members")
             after = last[0] if last else None
-            yield self._skip(None, f"tar breaks at byte {cut.offset} after sample {after!r} ({cut})",
+            yield self.skip(None, f"tar breaks at byte {cut.offset} after sample {after!r} ({cut})",
                              offset=cut.offset, after=after)
             return
         if group:
@@ -262,16 +286,17 @@ class ShardReader:
     def _decode(self, group: dict, seen: set[str]) -> Sample | Skipped:
         key = group["__key__"]
         if key in seen:
-            return self._skip(key, "duplicate key: an earlier sample of this shard has it (that one is kept)")
+            return self.skip(key, "duplicate key: an earlier sample of this shard has it (that one is kept)")
         seen.add(key)
         if "__twice__" in group:
-            return self._skip(key, group["__twice__"])
+            return self.skip(key, group["__twice__"])
         try:
-            return decode_sample(group, self.num_classes)
+            return decode_sample(group, self.num_classes, self.decode)
         except ValueError as exc:
-            return self._skip(key, str(exc))
+            return self.skip(key, str(exc))
 
-    def _skip(self, key: str | None, reason: str, **where) -> Skipped:
+    def skip(self, key: str | None, reason: str, **where) -> Skipped:
+        """The record of a bad sample of this shard; raises it as a `GenddError` instead when ``on_error`` is fail."""
         if self.on_error == "fail":
             prefix = f"sample {key}: " if key is not None else ""
             raise GenddError(f"{public_url(self.url)}: {prefix}{reason}")

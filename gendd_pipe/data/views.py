@@ -7,10 +7,11 @@ cuts from the source. Views ``1..V-1`` follow torchvision's RandomResizedCrop
 sampling plus a horizontal flip, drawn from a generator seeded by
 ``(seed, key, view)`` so that re-runs and resumes write identical views.
 
-`render_view` is the one way pixels are made from a view, for the teacher at
-extraction and for the student at training time: PIL resamples the box straight
-from the source (``Image.resize(box=...)``), so a view replays exactly at any
-output size, and view 0 matches resize-then-crop to float precision.
+`render_view` is how the ``pil`` renderer (`gendd_pipe.data.render`) makes pixels
+from a view, for the teacher at extraction and for the student at training time:
+PIL resamples the box straight from the source (``Image.resize(box=...)``), so a
+view replays exactly at any output size, and view 0 matches resize-then-crop to
+float precision.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import field_validator
 from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms.functional import normalize, pil_to_tensor
 
@@ -37,6 +39,16 @@ class ViewConfig:
     ratio: Range = (3 / 4, 4 / 3)  # random-resized-crop aspect range
     hflip: Probability = 0.5  # probability of a horizontal flip in views 1..count-1
     seed: NonNegativeInt = 0  # with (key, view) this fixes every view
+    renderer: str = "pil"  # how pixels are cut from a view: pil | tensor (torchvision, on the GPU when there is one)
+
+    @field_validator("renderer")
+    @classmethod
+    def _renderer(cls, value: str) -> str:
+        from gendd_pipe.data.render import RENDERERS
+
+        if value not in RENDERERS:
+            raise ValueError(f"must be one of {', '.join(RENDERERS)}")
+        return value
 
 
 def view_rng(seed: int, key: str, view: int) -> np.random.Generator:

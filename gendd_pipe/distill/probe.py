@@ -88,9 +88,8 @@ def store_features(store: FeatureStore, urls: list[str]) -> tuple[torch.Tensor, 
     """The teacher's cached eval-view (view 0) features and labels of the shards ``urls``: (N, D), (N,)."""
     feats, labels = [], []
     for name in check_shards(store, urls):
-        group = store.shard(name)
-        feats.append(torch.from_numpy(group["features"][:, 0].astype(np.float32)))
-        labels.append(torch.from_numpy(group["labels"][...].astype(np.int64)))
+        feats.append(torch.from_numpy(store.view_features(name, 0)))
+        labels.append(torch.from_numpy(store.shard(name)["labels"][...].astype(np.int64)))
     return torch.cat(feats), torch.cat(labels)
 
 

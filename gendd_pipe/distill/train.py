@@ -66,7 +66,7 @@ def check_method(store: FeatureStore, cfg: DistillConfig, counts: dict[str, int]
 
 def teacher_head(store: FeatureStore, first_shard: str) -> TeacherHead:
     weight, bias = store.head()
-    features = store.shard(first_shard)["features"][:, 0].astype(np.float32)  # view 0 of the first shard
+    features = store.view_features(first_shard, 0)  # view 0 of the first shard
     return TeacherHead(torch.from_numpy(weight), torch.from_numpy(bias), float(np.linalg.norm(features, axis=1).mean()))
 
 

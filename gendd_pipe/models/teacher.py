@@ -32,6 +32,7 @@ import torch
 from timm.models import load_state_dict, remap_state_dict
 
 from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
+from gendd_pipe.data.render import normalize_pixels
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.hub import architecture, create_model
 from gendd_pipe.runtime import RuntimeConfig, autocast, compiled, place, resolve_device, to_device
@@ -99,10 +100,14 @@ class Teacher:
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (N, 3, H, W) on any device -> (features (N, D), logits (N, C)), float32 on the CPU.
 
-        The forward runs on the teacher's device in its runtime's precision; the logits come from the
-        features as the precision left them, so ``logits = f @ W.T + b`` holds up to that precision.
+        Images are normalized floats, or uint8 pixels (as renderers make them) that are normalized here, on
+        the teacher's device, so only bytes are copied to it. The forward runs on the teacher's device in its
+        runtime's precision; the logits come from the features as the precision left them, so
+        ``logits = f @ W.T + b`` holds up to that precision.
         """
         x = to_device(images, self.runtime, self.device)
+        if x.dtype == torch.uint8:
+            x = normalize_pixels(x, self.data_config["mean"], self.data_config["std"])
         with autocast(self.runtime, self.device):
             features, logits = self._forward(x)  # (N, D), (N, C)
         return features.float().cpu(), logits.float().cpu()

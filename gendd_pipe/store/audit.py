@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gendd_pipe.data.render import model_input
 from gendd_pipe.data.shards import Sample, ShardReader
-from gendd_pipe.data.views import render_view, to_tensor
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.runtime import RuntimeConfig
-from gendd_pipe.store.format import COMPUTE_BEFORE_PRECISION
+from gendd_pipe.store.format import COMPUTE_BEFORE_PRECISION, renderer_of
 from gendd_pipe.store.reader import FeatureStore
 
 PAYLOAD = ("features", "logits", "topk_values")  # arrays compared against raw fp32
@@ -37,6 +37,8 @@ def summarize(store: FeatureStore) -> dict:
             if key in PAYLOAD:
                 raw += array.size * 4
                 payload_stored += size
+            elif key == "feature_scales":  # part of the int8 features
+                payload_stored += size
     views = samples * m["views"]["count"]
     return {
         "store": store.url,
@@ -45,6 +47,8 @@ def summarize(store: FeatureStore) -> dict:
         "views": m["views"],
         "logits": m["logits"],
         "compute": m.get("compute", COMPUTE_BEFORE_PRECISION),
+        "storage": {"features_dtype": "float16", **m.get("storage", {})},
+        **({"int8_cosine": m["int8_cosine"]} if "int8_cosine" in m else {}),
         "shards": len(store.shard_names),
         "samples": samples,
         "skipped": len(m["skipped"]),
@@ -102,15 +106,17 @@ def recompute(store: FeatureStore, count: int, seed: int = 0, runtime: RuntimeCo
     for name, rows in by_shard.items():
         group = store.shard(name)
         wanted = {str(group["keys"][r]): r for r in rows}
-        for sample in ShardReader(group.attrs["source"], on_error="skip"):
+        for sample in ShardReader(group.attrs["source"], on_error="skip", decode=False):
             if not isinstance(sample, Sample) or sample.key not in wanted:
                 continue
             row = wanted[sample.key]
             view = int(rng.integers(m["views"]["count"]))
-            x = to_tensor(render_view(sample.image, group["views"][row, view], teacher.input_hw, dc["interpolation"]),
-                          dc["mean"], dc["std"])
-            feature = teacher(x[None])[0][0].numpy()
-            stored = group["features"][row, view].astype(np.float32)
+            try:
+                x = model_input(renderer_of(m), sample, group["views"][row, view][None], dc)
+            except ValueError as exc:
+                raise GenddError(f"{group.attrs['source']}: sample {sample.key}: {exc}") from exc
+            feature = teacher(x)[0][0].numpy()
+            stored = store.feature(name, row, view)
             cosine = float(feature @ stored / (np.linalg.norm(feature) * np.linalg.norm(stored) + 1e-12))
             records.append({"shard": name, "key": sample.key, "view": view, "cosine": cosine})
     return records

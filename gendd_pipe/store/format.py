@@ -1,8 +1,16 @@
 """Feature store format version 2: names, codecs, the manifest and what makes two stores compatible.
 
 Version 2 adds logits mode ``derived`` (no logits array: readers compute ``f @ W.T + b`` from the stored
-head) and the manifest's ``compute`` section (the precision the teacher ran in). Every version-1 store is a
-valid version-2 store of mode ``full`` or ``topk`` computed in fp32, and opens and distills as before.
+head), the manifest's ``compute`` section (the precision the teacher ran in), ``views.renderer`` (how
+pixels were cut from the views) and the lossy ``int8`` feature codec. Every version-1 store is a valid
+version-2 store of mode ``full`` or ``topk``, computed in fp32, rendered by ``pil``, with float16 features,
+and opens and distills as before.
+
+The int8 codec keeps ``features`` as int8 with one scale per channel for every block of ``chunk_size``
+rows (``feature_scales``, (ceil(n / chunk_size), D) float32): a feature is ``q * scale`` with
+``scale = max |f| / 127`` over its block and channel. Extraction measures the round-trip cosine of every
+view, refuses a shard whose lowest one is under ``storage.int8_floor`` and records the lowest in the shard's
+attributes (``int8_cosine``) and in the manifest.
 
 Layout (a Zarr v3 group; see README "The feature store")::
 
@@ -10,7 +18,8 @@ Layout (a Zarr v3 group; see README "The feature store")::
       teacher/head_weight (C, D) float32, teacher/head_bias (C,) float32
       shards/<name>/            attrs: source, source_sha256, count, skipped, checksums, complete
         keys (n,) str, labels (n,) int64, views (n, V, 5) float32,
-        features (n, V, D) float16, logits (n, V, C) float16 (mode full)
+        features (n, V, D) float16, or int8 + feature_scales (ceil(n / chunk), D) float32 (codec int8)
+        logits (n, V, C) float16 (mode full)
         or topk_values (n, V, k) float16 + topk_indices (n, V, k) int32 (mode topk)
         or nothing more (mode derived)
 """
@@ -35,6 +44,8 @@ COMPLETE, CHECKSUMS = "complete", "checksums"
 # Fields that must agree before a store is extended or resumed: anything that changes the bytes.
 COMPATIBLE_SECTIONS = ("format_version", "teacher", "preprocessing", "views", "logits", "compute", "storage")
 COMPUTE_BEFORE_PRECISION = {"precision": "fp32"}  # what stores written before the compute section ran in
+RENDERER_BEFORE = "pil"  # how stores written before views.renderer made their pixels
+INT8_LEVELS = 127
 
 
 def compressor(clevel: int = 5) -> BloscCodec:
@@ -45,16 +56,63 @@ def compressor(clevel: int = 5) -> BloscCodec:
 def shard_arrays(manifest: dict) -> list[str]:
     """The arrays every feature shard of a store holds."""
     logits = {"full": ["logits"], "topk": ["topk_values", "topk_indices"], "derived": []}[manifest["logits"]["mode"]]
-    return ["keys", "labels", "views", "features", *logits]
+    scales = ["feature_scales"] if is_int8(manifest) else []
+    return ["keys", "labels", "views", "features", *scales, *logits]
+
+
+def is_int8(manifest: dict) -> bool:
+    return manifest.get("storage", {}).get("features_dtype") == "int8"
+
+
+def renderer_of(manifest: dict) -> str:
+    """The renderer a store's views were extracted with."""
+    return manifest["views"].get("renderer", RENDERER_BEFORE)
+
+
+class Checksum:
+    """``sha256:HEX`` of an array's values (C order; strings joined by NUL), fed block by block along the
+    first axis, whatever the chunks and codecs."""
+
+    def __init__(self):
+        self._sha, self._strings = hashlib.sha256(), False
+
+    def update(self, block: np.ndarray) -> None:
+        if block.dtype.kind in "OUT":
+            if len(block):
+                text = "\x00".join(map(str, block.tolist()))
+                self._sha.update((("\x00" if self._strings else "") + text).encode())
+                self._strings = True
+        else:
+            self._sha.update(np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")).data)
+
+    def hexdigest(self) -> str:
+        return "sha256:" + self._sha.hexdigest()
 
 
 def checksum(data: np.ndarray) -> str:
-    """``sha256:HEX`` of an array's values (C order; strings joined by NUL), whatever its chunks and codecs."""
-    if data.dtype.kind in "OUT":
-        payload = "\x00".join(str(x) for x in data.tolist()).encode()
-    else:
-        payload = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).data
-    return "sha256:" + hashlib.sha256(payload).hexdigest()
+    """The `Checksum` of a whole array."""
+    digest = Checksum()
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def quantize_int8(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One block of features (n, V, D) -> int8 (n, V, D), the per-channel scales (D,) float32, and the
+    round-trip cosine of every view (n, V)."""
+    x = features.astype(np.float32)
+    scales = np.abs(x).reshape(-1, x.shape[-1]).max(axis=0) / INT8_LEVELS if x.size else np.zeros(x.shape[-1])
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    q = np.clip(np.rint(x / scales), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+    back = q.astype(np.float32) * scales
+    norms = np.linalg.norm(x, axis=-1) * np.linalg.norm(back, axis=-1)
+    cosine = np.where(norms > 0, (x * back).sum(-1) / np.maximum(norms, 1e-30), 1.0)
+    return q, scales, cosine
+
+
+def dequantize_int8(q: np.ndarray, scales: np.ndarray, rows_per_scale: int, start: int = 0) -> np.ndarray:
+    """int8 features (n, ...) from row ``start`` on, with their blocks' scales (blocks, D) -> float32."""
+    block = (start + np.arange(len(q))) // rows_per_scale
+    return q.astype(np.float32) * scales[block].reshape((len(q),) + (1,) * (q.ndim - 2) + scales.shape[-1:])
 
 
 def parse_logits(mode: str) -> dict:
@@ -75,6 +133,7 @@ def logits_spec(section: dict) -> str:
 def check_compatible(store: str, existing: dict, requested: dict) -> None:
     """Refuse to extend a store whose bytes would come from another teacher, recipe or precision."""
     existing = {"compute": COMPUTE_BEFORE_PRECISION, **existing}
+    existing["views"] = {"renderer": RENDERER_BEFORE, **existing.get("views", {})}
     if existing.get("format_version") != FORMAT_VERSION:
         raise GenddError(f"{store}: format version {existing.get('format_version')} cannot be extended by this "
                          f"version, which writes version {FORMAT_VERSION} (it still reads it); use a new --out")

@@ -3,7 +3,8 @@
     >>> store = FeatureStore.open("s3://bucket/store.zarr")
     >>> store.manifest["teacher"]["name"], store.num_samples
     >>> weight, bias = store.head()
-    >>> shard = store.shard("train-000000"); shard["features"][:8]   # zarr arrays
+    >>> shard = store.shard("train-000000"); shard["labels"][:8]     # zarr arrays
+    >>> store.view_features("train-000000", view=0)                  # (n, D) float32, any codec
     >>> lazy = store.to_dask()                                       # whole-store dask arrays
 
 Only shards whose ``complete`` attribute is set are visible. `read_shard` checks
@@ -20,7 +21,7 @@ import zarr
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
 from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, READABLE_VERSIONS,
-                                     SHARDS, checksum, derive_logits, shard_arrays)
+                                     SHARDS, checksum, dequantize_int8, derive_logits, is_int8, shard_arrays)
 
 
 class FeatureStore:
@@ -98,7 +99,29 @@ class FeatureStore:
         if problems:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
             raise GenddError(f"{public_url(self.url)}: {problems[0]}{more}; re-extract the shard")
+        if is_int8(self.manifest):  # features as float32 again; the checksums were of the stored int8
+            data["features"] = dequantize_int8(data["features"], data.pop("feature_scales"), self._rows_per_scale)
         return data
+
+    @property
+    def _rows_per_scale(self) -> int:
+        return int(self.manifest["storage"]["chunk_size"])
+
+    def view_features(self, name: str, view: int = 0) -> np.ndarray:
+        """One view's features of every sample of a shard, float32 (n, D), read without the other views'."""
+        group = self.shard(name)
+        features = group["features"][:, view]
+        if is_int8(self.manifest):
+            return dequantize_int8(features, group["feature_scales"][...], self._rows_per_scale)
+        return features.astype(np.float32)
+
+    def feature(self, name: str, row: int, view: int) -> np.ndarray:
+        """One stored feature, float32 (D,)."""
+        group = self.shard(name)
+        feature = group["features"][row : row + 1, view]
+        if is_int8(self.manifest):
+            return dequantize_int8(feature, group["feature_scales"][...], self._rows_per_scale, start=row)[0]
+        return feature[0].astype(np.float32)
 
     def check_arrays(self, name: str, verify: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
         """Read one shard's arrays; returns them and the problems found (missing, unreadable, short, checksum)."""
@@ -115,8 +138,9 @@ class FeatureStore:
             except Exception as exc:  # a codec or the filesystem failing on damaged bytes
                 problems.append(f"shard {name}: array {key} cannot be read ({str(exc).splitlines()[0][:120]})")
                 continue
-            if len(data[key]) != n:
-                problems.append(f"shard {name}: {key} has {len(data[key])} rows, count says {n}")
+            rows = -(-n // self._rows_per_scale) if key == "feature_scales" else n  # one row of scales per chunk
+            if len(data[key]) != rows:
+                problems.append(f"shard {name}: {key} has {len(data[key])} rows, count says {rows}")
             elif verify and key in sums and checksum(data[key]) != sums[key]:
                 problems.append(f"shard {name}: array {key} does not match its checksum (damaged or rewritten)")
         return data, problems

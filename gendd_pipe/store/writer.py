@@ -1,7 +1,8 @@
 """Writing feature stores: the root (manifest, teacher head) and one feature shard at a time.
 
 A feature shard is written by a single task into its own subgroup, so writers
-never share a chunk. Each array's checksum goes into the shard's attributes
+never share a chunk; `ShardWriter` stores each chunk of rows as soon as it is
+full, on a thread of its own, so compression and writes overlap the forward. Each array's checksum goes into the shard's attributes
 (`FeatureStore.read_shard` checks them). Its ``complete`` attribute is written last: object stores
 have no rename, so that attribute is the commit, and readers ignore a shard
 without it. A partial shard is simply rewritten on resume.
@@ -9,11 +10,14 @@ without it. A partial shard is simply rewritten on resume.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import numpy as np
 import zarr
 
-from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, SHARDS, checksum,
-                                     compressor)
+from gendd_pipe.errors import GenddError
+from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, SHARDS, Checksum,
+                                     compressor, quantize_int8)
 
 
 def open_root(url: str, mode: str = "a", storage_options: dict | None = None) -> zarr.Group:
@@ -34,8 +38,10 @@ def is_complete(root: zarr.Group, name: str) -> bool:
     return group is not None and bool(group.attrs.get(COMPLETE, False))
 
 
-def write_shard(root: zarr.Group, name: str, arrays: dict[str, np.ndarray], attrs: dict, chunk: int, clevel: int) -> None:
-    """Write one feature shard's arrays, chunked along samples, then its attrs, then ``complete``.
+def write_shard(root: zarr.Group, name: str, arrays: dict[str, np.ndarray], attrs: dict, chunk: int, clevel: int,
+                int8_floor: float | None = None) -> dict:
+    """Write one feature shard's arrays at once (a `ShardWriter` handed all rows), then its attrs, then
+    ``complete``.
 
     Args:
         root: The store's root group.
@@ -44,16 +50,104 @@ def write_shard(root: zarr.Group, name: str, arrays: dict[str, np.ndarray], attr
         attrs: Shard attributes (source, source_sha256, count, skipped).
         chunk: Samples per chunk.
         clevel: Blosc compression level.
+        int8_floor: See `ShardWriter`.
     """
-    group = root.create_group(f"{SHARDS}/{name}", overwrite=True)
-    for key, data in arrays.items():
-        chunks = (max(1, min(chunk, len(data))),) + data.shape[1:]
-        if data.dtype.kind in "OUT":  # variable-length UTF-8, readable by any Zarr v3 implementation
-            array = group.create_array(key, shape=data.shape, dtype=str, chunks=chunks)
-        else:
-            array = group.create_array(key, shape=data.shape, dtype=data.dtype, chunks=chunks,
-                                       compressors=compressor(clevel))
-        if data.size:
-            array[...] = data
-    group.attrs.update({**attrs, CHECKSUMS: {key: checksum(data) for key, data in arrays.items()}})
-    group.attrs[COMPLETE] = True
+    fields = {key: (data.shape[1:], str if data.dtype.kind in "OUT" else data.dtype) for key, data in arrays.items()}
+    writer = ShardWriter(root, name, fields, chunk, clevel, int8_floor)
+    try:
+        writer.append(arrays)
+        return writer.commit(attrs)
+    finally:
+        writer.close()
+
+
+class ShardWriter:
+    """Write one feature shard block by block as its rows arrive: each full chunk of rows is compressed and
+    stored on a thread of its own while the caller goes on; `commit` writes the rest, waits, then writes the
+    checksums and attrs and last ``complete``. The bytes written do not depend on how the rows were handed over.
+
+    Args:
+        root: The store's root group.
+        name: Feature-shard name.
+        fields: Array name -> (row shape, dtype) of every array of the shard (``str`` for text).
+        chunk: Samples per chunk.
+        clevel: Blosc compression level.
+        int8_floor: Store ``features`` with the int8 codec (`quantize_int8`, one scale per channel and chunk),
+            refusing a chunk whose lowest round-trip cosine is under this; None keeps them as given.
+    """
+
+    def __init__(self, root: zarr.Group, name: str, fields: dict[str, tuple[tuple, object]], chunk: int, clevel: int,
+                 int8_floor: float | None = None):
+        self.name, self.chunk, self.clevel, self.int8_floor = name, chunk, clevel, int8_floor
+        if int8_floor is not None:
+            width = fields["features"][0][-1]
+            fields = {**fields, "features": (fields["features"][0], np.int8), "feature_scales": ((width,), np.float32)}
+        self.group = root.create_group(f"{SHARDS}/{name}", overwrite=True)
+        self.arrays = {key: self._create(key, shape, dtype) for key, (shape, dtype) in fields.items()}
+        self.sums = {key: Checksum() for key in fields}
+        self.pending: dict[str, list[np.ndarray]] = {key: [] for key in fields if key != "feature_scales"}
+        self.buffered, self.cosines = 0, []
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"write-{name}")
+        self._writes: list[Future] = []
+
+    def _create(self, key: str, shape: tuple, dtype) -> zarr.Array:
+        if dtype is str:  # variable-length UTF-8, readable by any Zarr v3 implementation
+            return self.group.create_array(key, shape=(0,), dtype=str, chunks=(self.chunk,))
+        rows = 1 if key == "feature_scales" else self.chunk  # one row of scales per chunk of features
+        return self.group.create_array(key, shape=(0, *shape), dtype=dtype, chunks=(rows, *shape),
+                                       compressors=compressor(self.clevel))
+
+    def append(self, rows: dict[str, np.ndarray]) -> None:
+        """Rows of every array (all of one length); each whole chunk goes to the writing thread at once."""
+        for key, data in rows.items():
+            self.pending[key].append(data)
+        self.buffered += len(next(iter(rows.values())))
+        while self.buffered >= self.chunk:
+            self._flush(self.chunk)
+
+    def _flush(self, n: int) -> None:
+        block = {}
+        for key, parts in self.pending.items():
+            data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            block[key] = data[:n]
+            self.pending[key] = [data[n:]] if len(data) > n else []
+        self.buffered -= n
+        if self.int8_floor is not None:
+            block["features"], scales, cosine = quantize_int8(block["features"])
+            block["feature_scales"] = scales[None]  # (1, D)
+            self.cosines.append(cosine.ravel())
+            if cosine.min() < self.int8_floor:
+                raise GenddError(f"shard {self.name}: int8 features round-trip at cosine {cosine.min():.5f} at worst, "
+                                 f"under the floor {self.int8_floor} (--int8-floor); keep --features-dtype float16 "
+                                 "or lower the floor")
+        for key, data in block.items():
+            self.sums[key].update(data)
+        while self._writes and self._writes[0].done():  # a failed earlier write (disk full, store gone) raises here
+            self._writes.pop(0).result()
+        self._writes.append(self._thread.submit(self._write, block))
+
+    def _write(self, block: dict[str, np.ndarray]) -> None:
+        for key, data in block.items():
+            self.arrays[key].append(data)
+
+    def commit(self, attrs: dict) -> dict:
+        """Write the remaining rows and wait for every write, then the checksums and ``attrs``, then
+        ``complete``. Returns the attrs written (with ``int8_cosine``, min and mean, for the int8 codec)."""
+        try:
+            if self.buffered:
+                self._flush(self.buffered)
+            for write in self._writes:
+                write.result()
+        finally:
+            self.close()
+        if self.int8_floor is not None:
+            cosine = np.concatenate(self.cosines) if self.cosines else np.ones(1)
+            attrs = {**attrs, "int8_cosine": {"min": float(cosine.min()), "mean": float(cosine.mean())}}
+        self.group.attrs.update({**attrs, CHECKSUMS: {key: s.hexdigest() for key, s in self.sums.items()}})
+        self.group.attrs[COMPLETE] = True
+        return attrs
+
+    def close(self) -> None:
+        """Stop without committing (after an error): writes under way finish, queued ones are dropped, and the
+        shard stays incomplete."""
+        self._thread.shutdown(wait=True, cancel_futures=True)
