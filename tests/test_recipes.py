@@ -161,3 +161,4 @@ def test_a_recipe_runs_alike_through_the_cli_and_dvc(recipe, tmp_path, digit_fol
         by_cli.pop(os.path.join(shards["out"], "config.yaml")), by_dvc.pop(os.path.join(shards["out"], "config.yaml"))
     assert by_cli and by_cli == by_dvc
     assert open(repo / out / "results.md").read().splitlines()[0] == table.splitlines()[0]
+    shutil.rmtree(tmp_path)  # a passing run's checkpoints (GBs for the full-size recipes); pytest keeps three trees
