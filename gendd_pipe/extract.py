@@ -387,11 +387,11 @@ def _finalize(store: str, root, manifest: dict, urls: list[str]) -> dict:
                        **({"int8_cosine": attrs["int8_cosine"]} if "int8_cosine" in attrs else {})})
         skipped += [{"shard": name, **s} for s in attrs["skipped"]]
     manifest = {**manifest, "shards": shards, "skipped": skipped}
-    cosines = [s["int8_cosine"] for s in shards if "int8_cosine" in s]
-    if cosines:  # the int8 codec's measured round trip over the whole store
-        samples = sum(s["count"] for s in shards if "int8_cosine" in s) or 1
-        manifest["int8_cosine"] = {"min": min(c["min"] for c in cosines),
-                                   "mean": sum(c["mean"] * s["count"] for c, s in zip(cosines, shards)) / samples}
+    measured = [s for s in shards if "int8_cosine" in s]
+    if measured:  # the int8 codec's measured round trip over the whole store, the mean weighted by samples
+        samples = sum(s["count"] for s in measured) or 1
+        manifest["int8_cosine"] = {"min": min(s["int8_cosine"]["min"] for s in measured),
+                                   "mean": sum(s["int8_cosine"]["mean"] * s["count"] for s in measured) / samples}
     with _writing(store, "the manifest"):
         root.attrs[MANIFEST_ATTR] = manifest
     return manifest

@@ -33,6 +33,7 @@ from gendd_pipe.data.render import create_renderer, model_input
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
 from gendd_pipe.data.views import ViewConfig, eval_view, random_view, render_view, to_tensor, view_rng
 from gendd_pipe.errors import GenddError
+from gendd_pipe.files import public_url
 from gendd_pipe.store.format import derive_logits, renderer_of
 from gendd_pipe.store.reader import FeatureStore
 
@@ -106,7 +107,7 @@ def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = T
         source = store.shard(name).attrs.get("source_sha256") if verify else None
         derived = {"head": store.head()} if store.logits_mode == "derived" else {}  # the chosen view's, later
         for sample, row in join_shard(url, block, skipped.get(name, set()), source):
-            yield {"sample": sample, "views": block["views"][row], "features": block["features"][row],
+            yield {"url": url, "sample": sample, "views": block["views"][row], "features": block["features"][row],
                    **({"logits": block["logits"][row]} if "logits" in block else derived)}
 
 
@@ -128,7 +129,7 @@ def _render_train(item: dict, data_config: dict, renderer: str, seed: int, epoch
     try:
         image = model_input(renderer, sample, item["views"][v][None], data_config)[0]
     except ValueError as exc:  # the image decoded at extraction, so these are other bytes
-        raise GenddError(f"sample {sample.key}: {exc}") from exc
+        raise GenddError(f"{public_url(item['url'])}: sample {sample.key}: {exc}") from exc
     out = {"key": sample.key, "image": image, "label": sample.label, "view": v,
            "feature": torch.from_numpy(item["features"][v].astype(np.float32))}
     if "logits" in item:

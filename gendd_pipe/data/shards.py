@@ -275,10 +275,10 @@ class ShardReader:
                 last = (group["__key__"], None)
             elif group:
                 yield self.skip(group["__key__"], f"may be cut off: the tar breaks at byte {cut.offset}, inside it "
-                                 "or before another of its members")
+                                "or before another of its members")
             after = last[0] if last else None
             yield self.skip(None, f"tar breaks at byte {cut.offset} after sample {after!r} ({cut})",
-                             offset=cut.offset, after=after)
+                            offset=cut.offset, after=after)
             return
         if group:
             yield self._decode(group, seen)
