@@ -46,7 +46,7 @@ from skimage import data as skdata  # noqa: E402
 from gendd_pipe.data.render import normalize_pixels  # noqa: E402
 from gendd_pipe.data.shards import ShardReader  # noqa: E402
 from gendd_pipe.data.views import ViewConfig  # noqa: E402
-from gendd_pipe.extract import ExtractConfig, _rendered, _threads, extract  # noqa: E402
+from gendd_pipe.extract import ExtractConfig, _rendered, extract  # noqa: E402
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher  # noqa: E402
 from gendd_pipe.runtime import RuntimeConfig  # noqa: E402
 from gendd_pipe.store.audit import summarize  # noqa: E402
@@ -198,8 +198,8 @@ def main() -> None:
                     urls = photo_shards(f"{tmp}/photos-{per_shard}", images, per_shard)
                     runtime = RuntimeConfig(device=device, amp=amp)
                     teacher = create_teacher(teacher_cfg, runtime)
-                    cfg = _threads(ExtractConfig(teacher=teacher_cfg, views=ViewConfig(count=count, renderer=renderer),
-                                                 batch_size=BATCH, dask_workers=0, runtime=runtime), 1)
+                    cfg = ExtractConfig(teacher=teacher_cfg, views=ViewConfig(count=count, renderer=renderer),
+                                        batch_size=BATCH, dask_workers=0, threads=os.cpu_count(), runtime=runtime)
                     store = f"{tmp}/{device}-{name}-{count}-{amp}-{renderer}.zarr"
                     e2e, forward, inputs = side_by_side(urls, store, cfg, teacher, images, args.repeats)
                     rows.append({"device": device, "teacher": name, "views": count, "amp": amp, "renderer": renderer,

@@ -1,12 +1,12 @@
 """Extraction: run a teacher once over image shards and write a feature store.
 
-One Dask task per input shard builds (once per worker) the teacher, streams the
-shard, renders every view of every image with the configured renderer
-(`gendd_pipe.data.render`) on threads ahead of the forward, and writes one
-feature shard, chunk by chunk on a writer thread, whose ``complete`` attribute
-is the commit. The driver writes the
-manifest and the teacher head first, skips shards that are already complete
-(resume), and finally records the shard list and skipped samples in the manifest.
+One Dask task per input shard (`gendd_pipe.cluster`) builds the teacher once
+per worker, streams the shard, renders every view of every image with the
+configured renderer (`gendd_pipe.data.render`) on threads ahead of the forward,
+and writes one feature shard, chunk by chunk on a writer thread, whose
+``complete`` attribute is the commit. The driver writes the manifest and the
+teacher head first, skips shards that are already complete (resume), and
+finally records the shard list and skipped samples in the manifest.
 Everything written derives from the inputs and the config, so a resumed run
 writes the same bytes as an uninterrupted one.
 """
@@ -26,6 +26,8 @@ import torch
 from pydantic import Field, field_validator
 
 from gendd_pipe import __version__
+from gendd_pipe.cluster import (dask_client, local_devices, report_progress, run_per_shard, split_threads,
+                                this_worker_device)
 from gendd_pipe.config import (NonNegativeInt, OutputDir, OutputFile, PositiveInt, Shards, configclass, narrow,
                                to_dict)
 from gendd_pipe.data.render import create_renderer, normalize_pixels, prefetched
@@ -41,7 +43,6 @@ from gendd_pipe.store.format import (FORMAT_VERSION, MANIFEST_ATTR, SHARDS, chec
 from gendd_pipe.store.reader import FeatureStore
 from gendd_pipe.store.writer import ShardWriter, is_complete, open_root, write_root
 
-PROGRESS_TOPIC = "gendd-pipe-progress"
 log = logging.getLogger(__name__)
 
 
@@ -166,17 +167,7 @@ def _fields(teacher: Teacher, cfg: ExtractConfig, logits: dict) -> dict[str, tup
     return fields
 
 
-def _report(images: int) -> None:
-    """Tell the driver's progress bar about finished images (no-op outside a Dask worker)."""
-    try:
-        from distributed import get_worker
-
-        get_worker().log_event(PROGRESS_TOPIC, images)
-    except ValueError:
-        pass
-
-
-def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[int], None] = _report,
+def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[int], None] = report_progress,
                   devices: tuple[str, ...] = ()) -> dict:
     """Extract one input shard into the feature shard of the same name. Runs as one Dask task.
 
@@ -192,9 +183,7 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
     """
     runtime = cfg.runtime
     if devices:
-        from distributed import get_worker
-
-        runtime = replace(runtime, device=devices[int(get_worker().name)])
+        runtime = replace(runtime, device=this_worker_device(devices))
     teacher = cached_teacher(cfg.teacher, runtime, cfg.threads)
     logits, int8 = parse_logits(cfg.logits), cfg.features_dtype == "int8"
     name, reader = shard_name(url), ShardReader(url, cfg.on_error, teacher.num_classes, decode=False)
@@ -220,54 +209,6 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
             **({"int8_cosine": attrs["int8_cosine"]} if int8 else {})}
 
 
-def worker_devices(runtime: RuntimeConfig, visible: int) -> tuple[str, ...]:
-    """The device of each local Dask worker: one worker per visible GPU for device ``auto`` or ``cuda``, one on
-    the GPU that ``cuda:N`` names; none (CPU workers, ``dask_workers`` of them) without a GPU or on ``cpu``."""
-    if runtime.device == "cpu" or visible == 0:
-        return ()
-    if runtime.device in ("auto", "cuda"):
-        return tuple(f"cuda:{i}" for i in range(visible))
-    return (runtime.device,)
-
-
-def _local_devices(cfg: ExtractConfig) -> tuple[str, ...]:
-    if cfg.scheduler or cfg.dask_workers == 0:
-        return ()
-    return worker_devices(cfg.runtime, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-
-
-@contextmanager
-def dask_client(cfg: ExtractConfig, devices: tuple[str, ...] = ()):
-    """A client on the given scheduler, or on a fresh LocalCluster: one worker per device in ``devices``
-    (each with the resource ``GPU=1``), else ``cfg.dask_workers`` CPU workers."""
-    import logging
-
-    import dask
-    from distributed import Client, LocalCluster
-
-    if cfg.scheduler:
-        with Client(cfg.scheduler) as client:
-            yield client
-        return
-    gpus = {"resources": {"GPU": 1}} if devices else {}
-    # Dask's default worker environment sets MALLOC_TRIM_THRESHOLD_=65536, which makes torch's large
-    # allocations 2-3x slower; workers get only their thread counts.
-    threads = str(cfg.threads or 1)
-    environ = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
-            LocalCluster(n_workers=len(devices) or cfg.dask_workers, threads_per_worker=1, processes=True,
-                         dashboard_address=None, silence_logs=logging.ERROR, **gpus) as cluster, \
-            Client(cluster) as client:
-        yield client
-
-
-def _threads(cfg: ExtractConfig, workers: int) -> ExtractConfig:
-    """Split the machine's cores among the local workers, unless told otherwise."""
-    if cfg.threads or cfg.scheduler:
-        return cfg
-    return replace(cfg, threads=max(1, (os.cpu_count() or 1) // max(1, workers)))
-
-
 def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool = True) -> dict:
     """Extract every input shard into ``store``, resuming where a previous run stopped.
 
@@ -288,8 +229,8 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
         dup = next(n for n in names if names.count(n) > 1)
         raise GenddError(f"two input shards are both named {dup!r}; feature shards are named by file name")
     store = store if "://" in store else os.path.abspath(store)
-    devices = _local_devices(cfg)
-    cfg = _threads(cfg, len(devices) or cfg.dask_workers)
+    devices = local_devices(cfg.runtime, cfg.dask_workers, cfg.scheduler)
+    cfg = replace(cfg, threads=split_threads(cfg.threads, len(devices) or cfg.dask_workers, cfg.scheduler))
     device = None if cfg.scheduler else resolve_device(cfg.runtime)  # one this machine lacks fails before any work
     if cfg.dask_workers == 0 and not cfg.scheduler:  # the manifest and head from the teacher the shards run here
         teacher = cached_teacher(cfg.teacher, cfg.runtime, cfg.threads)
@@ -317,7 +258,8 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
                     extract_shard(url, store, cfg, report=bar.add_images)
                     bar.shard_done()
             elif todo:
-                _run_on_dask(todo, store, cfg, bar, devices)
+                with dask_client(cfg.scheduler, cfg.dask_workers, cfg.threads, devices) as client:
+                    run_per_shard(extract_shard, {shard_name(u): u for u in todo}, (store, cfg), client, bar, devices)
     except BaseException:  # shards that completed stay listed even when another one failed ...
         with suppress(GenddError):  # ... where the disk still takes the manifest; a re-run lists them anyway
             _finalize(store, root, manifest, urls)
@@ -347,19 +289,6 @@ def _writing(store: str, what: str):
     except OSError as exc:
         raise GenddError(f"{public_url(store)}: cannot write {what} ({exc.strerror or exc}); complete shards are kept, "
                          "re-run to resume") from exc
-
-
-def _run_on_dask(todo: list[str], store: str, cfg: ExtractConfig, bar, devices: tuple[str, ...] = ()) -> None:
-    from distributed import as_completed
-
-    with dask_client(cfg, devices) as client:
-        client.subscribe_topic(PROGRESS_TOPIC, lambda event: bar.add_images(event[1]))
-        gpu = {"resources": {"GPU": 1}} if devices else {}
-        futures = [client.submit(extract_shard, url, store, cfg, devices=devices, key=f"extract-{shard_name(url)}",
-                                 pure=False, **gpu) for url in todo]
-        for future in as_completed(futures):
-            future.result()  # re-raises a task's GenddError here
-            bar.shard_done()
 
 
 def _check_sources(store: str, root, urls: list[str]) -> None:

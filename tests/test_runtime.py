@@ -15,7 +15,8 @@ from gendd_pipe import FeatureStore
 from gendd_pipe.config import ConfigError, parse
 from gendd_pipe.data.views import ViewConfig
 from gendd_pipe.errors import GenddError
-from gendd_pipe.extract import ExtractConfig, extract, worker_devices
+from gendd_pipe.cluster import worker_devices
+from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.finetune import FinetuneConfig, finetune
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.runtime import RuntimeConfig, resolve_device

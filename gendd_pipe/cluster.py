@@ -1,0 +1,96 @@
+"""Dask for the stages that fan out over shards: a client on an existing scheduler or on a LocalCluster (CPU
+workers, or one worker per GPU), the machine's cores split among local workers, and progress that tasks report
+to the driver while they run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+from gendd_pipe.runtime import RuntimeConfig
+
+PROGRESS_TOPIC = "gendd-pipe-progress"
+
+
+def report_progress(images: int) -> None:
+    """Tell the driver's progress bar about finished images (no-op outside a Dask worker)."""
+    try:
+        from distributed import get_worker
+
+        get_worker().log_event(PROGRESS_TOPIC, images)
+    except ValueError:
+        pass
+
+
+def worker_devices(runtime: RuntimeConfig, visible: int) -> tuple[str, ...]:
+    """The device of each local Dask worker: one worker per visible GPU for device ``auto`` or ``cuda``, one on
+    the GPU that ``cuda:N`` names; none (CPU workers, ``dask_workers`` of them) without a GPU or on ``cpu``."""
+    if runtime.device == "cpu" or visible == 0:
+        return ()
+    if runtime.device in ("auto", "cuda"):
+        return tuple(f"cuda:{i}" for i in range(visible))
+    return (runtime.device,)
+
+
+def local_devices(runtime: RuntimeConfig, workers: int, scheduler: str | None) -> tuple[str, ...]:
+    """`worker_devices` for the GPUs of this machine, when this machine starts the workers."""
+    if scheduler or workers == 0:
+        return ()
+    return worker_devices(runtime, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def this_worker_device(devices: tuple[str, ...]) -> str:
+    """The device of the local worker running this task (workers are named 0, 1, ... by the LocalCluster)."""
+    from distributed import get_worker
+
+    return devices[int(get_worker().name)]
+
+
+def split_threads(threads: int | None, workers: int, scheduler: str | None) -> int | None:
+    """Torch threads per worker: as given, else the machine's cores split among the local workers (an existing
+    cluster's workers keep their own)."""
+    if threads or scheduler:
+        return threads
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+@contextmanager
+def dask_client(scheduler: str | None, workers: int, threads: int | None, devices: tuple[str, ...] = ()):
+    """A client on ``scheduler``, or on a fresh LocalCluster: one worker per device in ``devices`` (each with
+    the resource ``GPU=1``), else ``workers`` CPU workers of ``threads`` torch threads."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        with Client(scheduler) as client:
+            yield client
+        return
+    gpus = {"resources": {"GPU": 1}} if devices else {}
+    # Dask's default worker environment sets MALLOC_TRIM_THRESHOLD_=65536, which makes torch's large
+    # allocations 2-3x slower; workers get only their thread counts.
+    n = str(threads or 1)
+    environ = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
+            LocalCluster(n_workers=len(devices) or workers, threads_per_worker=1, processes=True,
+                         dashboard_address=None, silence_logs=logging.ERROR, **gpus) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def run_per_shard(task: Callable, shards: dict[str, str], args: tuple, client, bar, devices: tuple[str, ...] = ()):
+    """``task(url, *args, devices=devices)`` for every ``{name: url}`` of ``shards`` as one Dask task each
+    (on a GPU worker where ``devices`` are given), the bar counting images as tasks report them and shards
+    as they finish. A task's exception is raised here."""
+    from distributed import as_completed
+
+    client.subscribe_topic(PROGRESS_TOPIC, lambda event: bar.add_images(event[1]))
+    gpu = {"resources": {"GPU": 1}} if devices else {}
+    futures = [client.submit(task, url, *args, devices=devices, key=f"{task.__name__}-{name}", pure=False, **gpu)
+               for name, url in shards.items()]
+    for future in as_completed(futures):
+        future.result()
+        bar.shard_done()
