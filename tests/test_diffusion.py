@@ -1,5 +1,6 @@
 """The diffusion maths against closed forms, and samplers against a known 1-D Gaussian mixture."""
 
+import itertools
 import math
 
 import numpy as np
@@ -57,6 +58,23 @@ def test_respacing_keeps_alpha_bar_of_the_kept_steps():
     spaced, full = GaussianDiffusion.respaced(1000, 64), GaussianDiffusion.cosine(1000)
     np.testing.assert_allclose(spaced.alphas_cumprod.numpy(), full.alphas_cumprod.numpy()[keep], rtol=1e-9)
     assert spaced.timestep_map.tolist() == keep
+
+
+def official_space_timesteps(steps: int, count: int) -> set[int]:
+    """Improved DDPM's rule for one section, derived again: positions 0, s, s + s, ... (a running float sum,
+    s = (steps - 1) / (count - 1), or 1 for one step), each rounded half to even."""
+    stride = (steps - 1) / (count - 1) if count > 1 else 1
+    return {round(p) for p in itertools.accumulate(itertools.repeat(stride, count - 1), initial=0.0)}
+
+
+def test_respacing_keeps_the_official_timesteps_for_every_count():
+    assert spaced_steps(1000, 1) == [0] and spaced_steps(1000, 2) == [0, 999]
+    assert spaced_steps(1000, 3) == [0, 500, 999]  # 499.5 rounds to even
+    for count in range(1, 1001):
+        keep = spaced_steps(1000, count)
+        assert keep == sorted(official_space_timesteps(1000, count)) and len(keep) == count, count
+    with pytest.raises(ValueError, match="sampling steps"):
+        spaced_steps(1000, 1001)
 
 
 def test_perfect_model_has_zero_loss():

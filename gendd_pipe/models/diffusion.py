@@ -38,18 +38,23 @@ def cosine_betas(steps: int, max_beta: float = 0.999) -> np.ndarray:
 
 
 def spaced_steps(steps: int, sampling: int) -> list[int]:
-    """The training steps a ``sampling``-step schedule keeps, evenly spread over ``[0, steps)``.
+    """The training steps a ``sampling``-step schedule keeps, spread over ``[0, steps)``.
 
-    As improved DDPM's ``space_timesteps`` with one section: ``sampling`` indices
-    rounded from an even stride that starts at 0 and ends at ``steps - 1``. Both
+    Improved DDPM's ``space_timesteps(steps, "sampling")`` (one section), which the
+    official code samples with: a position that starts at 0 and advances by
+    ``(steps - 1) / (sampling - 1)`` (by 1 for a single step, which keeps step 0),
+    each position rounded half to even. The position is a running float sum, not
+    ``i * stride``: the two round apart for about a quarter of the counts. Both
     samplers use this schedule.
     """
     if not 1 <= sampling <= steps:
         raise ValueError(f"sampling steps must be in [1, {steps}], got {sampling}")
-    if sampling == 1:
-        return [steps - 1]
-    stride = (steps - 1) / (sampling - 1)
-    return sorted({round(i * stride) for i in range(sampling)})
+    stride = (steps - 1) / (sampling - 1) if sampling > 1 else 1.0
+    kept, position = set(), 0.0
+    for _ in range(sampling):
+        kept.add(round(position))
+        position += stride
+    return sorted(kept)
 
 
 def _take(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
