@@ -8,9 +8,12 @@ cached views and re-applies that view's crop and flip to the source image at the
 student's input size, with the renderer the store was extracted with: the student
 sees the pixels the teacher saw.
 
-Shards are shuffled per epoch, samples pass a shuffle buffer, and shards are
-split by node (torchrun rank) and by DataLoader worker. Every random choice
-derives from (seed, epoch), so an epoch replays identically after a resume.
+Shards are shuffled per epoch and the epoch is split by samples, not by whole
+shards (`epoch_part`): every torchrun rank runs the same number of steps and
+every sample of the epoch's first ``steps x batch`` is read by exactly one rank
+and DataLoader worker, whatever the shard sizes. Samples then pass a shuffle
+buffer. Every random choice derives from (seed, epoch), so an epoch replays
+identically after a resume.
 
 `eval_pipeline` streams images alone (the eval view), for validation and for
 fitting a linear probe; `augmented_pipeline` streams images with a fresh random
@@ -42,7 +45,7 @@ from gendd_pipe.store.reader import FeatureStore
 class LoaderConfig:
     """How samples are streamed to the student."""
 
-    batch_size: PositiveInt = 128  # samples per step (per process under torchrun)
+    batch_size: PositiveInt = 128  # samples per step over all torchrun ranks (each takes batch_size / world)
     shuffle_buffer: PositiveInt = 1000  # samples held in the shuffle buffer
     num_workers: NonNegativeInt = 0  # DataLoader worker processes (0 loads in the training process)
     verify: bool = True  # check feature shards against their checksums, image shards against their sha256
@@ -97,18 +100,63 @@ def join_shard(url: str, features: dict[str, np.ndarray], skipped: set[str], sou
                          "re-extract it or pass the original")
 
 
+def epoch_steps(samples: int, batch_size: int, world: int) -> tuple[int, int]:
+    """(steps, per-rank batch) of an epoch of ``samples`` at the global ``batch_size`` over ``world`` ranks;
+    the epoch's last ``samples % batch_size`` samples (fewer than one step) wait for a later epoch."""
+    if batch_size % world:
+        raise GenddError(f"batch_size {batch_size} is the global batch and must divide among the {world} ranks; "
+                         f"use a multiple of {world}")
+    if samples < batch_size:
+        raise GenddError(f"{samples} training samples do not fill one global batch of {batch_size}; "
+                         "use a smaller batch_size or more shards")
+    return samples // batch_size, batch_size // world
+
+
+def epoch_part(counts: list[int], steps: int, batch: int, world: int, rank: int, workers: int,
+               worker: int) -> list[tuple[int, int, int]]:
+    """The ``(shard, first row, end row)`` ranges that one rank's DataLoader worker reads of an epoch.
+
+    The epoch is the shards' rows in (shuffled) order, cut into ``steps x world`` batches of ``batch`` rows;
+    the rank x worker slots take contiguous runs of whole batches, so rank ``r`` gets exactly ``steps``
+    batches (its workers between them) and every row before ``steps x world x batch`` goes to one slot."""
+    slots, batches = world * workers, steps * world
+    slot = rank * workers + worker
+    start, end = slot * batches // slots * batch, (slot + 1) * batches // slots * batch
+    part, offset = [], 0
+    for shard, count in enumerate(counts):
+        first, last = max(start, offset), min(end, offset + count)
+        if first < last:
+            part.append((shard, first - offset, last - offset))
+        offset += count
+    return part
+
+
+def _epoch_shards(urls, counts: list[int], steps: int, batch: int, world: int):
+    """Pipeline stage: the shard URLs in epoch order -> ``{"url", "rows"}`` of this rank and worker's part."""
+    urls = [item["url"] for item in urls]
+    rank, _, worker, workers = wds.utils.pytorch_worker_info()
+    for shard, first, end in epoch_part(counts, steps, batch, world, rank, workers, worker):
+        yield {"url": urls[shard], "rows": (first, end)}
+
+
 def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = True):
-    """Pipeline stage: ``{"url": ...}`` dicts -> joined samples with their cached teacher outputs."""
+    """Pipeline stage: ``{"url": ..., "rows": (first, end)}`` dicts -> the joined samples of those rows with
+    their cached teacher outputs."""
     store = FeatureStore.open(store_url)
     for item in urls:
         url = item["url"]
         name = shard_name(url)
         block = store.read_shard(name, verify)
-        source = store.shard(name).attrs.get("source_sha256") if verify else None
+        first, end = item.get("rows", (0, len(block["keys"])))
+        whole = end == len(block["keys"])  # read to its end: the shard's bytes are checked too
+        source = store.shard(name).attrs.get("source_sha256") if verify and whole else None
         derived = {"head": store.head()} if store.logits_mode == "derived" else {}  # the chosen view's, later
         for sample, row in join_shard(url, block, skipped.get(name, set()), source):
-            yield {"url": url, "sample": sample, "views": block["views"][row], "features": block["features"][row],
-                   **({"logits": block["logits"][row]} if "logits" in block else derived)}
+            if row >= end:
+                break
+            if row >= first:
+                yield {"url": url, "sample": sample, "views": block["views"][row], "features": block["features"][row],
+                       **({"logits": block["logits"][row]} if "logits" in block else derived)}
 
 
 def _each(src, fn):
@@ -139,16 +187,20 @@ def _render_train(item: dict, data_config: dict, renderer: str, seed: int, epoch
     return out
 
 
-def _epoch_loader(urls: list[str], source, render, seed: int, epoch: int, batch_size: int, shuffle_buffer: int,
-                  num_workers: int) -> DataLoader:
-    """One training epoch: shards shuffled and samples buffer-shuffled from (seed, epoch), split by node and
-    worker, ``source`` turning shard URLs into samples and ``render`` each sample into tensors."""
-    order = list(urls)
+def _shard_order(urls: list[str], seed: int, epoch: int) -> list[int]:
+    order = list(range(len(urls)))
     random.Random(f"{seed}:{epoch}:shards").shuffle(order)
+    return order
+
+
+def _epoch_loader(urls: list[str], split, source, render, seed: int, epoch: int, batch_size: int,
+                  shuffle_buffer: int, num_workers: int) -> DataLoader:
+    """One training epoch: shards shuffled (``urls`` come in epoch order) and samples buffer-shuffled from
+    (seed, epoch), ``split`` among ranks and workers, ``source`` turning shard URLs into samples and ``render``
+    each sample into tensors."""
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(order),
-        wds.split_by_node,
-        wds.split_by_worker,
+        wds.SimpleShardList(list(urls)),
+        *split,
         source,
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(f"{seed}:{epoch}:samples")),
         partial(_each, fn=render),
@@ -157,14 +209,20 @@ def _epoch_loader(urls: list[str], source, render, seed: int, epoch: int, batch_
 
 
 def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg: LoaderConfig, seed: int,
-                   epoch: int) -> DataLoader:
-    """One epoch of training batches: ``key``, ``image``, ``label``, ``view``, ``feature`` and (full stores)
-    ``logits``."""
+                   epoch: int, counts: dict[str, int] | None = None) -> DataLoader:
+    """One epoch of this rank's training batches (``epoch_steps`` of them, of ``batch_size / world``
+    samples): ``key``, ``image``, ``label``, ``view``, ``feature`` and (full stores) ``logits``. ``counts``
+    are the shards' sample counts (`check_shards`, which runs when they are not given)."""
     renderer = renderer_of(store.manifest)
     create_renderer(renderer)  # a store naming a renderer this version lacks fails here, in one line
-    return _epoch_loader(urls, partial(_joined, store_url=store.url, skipped=_skipped_keys(store), verify=cfg.verify),
+    counts = counts or check_shards(store, urls)
+    order = [urls[i] for i in _shard_order(urls, seed, epoch)]
+    sizes, world = [counts[shard_name(u)] for u in order], wds.utils.pytorch_worker_info()[1]
+    steps, batch = epoch_steps(sum(sizes), cfg.batch_size, world)
+    return _epoch_loader(order, [partial(_epoch_shards, counts=sizes, steps=steps, batch=batch, world=world)],
+                         partial(_joined, store_url=store.url, skipped=_skipped_keys(store), verify=cfg.verify),
                          partial(_render_train, data_config=data_config, renderer=renderer, seed=seed, epoch=epoch),
-                         seed, epoch, cfg.batch_size, cfg.shuffle_buffer, cfg.num_workers)
+                         seed, epoch, batch, cfg.shuffle_buffer, cfg.num_workers)
 
 
 def _images(urls):
@@ -200,5 +258,7 @@ def augmented_pipeline(urls: list[str], data_config: dict, views: ViewConfig, ba
                        shuffle_buffer: int = 1000, num_workers: int = 0) -> DataLoader:
     """One epoch of ``image`` (a random-resized crop drawn from (views.seed, epoch, key)) and ``label`` batches,
     shards and samples shuffled from (views.seed, epoch)."""
-    return _epoch_loader(urls, _images, partial(_render_augmented, data_config=data_config, views=views, epoch=epoch),
+    order = [urls[i] for i in _shard_order(urls, views.seed, epoch)]
+    return _epoch_loader(order, [wds.split_by_node, wds.split_by_worker], _images,
+                         partial(_render_augmented, data_config=data_config, views=views, epoch=epoch),
                          views.seed, epoch, batch_size, shuffle_buffer, num_workers)

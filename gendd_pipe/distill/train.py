@@ -8,7 +8,8 @@ when the primary predictor improves) and one JSON line of metrics per epoch
 (``metrics.jsonl``). ``resume`` continues a killed run from ``last.safetensors``; each
 epoch seeds its own randomness from (seed, epoch), so a resumed run replays the
 epochs an uninterrupted one would have run. Under torchrun the method is
-wrapped in DDP, shards are split by rank and rank 0 validates and writes.
+wrapped in DDP, ``batch_size`` is the global batch (each rank takes its share),
+every rank runs the same steps over its part of the epoch, and rank 0 validates and writes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from timm.scheduler import CosineLRScheduler
 
 from gendd_pipe.config import differences
 from gendd_pipe.distill.config import upgrade
-from gendd_pipe.data.loader import check_shards, train_pipeline
+from gendd_pipe.data.loader import check_shards, epoch_steps, train_pipeline
 from gendd_pipe.data.shards import expand_urls, shard_name
 from gendd_pipe.distill.checkpoint import load_state, read_checkpoint, save_checkpoint
 from gendd_pipe.distill.config import DistillConfig
@@ -83,20 +84,12 @@ def _world() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def _steps_per_epoch(counts: dict[str, int], urls: list[str], cfg: DistillConfig, world: int) -> int:
-    """Batches every rank can fill: each rank reads shards ``rank::world``; workers each drop a partial batch."""
-    per_rank = [sum(counts[shard_name(u)] for u in urls[r::world]) for r in range(world)]
-    steps = min(per_rank) // cfg.loader.batch_size - max(cfg.loader.num_workers - 1, 0)
-    if steps < 1:
-        raise GenddError(f"{min(per_rank)} samples per process do not fill one batch of {cfg.loader.batch_size}")
-    return steps
-
-
 def _epoch_seed(cfg: DistillConfig, epoch: int, rank: int) -> int:
     return (cfg.seed * 1_000_003 + epoch) * 101 + rank
 
 
-def _resume(out: str, cfg: DistillConfig, method, optimizer, scheduler, resume: bool) -> tuple[int, dict]:
+def _resume(out: str, cfg: DistillConfig, method, optimizer, scheduler, resume: bool,
+            world: int) -> tuple[int, dict]:
     """Load the last checkpoint into the run when resuming; returns (epochs done, best so far)."""
     path = checkpoint_in(out, LAST)
     if not os.path.exists(path):
@@ -107,6 +100,10 @@ def _resume(out: str, cfg: DistillConfig, method, optimizer, scheduler, resume: 
     differ = differences(cfg.to_dict(), upgrade(ckpt["config"]), ignore=("epochs",))
     if differ:
         raise GenddError(f"{path}: was trained with other settings ({', '.join(differ)}); use another --out")
+    trained = ckpt.get("distributed", {}).get("world_size", 1)
+    if trained != world:
+        raise GenddError(f"{path}: was trained on {trained} rank(s), not {world}; resume it with "
+                         f"--nproc-per-node {trained} (the epochs' split depends on the world size)")
     load_state(method, ckpt["state_dict"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -127,16 +124,17 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     head = teacher_head(store, shard_name(urls[0]))
     student = create_student(cfg.student, store.manifest["teacher"]["num_classes"])
     method = create_method(cfg, student, head).to(device)
-    steps = _steps_per_epoch(counts, urls, cfg, world)
+    steps, per_rank = epoch_steps(sum(counts.values()), cfg.loader.batch_size, world)
     total = steps * cfg.epochs
     optimizer = torch.optim.AdamW(method.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2[0]))
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=steps * cfg.warmup_epochs,
                                   warmup_lr_init=cfg.lr / 100, t_in_epochs=False)
-    start_epoch, best = _resume(out, cfg, method, optimizer, scheduler, resume)
+    start_epoch, best = _resume(out, cfg, method, optimizer, scheduler, resume, world)
     model = method
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
-    record = {"store": public_url(store.url), "shards": [public_url(u) for u in urls],
+    record = {"distributed": {"world_size": world, "rank_batch": per_rank, "batch_size": cfg.loader.batch_size},
+              "store": public_url(store.url), "shards": [public_url(u) for u in urls],
               "val_shards": [public_url(u) for u in val_urls],
               "teacher": {**store.manifest["teacher"], "head_shape": list(head.weight.shape),
                           "feature_norm": head.feature_norm, "preprocessing": store.manifest["preprocessing"]}}
@@ -145,7 +143,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
 
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(_epoch_seed(cfg, epoch, rank))
-        loader = train_pipeline(urls, store, student.data_config, cfg.loader, cfg.seed, epoch)
+        loader = train_pipeline(urls, store, student.data_config, cfg.loader, cfg.seed, epoch, counts)
         sums: dict[str, float] = {}
         images, begin = 0, time.perf_counter()
         with StepBar(f"epoch {epoch + 1}/{cfg.epochs} {cfg.method}", steps, progress and rank == 0) as bar:
