@@ -380,7 +380,7 @@ def distill_command(
     input_size: Annotated[Optional[int], typer.Option(help="Student input size (square); default timm's."),
                           Key("student.input_size", run=True)] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs."), Key("epochs", run=True)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Samples per step per process."),
+    batch_size: Annotated[Optional[int], typer.Option(help="Samples per step, all torchrun ranks together."),
                           Key("loader.batch_size", run=True)] = None,
     lr: Annotated[Optional[float], typer.Option(help="AdamW peak learning rate."), Key("lr", run=True)] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay of the student."),

@@ -18,7 +18,7 @@ from gendd_pipe.data.loader import LoaderConfig, train_pipeline
 from gendd_pipe.distill.checkpoint import read_checkpoint
 from gendd_pipe.distill.evaluate import load_method
 from gendd_pipe.distill.config import DistillConfig
-from gendd_pipe.distill.evaluate import EvaluateStage
+from gendd_pipe.distill.evaluate import EvaluateStage, evaluate_checkpoint
 from gendd_pipe.distill.evaluate import run_stage as evaluate_stage
 from gendd_pipe.distill.methods.gendd import GenddConfig
 from gendd_pipe.distill.methods.logit import LogitConfig
@@ -201,7 +201,8 @@ def test_a_killed_run_resumes_to_the_same_weights(digit_store, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_with_two_processes(digit_store, tmp_path):
-    """Two real torchrun processes (gloo): shards split by rank, DDP gradients, rank 0 writes."""
+    """Two real torchrun processes (gloo): the global batch split by rank, DDP gradients, validation split
+    across the ranks and summed (it scores as one process scores the same checkpoint), rank 0 writes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "gendd_pipe.cli",
@@ -211,6 +212,10 @@ def test_torchrun_with_two_processes(digit_store, tmp_path):
     lines = _lines(tmp_path / "ddp" / "runs" / "kd")
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["val"]["images"] == 48
     assert os.path.exists(tmp_path / "ddp" / "runs" / "kd" / "summary.json")
+    ckpt = read_checkpoint(str(tmp_path / "ddp" / "runs" / "kd" / "last.safetensors"))
+    assert ckpt["distributed"] == {"world_size": 2, "rank_batch": 8, "batch_size": 16}
+    alone = evaluate_checkpoint(str(tmp_path / "ddp" / "runs" / "kd" / "last.safetensors"), digit_store["val"])
+    assert alone["student"] == lines[-1]["val"]["student"]
 
 
 @pytest.fixture(scope="module")

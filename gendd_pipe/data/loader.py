@@ -22,6 +22,7 @@ view per (seed, epoch, key), for fine-tuning a teacher before extraction.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from functools import partial
@@ -225,13 +226,28 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
                          seed, epoch, batch, cfg.shuffle_buffer, cfg.num_workers)
 
 
-def _images(urls):
+def _images(urls, by_rank: bool = False):
+    """Pipeline stage: ``{"url": ...}`` dicts -> ``{"url", "sample"}`` of their samples, opened but not yet
+    decoded; ``by_rank``: only every world-th sample of each shard, from this rank's offset, so that the ranks
+    between them take each sample once."""
+    rank, world = wds.utils.pytorch_worker_info()[:2] if by_rank else (0, 1)
     for item in urls:
-        for sample in ShardReader(item["url"], on_error="fail"):
-            yield sample
+        for i, sample in enumerate(ShardReader(item["url"], on_error="fail", decode=False)):
+            if i % world == rank:
+                yield {"url": item["url"], "sample": sample}
 
 
-def _render_eval(sample: Sample, data_config: dict) -> dict:
+def _decoded(item: dict) -> Sample:
+    """The item's sample with its image decoded, or one line naming the shard and key."""
+    sample: Sample = item["sample"]
+    try:
+        return dataclasses.replace(sample, image=sample.rgb(), data=None)
+    except ValueError as exc:
+        raise GenddError(f"{public_url(item['url'])}: sample {sample.key}: {exc}") from None
+
+
+def _render_eval(item: dict, data_config: dict) -> dict:
+    sample = _decoded(item)
     size = data_config["input_size"][1:]
     view = eval_view(*sample.image.size, size, data_config["crop_pct"], data_config.get("crop_mode", "center"))
     image = render_view(sample.image, view, size, data_config["interpolation"])
@@ -239,19 +255,25 @@ def _render_eval(sample: Sample, data_config: dict) -> dict:
 
 
 def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Batches of ``image`` (the eval view: resize + center crop) and ``label``, in shard order."""
+    """Batches of ``image`` (the eval view: resize + center crop) and ``label``, in shard order; under torchrun,
+    this rank's share of every shard (each sample on exactly one rank)."""
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
         wds.split_by_worker,
-        _images,
+        partial(_images, by_rank=True),
         partial(_each, fn=partial(_render_eval, data_config=data_config)),
     )
     return DataLoader(pipeline, batch_size=batch_size, num_workers=num_workers)
 
 
-def _render_augmented(sample: Sample, data_config: dict, views: ViewConfig, epoch: int) -> dict:
+def _render_augmented(item: dict, data_config: dict, views: ViewConfig, epoch: int) -> dict:
+    sample: Sample = item["sample"]  # decoded by the renderer
     view = random_view(*sample.image.size, views, view_rng(views.seed, f"{epoch}:{sample.key}", 0))
-    return {"image": model_input(views.renderer, sample, view[None], data_config)[0], "label": sample.label}
+    try:
+        image = model_input(views.renderer, sample, view[None], data_config)[0]
+    except ValueError as exc:
+        raise GenddError(f"{public_url(item['url'])}: sample {sample.key}: {exc}") from None
+    return {"image": image, "label": sample.label}
 
 
 def augmented_pipeline(urls: list[str], data_config: dict, views: ViewConfig, batch_size: int, epoch: int,

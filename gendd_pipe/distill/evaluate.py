@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import field
 
 import torch
+import torch.distributed as dist
 from pydantic import model_validator
 
 from gendd_pipe.config import (ConfigError, NonNegativeInt, OutputDir, PositiveInt, Shards, configclass, join_key,
@@ -65,15 +66,38 @@ def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, predict
             val_x.append(features.float().cpu())
             val_y.append(labels[keep].cpu())
         n += int(keep.sum())
+    parts = _gathered((hits, n))  # under torchrun each rank scored its share of the samples
+    hits, n = _summed([h for h, _ in parts]), sum(count for _, count in parts)
     if n == 0:
         raise GenddError(f"{val_urls[0]}: no labeled val samples to score (every label is -1)")
     result = {name: as_percent(h, n) for name, h in hits.items()}
     result["images"], result["seconds"] = n, time.perf_counter() - start
     if probe_urls:
         train = student_features(method.student, probe_urls, batch_size, num_workers)
-        result["probe"] = probe_score(train, (torch.cat(val_x), torch.cat(val_y)), probe_urls[0])
+        train = tuple(torch.cat(t) for t in zip(*_gathered(train)))
+        val = tuple(torch.cat(t) for t in zip(*_gathered((torch.cat(val_x), torch.cat(val_y)))))
+        result["probe"] = probe_score(train, val, probe_urls[0])
     method.train(was_training)
     return result
+
+
+def _gathered(part) -> list:
+    """``part`` of every torchrun rank, in rank order (``[part]`` outside torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [part]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return parts
+
+
+def _summed(hits: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    total: dict[str, dict[str, int]] = {}
+    for part in hits:
+        for name, counts in part.items():
+            for k, v in counts.items():
+                total.setdefault(name, {}).setdefault(k, 0)
+                total[name][k] += v
+    return total
 
 
 def load_method(path: str):

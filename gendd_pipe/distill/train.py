@@ -80,6 +80,8 @@ def _world() -> tuple[int, int]:
     """(rank, world size); joins the torchrun process group when there is one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # collectives run on this rank's GPU
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
@@ -161,10 +163,10 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
                 images += batch["image"].shape[0]
                 bar.step(float(losses["loss"].detach()))
         seconds = time.perf_counter() - begin
+        val = evaluate(method, val_urls, cfg.loader.batch_size, probe_urls=urls if cfg.with_probe else None,
+                       num_workers=cfg.loader.num_workers)  # every rank scores its share; all get the totals
         if rank != 0:
             continue
-        val = evaluate(method, val_urls, cfg.loader.batch_size, probe_urls=urls if cfg.with_probe else None,
-                       num_workers=cfg.loader.num_workers)
         line = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                 "train": {k: v / max(i + 1, 1) for k, v in sums.items()}, "images_per_s": images * world / seconds,
                 "train_seconds": seconds, "val": val}
