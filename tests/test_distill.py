@@ -218,6 +218,32 @@ def test_torchrun_with_two_processes(digit_store, tmp_path):
     assert alone["student"] == lines[-1]["val"]["student"]
 
 
+@pytest.mark.slow
+def test_torchrun_stage_entry_point_clears_and_writes_on_rank_0(digit_store, tmp_path):
+    """``torchrun -m stages.distill``, as DVC would run it on two processes: run again with other settings,
+    rank 0 alone clears the stale run and writes; the metrics file is one valid JSON document."""
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "distill"
+    for lr in (2e-3, 1e-3):
+        params = tmp_path / f"params-{lr}.yaml"
+        params.write_text(yaml.safe_dump({"distill": {
+            "store": digit_store["store"], "shards": digit_store["train"], "val_shards": digit_store["val"],
+            "out": str(out), "common": {"epochs": 1, "lr": lr, "warmup_epochs": 0, "loader": {"batch_size": 16},
+                                        "student": {"name": "resnet10t", "input_size": 32}},
+            "runs": {"kd": {}}}}))
+        done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "stages.distill", "kd",
+                               "--params", str(params)], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert json.load(open(out / "metrics" / "kd.json"))["epochs"] == 1
+    assert [m["epoch"] for m in _lines(out / "runs" / "kd")] == [1]  # the first run's epoch was cleared
+    assert read_checkpoint(str(out / "runs" / "kd" / "last.safetensors"))["config"]["lr"] == 1e-3
+
+
 @pytest.fixture(scope="module")
 def full_store(digit_store, tmp_path_factory):
     """The digit store's extraction again with full logits stored (the digit store derives them)."""

@@ -27,7 +27,7 @@ from pydantic import model_validator
 from gendd_pipe.config import ConfigError, OutputDir, RunName, Shards, configclass, differences, merged, to_dict
 from gendd_pipe.distill.checkpoint import read_checkpoint
 from gendd_pipe.distill.config import DistillConfig, parse_run, upgrade
-from gendd_pipe.distill.train import distill
+from gendd_pipe.distill.train import distill, on_rank0
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import write_json, write_yaml
 from gendd_pipe.layout import LAST, checkpoint_in, config_beside, run_dir, run_metrics, run_plot
@@ -115,8 +115,8 @@ def run_stage(cfg: DistillStage, run: str, resume: bool | None = None, progress:
     """
     config = cfg.run(run)
     directory = run_dir(cfg.out, run)
-    if resume is None:
-        resume = _fresh_or_resume(directory, config)
+    if resume is None:  # decided (and a stale run cleared) by rank 0 alone under torchrun
+        resume = on_rank0(lambda: _fresh_or_resume(directory, config))
     summary = distill(cfg.store, list(cfg.shards), list(cfg.val_shards), directory, config, resume=resume,
                       progress=progress)
     if not summary:  # a torchrun process other than rank 0

@@ -76,7 +76,7 @@ def _beta2(cfg: DistillConfig, step: int, total: int) -> float:
     return high - 0.5 * (high - low) * (1 + math.cos(math.pi * step / max(total - 1, 1)))
 
 
-def _world() -> tuple[int, int]:
+def join_world() -> tuple[int, int]:
     """(rank, world size); joins the torchrun process group when there is one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -84,6 +84,15 @@ def _world() -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # collectives run on this rank's GPU
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def on_rank0(decide):
+    """``decide()`` run by rank 0 alone (it may change files), its result given to every torchrun rank."""
+    rank, world = join_world()
+    result = [decide() if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 def _epoch_seed(cfg: DistillConfig, epoch: int, rank: int) -> int:
@@ -119,7 +128,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     urls, val_urls = expand_urls(shards), expand_urls(val_shards)
     counts = check_shards(store, urls)
     check_method(store, cfg, counts)
-    rank, world = _world()
+    rank, world = join_world()
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
 
     torch.manual_seed(cfg.seed)
