@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from gendd_pipe import GenddError
-from gendd_pipe.data.loader import _shard_order, epoch_part, epoch_steps
+from gendd_pipe.data.loader import epoch_order, epoch_part, epoch_steps
 from gendd_pipe.data.prepare import write_shards
 
 SIZES = (37, 100, 250)
@@ -102,7 +102,7 @@ def test_torchrun_ranks_read_every_sample_once_per_epoch(uneven_store, tmp_path)
         assert [len(b) for b in batches] == [12, 12] and all(len(b) == 16 for r in batches for b in r)
         keys = [k for r in batches for b in r for k in b]
         assert len(set(keys)) == len(keys) == 384
-        last = [shards[i] for i in _shard_order(shards, 0, epoch)][-1]  # the epoch's last shard
+        last = epoch_order(shards, 0, epoch)[-1]  # the epoch's last shard
         assert set(_keys(shards)) - set(keys) == set(_keys([last])[-3:])  # its last 3 samples wait
     assert ranks[0][0] != ranks[0][1]  # epochs are shuffled apart
 

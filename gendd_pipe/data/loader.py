@@ -22,9 +22,9 @@ view per (seed, epoch, key), for fine-tuning a teacher before extraction.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import random
+from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
@@ -148,7 +148,7 @@ def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = T
         url = item["url"]
         name = shard_name(url)
         block = store.read_shard(name, verify)
-        first, end = item.get("rows", (0, len(block["keys"])))
+        first, end = item["rows"]
         whole = end == len(block["keys"])  # read to its end: the shard's bytes are checked too
         source = store.shard(name).attrs.get("source_sha256") if verify and whole else None
         derived = {"head": store.head()} if store.logits_mode == "derived" else {}  # the chosen view's, later
@@ -172,13 +172,20 @@ def view_choice(seed: int, epoch: int, key: str, count: int) -> int:
     return int.from_bytes(digest[:8], "little") % count
 
 
+@contextmanager
+def _naming_the_sample(item: dict):
+    """An image that fails to decode or render as one line naming its shard and key."""
+    try:
+        yield
+    except ValueError as exc:
+        raise GenddError(f"{public_url(item['url'])}: sample {item['sample'].key}: {exc}") from exc
+
+
 def _render_train(item: dict, data_config: dict, renderer: str, seed: int, epoch: int) -> dict:
     sample: Sample = item["sample"]
     v = view_choice(seed, epoch, sample.key, len(item["views"]))
-    try:
+    with _naming_the_sample(item):  # the image decoded at extraction, so these are other bytes
         image = model_input(renderer, sample, item["views"][v][None], data_config)[0]
-    except ValueError as exc:  # the image decoded at extraction, so these are other bytes
-        raise GenddError(f"{public_url(item['url'])}: sample {sample.key}: {exc}") from exc
     out = {"key": sample.key, "image": image, "label": sample.label, "view": v,
            "feature": torch.from_numpy(item["features"][v].astype(np.float32))}
     if "logits" in item:
@@ -188,8 +195,9 @@ def _render_train(item: dict, data_config: dict, renderer: str, seed: int, epoch
     return out
 
 
-def _shard_order(urls: list[str], seed: int, epoch: int) -> list[int]:
-    order = list(range(len(urls)))
+def epoch_order(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """The shards in the order an epoch reads them, shuffled from (seed, epoch)."""
+    order = list(urls)
     random.Random(f"{seed}:{epoch}:shards").shuffle(order)
     return order
 
@@ -217,7 +225,7 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
     renderer = renderer_of(store.manifest)
     create_renderer(renderer)  # a store naming a renderer this version lacks fails here, in one line
     counts = counts or check_shards(store, urls)
-    order = [urls[i] for i in _shard_order(urls, seed, epoch)]
+    order = epoch_order(urls, seed, epoch)
     sizes, world = [counts[shard_name(u)] for u in order], wds.utils.pytorch_worker_info()[1]
     steps, batch = epoch_steps(sum(sizes), cfg.batch_size, world)
     return _epoch_loader(order, [partial(_epoch_shards, counts=sizes, steps=steps, batch=batch, world=world)],
@@ -237,20 +245,12 @@ def _images(urls, by_rank: bool = False):
                 yield {"url": item["url"], "sample": sample}
 
 
-def _decoded(item: dict) -> Sample:
-    """The item's sample with its image decoded, or one line naming the shard and key."""
-    sample: Sample = item["sample"]
-    try:
-        return dataclasses.replace(sample, image=sample.rgb(), data=None)
-    except ValueError as exc:
-        raise GenddError(f"{public_url(item['url'])}: sample {sample.key}: {exc}") from None
-
-
 def _render_eval(item: dict, data_config: dict) -> dict:
-    sample = _decoded(item)
+    sample: Sample = item["sample"]
     size = data_config["input_size"][1:]
     view = eval_view(*sample.image.size, size, data_config["crop_pct"], data_config.get("crop_mode", "center"))
-    image = render_view(sample.image, view, size, data_config["interpolation"])
+    with _naming_the_sample(item):
+        image = render_view(sample.rgb(), view, size, data_config["interpolation"])
     return {"image": to_tensor(image, data_config["mean"], data_config["std"]), "label": sample.label}
 
 
@@ -269,10 +269,8 @@ def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, num_worke
 def _render_augmented(item: dict, data_config: dict, views: ViewConfig, epoch: int) -> dict:
     sample: Sample = item["sample"]  # decoded by the renderer
     view = random_view(*sample.image.size, views, view_rng(views.seed, f"{epoch}:{sample.key}", 0))
-    try:
+    with _naming_the_sample(item):
         image = model_input(views.renderer, sample, view[None], data_config)[0]
-    except ValueError as exc:
-        raise GenddError(f"{public_url(item['url'])}: sample {sample.key}: {exc}") from None
     return {"image": image, "label": sample.label}
 
 
@@ -280,7 +278,6 @@ def augmented_pipeline(urls: list[str], data_config: dict, views: ViewConfig, ba
                        shuffle_buffer: int = 1000, num_workers: int = 0) -> DataLoader:
     """One epoch of ``image`` (a random-resized crop drawn from (views.seed, epoch, key)) and ``label`` batches,
     shards and samples shuffled from (views.seed, epoch)."""
-    order = [urls[i] for i in _shard_order(urls, views.seed, epoch)]
-    return _epoch_loader(order, [wds.split_by_node, wds.split_by_worker], _images,
+    return _epoch_loader(epoch_order(urls, views.seed, epoch), [wds.split_by_node, wds.split_by_worker], _images,
                          partial(_render_augmented, data_config=data_config, views=views, epoch=epoch),
                          views.seed, epoch, batch_size, shuffle_buffer, num_workers)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import field
 
@@ -49,7 +50,7 @@ def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, predict
     was_training = method.training
     method.eval()
     device = next(method.parameters()).device
-    hits: dict[str, dict[str, int]] = {}
+    hits: dict[str, Counter] = {}
     val_x, val_y = [], []  # labeled val features, kept for the probe
     n, start = 0, time.perf_counter()
     for batch in eval_pipeline(val_urls, method.student.data_config, batch_size, num_workers):
@@ -59,15 +60,17 @@ def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, predict
             continue
         features = method.student.features(batch["image"].to(device)[keep])
         for name, logits in method.predict(features, predict).items():
-            for k, v in topk_hits(logits, labels[keep]).items():
-                hits.setdefault(name, {}).setdefault(k, 0)
-                hits[name][k] += v
+            hits.setdefault(name, Counter()).update(topk_hits(logits, labels[keep]))
         if probe_urls:
             val_x.append(features.float().cpu())
             val_y.append(labels[keep].cpu())
         n += int(keep.sum())
-    parts = _gathered((hits, n))  # under torchrun each rank scored its share of the samples
-    hits, n = _summed([h for h, _ in parts]), sum(count for _, count in parts)
+    parts = _gathered((hits, n, val_x, val_y))  # under torchrun each rank scored its share of the samples
+    hits = {}
+    for part in parts:
+        for name, counts in part[0].items():
+            hits.setdefault(name, Counter()).update(counts)
+    n = sum(part[1] for part in parts)
     if n == 0:
         raise GenddError(f"{val_urls[0]}: no labeled val samples to score (every label is -1)")
     result = {name: as_percent(h, n) for name, h in hits.items()}
@@ -75,7 +78,7 @@ def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, predict
     if probe_urls:
         train = student_features(method.student, probe_urls, batch_size, num_workers)
         train = tuple(torch.cat(t) for t in zip(*_gathered(train)))
-        val = tuple(torch.cat(t) for t in zip(*_gathered((torch.cat(val_x), torch.cat(val_y)))))
+        val = tuple(torch.cat([t for part in parts for t in part[i]]) for i in (2, 3))
         result["probe"] = probe_score(train, val, probe_urls[0])
     method.train(was_training)
     return result
@@ -88,16 +91,6 @@ def _gathered(part) -> list:
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, part)
     return parts
-
-
-def _summed(hits: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
-    total: dict[str, dict[str, int]] = {}
-    for part in hits:
-        for name, counts in part.items():
-            for k, v in counts.items():
-                total.setdefault(name, {}).setdefault(k, 0)
-                total[name][k] += v
-    return total
 
 
 def load_method(path: str):
