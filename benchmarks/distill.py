@@ -1,85 +1,249 @@
-"""Distill speed from the cache, measured side by side in one run: the loader alone, then a training
-step of each method, and the GenDD head's cost knobs (width, diffusion_batch_mul).
+"""Distill from the cache against the teacher run online, measured side by side in one run on each device.
 
-    python benchmarks/distill.py [--images 512] [--steps 12] [--student resnet10t] [--input-size 32]
+    python benchmarks/distill.py [--images 192] [--batch-size 32] [--steps 4] [--input-size 224]
+        [--student resnet18] [--light resnet34] [--heavy resnet152] [--checkpoint PATH --val-shards GLOB]
 
-Builds a small store of real MNIST digits (a seeded resnet18 teacher at 32 px),
-then times ``steps`` training steps per setting on the same batches. Prints
-images/s and the ratio to the CE step. Absolute numbers drift on a shared
-machine; the ratios printed are what to compare.
+Real MNIST digits are written as shards and extracted (weights none, two views) by
+each teacher; every timing then trains the same student on the same batches:
+
+- cache speedup: a step with the teacher run online (its forward of the batch, then
+  the student's step: the official way) over a step from the cache (the loader, its
+  workers running beside the step, then the student's step); cache efficiency: that
+  speedup over its bound ``(t_teacher + t_student) / t_student``, the three times
+  measured in the same run.
+- loader headroom: samples/s of the loader alone over the samples/s the step consumes.
+- GenDD cost: a GenDD step over a KD step, at the official head (width 1024, depth 3,
+  mul 10, 64-dim tokens) and at the embedded default's (params.yaml).
+- sampling: with ``--checkpoint`` (the embedded default's GenDD run), evaluation
+  images/s and top-1 at 64 / 16 / 8 steps, ancestral and DDIM, cfg 1 and 2.
+
+On a GPU the student runs under bf16 autocast with channels_last; on the CPU in
+float32. Prints a markdown table per device and one JSON line of its figures.
+Absolute times drift on a shared machine; the ratios are what to compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import itertools
+import json
 import os
+import statistics
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
-from gendd_pipe.data.loader import LoaderConfig, train_pipeline  # noqa: E402
+from gendd_pipe.data.loader import LoaderConfig, train_pipeline, workers  # noqa: E402
 from gendd_pipe.data.prepare import mnist5k_records, write_shards  # noqa: E402
+from gendd_pipe.data.shards import shard_name  # noqa: E402
+from gendd_pipe.data.views import ViewConfig  # noqa: E402
 from gendd_pipe.distill.config import DistillConfig  # noqa: E402
-from gendd_pipe.distill.methods import TeacherHead, create_method  # noqa: E402
+from gendd_pipe.distill.evaluate import evaluate, load_method  # noqa: E402
+from gendd_pipe.distill.methods import create_method  # noqa: E402
 from gendd_pipe.distill.methods.gendd import GenddConfig  # noqa: E402
+from gendd_pipe.distill.train import _on_device, teacher_head  # noqa: E402
 from gendd_pipe.extract import ExtractConfig, extract  # noqa: E402
-from gendd_pipe.models.gendd_head import HeadConfig  # noqa: E402
+from gendd_pipe.models.gendd_head import HeadConfig, SamplingConfig  # noqa: E402
 from gendd_pipe.models.student import StudentConfig, create_student  # noqa: E402
-from gendd_pipe.models.teacher import TeacherConfig  # noqa: E402
+from gendd_pipe.models.teacher import TeacherConfig, create_teacher  # noqa: E402
+from gendd_pipe.runtime import RuntimeConfig, autocast, grad_scaler, place, resolve_device  # noqa: E402
 from gendd_pipe.store.reader import FeatureStore  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    """One method's training step on a device, as the distill loop runs it (autocast, scaler, AdamW)."""
+
+    def __init__(self, cfg: DistillConfig, store: FeatureStore, shard: str, runtime: RuntimeConfig,
+                 device: torch.device):
+        torch.manual_seed(0)
+        student = create_student(cfg.student, store.manifest["teacher"]["num_classes"])
+        self.method = place(create_method(cfg, student, teacher_head(store, shard)), runtime, device)
+        self.optimizer = torch.optim.AdamW(self.method.parameters(), lr=1e-4)
+        self.scaler, self.runtime, self.device = grad_scaler(runtime, device), runtime, device
+        self.data_config = student.data_config
+
+    def step(self, batch: dict) -> None:
+        """One step on a batch already on the device."""
+        with autocast(self.runtime, self.device):
+            loss = self.method(batch, 5)["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def seconds_per(fn, items: list, device: torch.device, repeats: int) -> float:
+    """Median over ``repeats`` of the mean seconds of ``fn(item)`` over ``items``, after one warm-up call."""
+    fn(items[0])
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for item in items:
+            fn(item)
+        _sync(device)
+        times.append((time.perf_counter() - start) / len(items))
+    return statistics.median(times)
+
+
+def cached_steps(trainer: Trainer, loader, steps: int, device: torch.device, repeats: int) -> float:
+    """Seconds per step of the loader (its workers running beside) feeding ``trainer``, median of ``repeats``
+    epochs; the first batch of each epoch, which waits for the workers to start, is not timed."""
+    times = []
+    for epoch in range(repeats):
+        loader.dataset.set_epoch(epoch)
+        batches = iter(loader)
+        trainer.step(_on_device(next(batches), trainer.data_config, trainer.runtime, device))
+        _sync(device)
+        start = time.perf_counter()
+        for batch in itertools.islice(batches, steps):
+            trainer.step(_on_device(batch, trainer.data_config, trainer.runtime, device))
+        _sync(device)
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def loader_rate(loader, steps: int, batch_size: int) -> float:
+    """Samples/s of the loader alone (after its first batch)."""
+    loader.dataset.set_epoch(0)
+    batches = iter(loader)
+    next(batches)
+    start = time.perf_counter()
+    n = sum(1 for _ in itertools.islice(batches, steps))
+    return n * batch_size / (time.perf_counter() - start)
+
+
+def embedded_head() -> HeadConfig:
+    with open(os.path.join(ROOT, "params.yaml")) as f:
+        params = yaml.safe_load(f)
+    return HeadConfig(**params["distill"]["runs"]["gendd"]["gendd"]["head"])
+
+
+def bench_device(args, device: torch.device, stores: dict, shards: list[str]) -> dict:
+    runtime = RuntimeConfig(device=str(device), amp="bf16" if device.type == "cuda" else "off",
+                            channels_last=device.type == "cuda")
+    student = StudentConfig(args.student, args.input_size)
+    loader_cfg = LoaderConfig(args.batch_size, shuffle_buffer=args.batch_size)
+    out: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "precision": runtime.precision, "student": args.student, "batch_size": args.batch_size,
+                 "input_size": args.input_size, "loader_workers": workers(None)}
+    for role, name in (("light", args.light), ("heavy", args.heavy)):
+        store = FeatureStore.open(stores[name])
+        loader = train_pipeline(shards, store, create_student(student, 1000).data_config, loader_cfg, 0,
+                                pin_memory=device.type == "cuda")
+        trainer = Trainer(DistillConfig(method="kd", student=student), store, shard_name(shards[0]),
+                          runtime, device)
+        batches = [_on_device(b, trainer.data_config, runtime, device) for b in itertools.islice(loader, args.steps)]
+        teacher = create_teacher(TeacherConfig(name, "none", input_size=args.input_size), runtime)
+        pixels = [b["image"] for b in itertools.islice(loader, args.steps)]  # uint8, as an image loader gives them
+
+        def online(index: int) -> None:  # the teacher's forward of the batch, then the student's step
+            features, logits = teacher(pixels[index])
+            batch = dict(batches[index], feature=features.to(device), logits=logits.to(device))
+            trainer.step(batch)
+
+        t_teacher = seconds_per(lambda i: teacher(pixels[i]), range(args.steps), device, args.repeats)
+        t_student = seconds_per(lambda i: trainer.step(batches[i]), range(args.steps), device, args.repeats)
+        t_online = seconds_per(online, range(args.steps), device, args.repeats)
+        t_cache = cached_steps(trainer, loader, args.steps, device, args.repeats)
+        speedup, bound = t_online / t_cache, (t_teacher + t_student) / t_student
+        out[role] = {"teacher": name, "teacher_s": t_teacher, "student_s": t_student, "online_s": t_online,
+                     "cache_s": t_cache, "cache_speedup": speedup, "bound": bound, "cache_efficiency": speedup / bound}
+        if role == "light":
+            rate = loader_rate(loader, args.steps, args.batch_size)
+            out["loader"] = {"samples_per_s": rate, "step_samples_per_s": args.batch_size / t_student,
+                             "headroom": rate * t_student / args.batch_size}
+            kd = t_student
+            out["gendd"] = {}
+            for label, head in (("official", HeadConfig()), ("embedded default", embedded_head())):
+                gendd = Trainer(DistillConfig(method="gendd", student=student, options=GenddConfig(head=head)),
+                                store, shard_name(shards[0]), runtime, device)
+                t = seconds_per(lambda i: gendd.step(batches[i]), range(args.steps), device, args.repeats)
+                out["gendd"][label] = {"head": f"width {head.width}, depth {head.depth}, mul "
+                                               f"{head.diffusion_batch_mul}", "step_s": t, "cost": t / kd}
+    if args.checkpoint:
+        out["sampling"] = sampling_table(args, runtime, device)
+    return out
+
+
+def sampling_table(args, runtime: RuntimeConfig, device: torch.device) -> list[dict]:
+    method, _, _ = load_method(args.checkpoint)
+    place(method, runtime, device)
+    val = sorted(glob.glob(args.val_shards))
+    rows = []
+    for steps, sampler, cfg in itertools.product((64, 16, 8), ("ddpm", "ddim"), (1.0, 2.0)):
+        torch.manual_seed(0)
+        predict = SamplingConfig(sampling_steps=steps, sampler=sampler, cfg=cfg, samples=args.samples)
+        result = evaluate(method, val, 128, predict, runtime=runtime)
+        rows.append({"steps": steps, "sampler": sampler, "cfg": cfg, "top1": result["gendd"]["top1"],
+                     "images_per_s": result["images"] / result["seconds"]})
+    return rows
+
+
+def table(r: dict) -> str:
+    lines = [f"### {r['device']} ({r['precision']}, student {r['student']}, batch {r['batch_size']}, "
+             f"{r['input_size']} px, {r['loader_workers']} loader workers)", "",
+             "| ratio | setting | value | times (s per step) |", "|---|---|---:|---|"]
+    for role in ("light", "heavy"):
+        x = r[role]
+        times = (f"teacher {x['teacher_s']:.3f}, student {x['student_s']:.3f}, online {x['online_s']:.3f}, "
+                 f"cache {x['cache_s']:.3f}")
+        lines.append(f"| cache speedup | {x['teacher']} | {x['cache_speedup']:.2f} | {times} |")
+        lines.append(f"| cache efficiency | {x['teacher']} (bound {x['bound']:.2f}) | {x['cache_efficiency']:.2f} | |")
+    lo = r["loader"]
+    lines.append(f"| loader headroom | {lo['samples_per_s']:.0f} / {lo['step_samples_per_s']:.0f} samples/s | "
+                 f"{lo['headroom']:.1f} | |")
+    for label, g in r["gendd"].items():
+        lines.append(f"| GenDD cost | {label} head ({g['head']}) | {g['cost']:.2f} | gendd {g['step_s']:.3f} |")
+    for row in r.get("sampling", []):
+        lines.append(f"| sampling | {row['steps']} steps {row['sampler']} cfg {row['cfg']:g} | top-1 {row['top1']:.2f} "
+                     f"| {row['images_per_s']:.0f} images/s |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--student", default="resnet10t")
-    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--images", type=int, default=192, help="digits written as shards (two shards); an "
+                                                                "epoch must hold steps + 1 batches")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="measurements per figure (the median is kept)")
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--student", default="resnet18")
+    parser.add_argument("--light", default="resnet34", help="the light teacher (weights none)")
+    parser.add_argument("--heavy", default="resnet152", help="the heavy teacher (weights none)")
+    parser.add_argument("--checkpoint", help="a GenDD checkpoint for the sampling rows (the embedded default's "
+                                             "data/distill/runs/gendd/last.safetensors)")
+    parser.add_argument("--val-shards", default=os.path.join(ROOT, "data/shards/val-*.tar"))
+    parser.add_argument("--samples", type=int, default=4, help="sampled features per image in the sampling rows")
+    parser.add_argument("--devices", nargs="*", help="default: cpu, and cuda when there is one")
     args = parser.parse_args()
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     with tempfile.TemporaryDirectory() as tmp:
-        shards = write_shards(mnist5k_records()[0][:: 5000 // args.images][: args.images], f"{tmp}/shards", "bench",
-                              args.images)
-        store_url = f"{tmp}/store.zarr"
-        extract(shards, store_url, ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=32), dask_workers=0),
-                progress=False)
-        store = FeatureStore.open(store_url)
-        weight, bias = (torch.from_numpy(a) for a in store.head())
-        teacher = TeacherHead(weight, bias, 1.0)
-        student_cfg = StudentConfig(args.student, args.input_size)
-        data_config = create_student(student_cfg, 1000).data_config
-        loader = train_pipeline(shards, store, data_config, LoaderConfig(args.batch_size, 256), 0, 0)
-
-        start = time.perf_counter()
-        batches = list(itertools.islice(loader, args.steps))
-        loader_rate = args.steps * args.batch_size / (time.perf_counter() - start)
-        print(f"loader alone: {loader_rate:,.0f} images/s (decode, view replay, join)")
-
-        settings = [("ce", None), ("kd", None), ("dkd", None), ("gdkd", None)]
-        for width, mul in ((1024, 10), (256, 10), (256, 4), (128, 2)):
-            settings.append(("gendd", HeadConfig(width=width, diffusion_batch_mul=mul)))
-        base = None
-        for name, head in settings:
-            torch.manual_seed(0)
-            cfg = DistillConfig(method=name, options=GenddConfig(head=head) if head else None)
-            method = create_method(cfg, create_student(student_cfg, 1000), teacher)
-            optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3)
-            method(batches[0], 0)["loss"].backward()  # warm up allocators outside the timing
-            optimizer.zero_grad()
-            start = time.perf_counter()
-            for batch in batches:
-                loss = method(batch, 5)["loss"]
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            rate = args.steps * args.batch_size / (time.perf_counter() - start)
-            base = base or rate
-            label = name if head is None else f"gendd width {head.width} mul {head.diffusion_batch_mul}"
-            print(f"{label:28s} {rate:8,.0f} images/s   x{rate / base:.2f} of ce")
+        records = mnist5k_records()[0][: args.images]
+        shards = write_shards(records, f"{tmp}/shards", "bench", (len(records) + 1) // 2)
+        stores = {}
+        for name in (args.light, args.heavy):
+            stores[name] = f"{tmp}/{name}.zarr"
+            teacher = TeacherConfig(name, "none", input_size=args.input_size)
+            extract(shards, stores[name], ExtractConfig(teacher=teacher, views=ViewConfig(count=2), dask_workers=0),
+                    progress=False)
+        for name in devices:
+            result = bench_device(args, resolve_device(RuntimeConfig(device=name)), stores, shards)
+            print(table(result), flush=True)
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,8 @@ Shards = Annotated[Optional[list[str]], typer.Option(help="Train image shards (r
                    Key("shards")]
 ValShards = Annotated[Optional[list[str]], typer.Option(help="Val image shards (repeatable)."), Key("val_shards")]
 Store = Annotated[Optional[str], typer.Option(help="Feature store path or URL."), Key("store")]
-NumWorkers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes."), Key("num_workers")]
+NumWorkers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: sized to the cores)."),
+                      Key("num_workers")]
 TeacherName = Annotated[Optional[str], typer.Option(
     "--teacher", help="timm name: resnet50, resnet50.a1_in1k, hf-hub:org/model."), Key("teacher.name")]
 Weights = Annotated[Optional[str], typer.Option(help="none | bundled:efficientnet-lite0 | pretrained | PATH."),
@@ -169,14 +170,24 @@ Hflip = Annotated[Optional[float], typer.Option(help="Horizontal flip probabilit
 Renderer = Annotated[Optional[str], typer.Option(
     help="How pixels are cut from views: pil | tensor (torchvision; decodes and resizes on the GPU when there is "
          "one). Recorded in the store; students render alike."), Key("views.renderer")]
-Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (auto: a GPU when there is one)."),
-                   Key("runtime.device")]
-Amp = Annotated[Optional[str], typer.Option(help="Autocast precision: off | bf16 | fp16 (fp16 needs a GPU)."),
-                Key("runtime.amp")]
-ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
-                                                      help="NHWC models and inputs."), Key("runtime.channels_last")]
-Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the network."),
-                    Key("runtime.compile")]
+
+
+def _runtime_options(run: bool = False):
+    """The ``--device --amp --channels-last --compile`` options, setting ``runtime.*`` (of the run with ``run``)."""
+    return (
+        Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (auto: a GPU when there is one)."),
+                  Key("runtime.device", run=run)],
+        Annotated[Optional[str], typer.Option(help="Autocast precision: off | bf16 | fp16 (fp16 needs a GPU)."),
+                  Key("runtime.amp", run=run)],
+        Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="NHWC models and inputs."),
+                  Key("runtime.channels_last", run=run)],
+        Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the network."),
+                  Key("runtime.compile", run=run)],
+    )
+
+
+Device, Amp, ChannelsLast, Compile = _runtime_options()
+RunDevice, RunAmp, RunChannelsLast, RunCompile = _runtime_options(run=True)
 
 
 @app.command("prepare")
@@ -388,8 +399,9 @@ def distill_command(
     warmup_epochs: Annotated[Optional[int], typer.Option(help="Linear learning-rate warmup."),
                              Key("warmup_epochs", run=True)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Init, order, views and noise."), Key("seed", run=True)] = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes."),
-                           Key("loader.num_workers", run=True)] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: sized to the "
+                                                            "cores)."), Key("loader.num_workers", run=True)] = None,
+    device: RunDevice = None, amp: RunAmp = None, channels_last: RunChannelsLast = None, compile: RunCompile = None,
     resume: Resume = False, quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Train a student from a feature store, without the teacher (GenDD or a logit baseline)."""
@@ -422,6 +434,7 @@ def evaluate_command(
     num_workers: NumWorkers = None,
     input_size: Annotated[Optional[int], typer.Option(help="Refuse a checkpoint trained at another size."),
                           Key("input_size")] = None,
+    device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = None,
     quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Score a student: each predictor of its method and (with --train-shards) a linear probe.

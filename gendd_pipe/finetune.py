@@ -33,7 +33,7 @@ from timm.scheduler import CosineLRScheduler
 
 from gendd_pipe.config import (NonNegativeFloat, NonNegativeInt, OutputDir, PositiveFloat, PositiveInt, Shards,
                                configclass, differences, narrow, to_dict)
-from gendd_pipe.data.loader import augmented_pipeline, eval_pipeline
+from gendd_pipe.data.loader import augmented_pipeline, epoch_steps, eval_pipeline
 from gendd_pipe.data.shards import expand_urls
 from gendd_pipe.data.views import ViewConfig
 from gendd_pipe.distill.checkpoint import read_checkpoint, save_checkpoint
@@ -43,7 +43,7 @@ from gendd_pipe.layout import LAST, METRICS, MODEL, checkpoint_in, config_beside
 from gendd_pipe.metrics import EpochLog, topk_hits
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.progress import StepBar
-from gendd_pipe.runtime import RuntimeConfig, autocast, compiled, place, resolve_device, to_device
+from gendd_pipe.runtime import RuntimeConfig, autocast, compiled, grad_scaler, network_input, place, resolve_device
 
 FORMAT = "gendd-pipe/teacher-1"
 log = logging.getLogger(__name__)
@@ -64,15 +64,16 @@ class FinetuneConfig:
     weight_decay: NonNegativeFloat = 1e-2
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     shuffle_buffer: PositiveInt = 1000
-    num_workers: NonNegativeInt = 0  # DataLoader worker processes
+    num_workers: NonNegativeInt | None = None  # DataLoader worker processes; None: sized to the cores
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # device and precision (a resume may change them)
 
 
-def shard_labels(urls: list[str]) -> tuple[int, int]:
-    """(sample count, largest label) of shards, read from their ``cls`` members without decoding images."""
-    count, top = 0, -1
+def shard_labels(urls: list[str]) -> tuple[dict[str, int], int]:
+    """(sample count per shard URL, largest label) of shards, read from their ``cls`` members without decoding
+    images."""
+    counts, top = dict.fromkeys(urls, 0), -1
     for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
-        count += 1
+        counts[sample["__url__"]] += 1
         if "cls" in sample:
             text = sample["cls"].decode("utf-8", "replace").strip()
             try:
@@ -80,21 +81,21 @@ def shard_labels(urls: list[str]) -> tuple[int, int]:
             except ValueError:
                 raise GenddError(f"{sample['__url__']}: sample {sample['__key__']!r} has cls {text[:20]!r}, "
                                  "not an integer") from None
-    return count, top
+    return counts, top
 
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, urls: list[str], data_config: dict, batch_size: int,
-             num_workers: int = 0, runtime: RuntimeConfig = RuntimeConfig()) -> dict | None:
+             num_workers: int | None = None, runtime: RuntimeConfig = RuntimeConfig()) -> dict | None:
     """Top-1/top-5 (percent) of a classifier on the eval view of every labeled image; None when the shards have
     no labels or labels beyond the classifier (a teacher whose classes are not the shards')."""
     was_training = model.training
     model.eval()
     hits, n, device = {}, 0, resolve_device(runtime)
-    for batch in eval_pipeline(urls, data_config, batch_size, num_workers):
+    for batch in eval_pipeline(urls, data_config, batch_size, num_workers, device.type == "cuda"):
         keep = batch["label"] >= 0
         with autocast(runtime, device):
-            logits = model(to_device(batch["image"][keep], runtime, device)).float().cpu()
+            logits = model(network_input(batch["image"][keep], data_config, runtime, device)).float().cpu()
         if (batch["label"][keep] >= logits.shape[1]).any():
             n = 0
             break
@@ -136,32 +137,34 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
     if cfg.epochs == 0:
         val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.num_workers, runtime)
         return _write(out, cfg, model, None, [{"epoch": 0, "val": val}])
-    count, top = shard_labels(urls)
+    counts, top = shard_labels(urls)
+    count = sum(counts.values())
     num_classes = cfg.num_classes or top + 1
     if num_classes < 2:
         raise GenddError(f"{urls[0]}: the train shards carry no labels (cls); a teacher cannot be fine-tuned on them")
-    steps = count // cfg.batch_size
-    if steps < 1:
-        raise GenddError(f"{count} train samples do not fill one batch of {cfg.batch_size}")
+    steps, _ = epoch_steps(count, cfg.batch_size, 1)
     model.reset_classifier(num_classes)
     place(model.train(), runtime, device)  # the new classifier too
     forward = compiled(model, runtime)
-    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp == "fp16")
+    scaler = grad_scaler(runtime, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = steps * cfg.epochs
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=cfg.warmup_steps,
                                   warmup_lr_init=cfg.lr / 100, t_in_epochs=False)
     start, history = _resume(out, cfg, model, optimizer, scheduler, resume)
     epochs = EpochLog(out, keep_through=start)
+    loader = augmented_pipeline(urls, counts, data_config, cfg.views, cfg.batch_size, start, cfg.shuffle_buffer,
+                                cfg.num_workers, device.type == "cuda")
 
     for epoch in range(start, cfg.epochs):
+        loader.dataset.set_epoch(epoch)
+        batches = iter(loader)  # before seeding: starting an iterator draws from torch's generator
         torch.manual_seed(cfg.views.seed * 1_000_003 + epoch)
-        loader = augmented_pipeline(urls, data_config, cfg.views, cfg.batch_size, epoch, cfg.shuffle_buffer,
-                                    cfg.num_workers)
         loss_sum, begin = 0.0, time.perf_counter()
         with StepBar(f"teacher epoch {epoch + 1}/{cfg.epochs}", steps, progress) as bar:
-            for i, batch in enumerate(itertools.islice(loader, steps)):
-                images, labels = to_device(batch["image"], runtime, device), batch["label"].to(device)
+            for i, batch in enumerate(itertools.islice(batches, steps)):
+                images = network_input(batch["image"], data_config, runtime, device)
+                labels = batch["label"].to(device, non_blocking=True)
                 with autocast(runtime, device):
                     logits = forward(images)
                 loss = F.cross_entropy(logits.float(), labels, ignore_index=-1, label_smoothing=cfg.label_smoothing)
@@ -170,13 +173,14 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step_update(epoch * steps + i + 1)
-                loss_sum += loss.item()
-                bar.step(loss.item())
+                loss_sum += loss.detach()
+                bar.step(loss.detach())
         seconds = time.perf_counter() - begin
         val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.num_workers, runtime)
         if val is None:
             raise GenddError(f"{val_urls[0]}: no val labels the fine-tuned classifier can score")
-        history.append({"epoch": epoch + 1, "loss": loss_sum / steps, "images_per_s": steps * cfg.batch_size / seconds,
+        history.append({"epoch": epoch + 1, "loss": float(loss_sum) / steps,
+                        "images_per_s": steps * cfg.batch_size / seconds,
                         "val": val})
         epochs.append(history[-1])
         log.info("teacher epoch %d/%d: loss %.4f, val top-1 %.2f, %.0f images/s", epoch + 1, cfg.epochs,

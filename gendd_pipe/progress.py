@@ -117,7 +117,7 @@ class StepBar:
                                   TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=True,
                                   disable=not self._ticker.live)
         self._task = self._progress.add_task(title, total=steps, loss=float("nan"))
-        self._sum, self._n = 0.0, 0
+        self._sum, self._n, self._mean, self._read = 0.0, 0, float("nan"), 0.0
 
     def __enter__(self) -> "StepBar":
         self._progress.__enter__()
@@ -127,9 +127,14 @@ class StepBar:
         self._progress.__exit__(*exc)
 
     def _line(self) -> str:
-        return f"{self.title}: step {self._n}/{self.steps}, loss {self._sum / self._n:.4f}, elapsed {self._ticker.elapsed()}"
+        return f"{self.title}: step {self._n}/{self.steps}, loss {self._mean:.4f}, elapsed {self._ticker.elapsed()}"
 
-    def step(self, loss: float) -> None:
+    def step(self, loss) -> None:
+        """One step done; ``loss`` is a float or a 0-dim tensor, summed where it is and read back to the host
+        at most once a second (a GPU step is not held up by the bar)."""
         self._sum, self._n = self._sum + loss, self._n + 1
-        self._progress.update(self._task, advance=1, loss=self._sum / self._n)
+        now = time.perf_counter()
+        if now - self._read >= 1.0 or self._n == self.steps:
+            self._mean, self._read = float(self._sum) / self._n, now
+        self._progress.update(self._task, advance=1, loss=self._mean)
         self._ticker.tick(self._line)

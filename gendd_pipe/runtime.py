@@ -7,8 +7,9 @@ path without a GPU); ``channels_last`` sets the memory format of models and
 inputs; ``compile`` wraps the model in ``torch.compile``.
 
 Models are placed once with `place` and wrapped by `compiled`; code that runs
-them moves its inputs with `to_device` and runs them under `autocast`, so no
-model code names a device.
+them moves its inputs with `to_device` (loaders' uint8 pixels with `network_input`,
+which normalizes them on the device) and runs them under `autocast`, so no
+model code names a device. `grad_scaler` is the gradient scaler fp16 training needs.
 The compute precision changes the stored bytes of an extraction, so the
 manifest records `precision`.
 """
@@ -16,6 +17,7 @@ manifest records `precision`.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from typing import Literal
 
@@ -23,6 +25,7 @@ import torch
 from pydantic import field_validator
 
 from gendd_pipe.config import configclass
+from gendd_pipe.data.render import normalize_pixels
 from gendd_pipe.errors import GenddError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,6 +71,14 @@ def resolve_device(cfg: RuntimeConfig) -> torch.device:
     return device
 
 
+def rank_device(cfg: RuntimeConfig) -> torch.device:
+    """`resolve_device`, where a torchrun rank given ``auto`` or ``cuda`` takes the GPU of its ``LOCAL_RANK``."""
+    device = resolve_device(cfg)
+    if device.type == "cuda" and cfg.device in ("auto", "cuda") and "LOCAL_RANK" in os.environ:
+        device = resolve_device(RuntimeConfig(device=f"cuda:{os.environ['LOCAL_RANK']}", amp=cfg.amp))
+    return device
+
+
 def place(model: torch.nn.Module, cfg: RuntimeConfig, device: torch.device) -> torch.nn.Module:
     """``model`` moved to ``device`` in the configured memory format (in place; returned for chaining)."""
     return model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
@@ -82,6 +93,18 @@ def to_device(images: torch.Tensor, cfg: RuntimeConfig, device: torch.device) ->
     """A batch of images moved to ``device`` (without blocking when it is pinned) in the configured format."""
     images = images.to(device, non_blocking=images.is_pinned())
     return images.contiguous(memory_format=torch.channels_last) if cfg.channels_last and images.ndim == 4 else images
+
+
+def network_input(pixels: torch.Tensor, data_config: dict, cfg: RuntimeConfig, device: torch.device) -> torch.Tensor:
+    """A loader's uint8 pixels (B, 3, H, W) -> the network's normalized float input, moved as bytes and
+    normalized on ``device``, in the configured memory format."""
+    return normalize_pixels(to_device(pixels, cfg, device), data_config["mean"], data_config["std"])
+
+
+def grad_scaler(cfg: RuntimeConfig, device: torch.device) -> torch.amp.GradScaler:
+    """The gradient scaler of a training loop: active for fp16 (whose small gradients underflow), a
+    pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
 
 def autocast(cfg: RuntimeConfig, device: torch.device):

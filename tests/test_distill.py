@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from gendd_pipe import GenddError
 from gendd_pipe.cli import app
 from gendd_pipe import FeatureStore
+from gendd_pipe.runtime import RuntimeConfig, network_input
 from gendd_pipe.data.loader import LoaderConfig, train_pipeline
 from gendd_pipe.distill.checkpoint import read_checkpoint
 from gendd_pipe.distill.evaluate import load_method
@@ -78,7 +79,8 @@ def test_training_loss_falls(digit_store, tmp_path):
     batch = next(iter(train_pipeline(digit_store["train"], store, method.student.data_config,
                                      LoaderConfig(48, 48), seed=0, epoch=0)))
     with torch.no_grad():
-        cond = method.projector(method.student.features(batch["image"]))
+        images = network_input(batch["image"], method.student.data_config, RuntimeConfig(), torch.device("cpu"))
+        cond = method.projector(method.student.features(images))
         tokens, conds, pos = method.diffusion.tokenize(method.contract(batch["feature"], batch["label"]), cond)
         torch.manual_seed(0)
         t = torch.randint(1, 1000, (tokens.shape[0],))

@@ -7,6 +7,7 @@ from gendd_pipe.config import ConfigError
 from gendd_pipe.distill.config import DistillConfig, parse_run
 from gendd_pipe.distill.methods import TeacherHead, create_method
 from gendd_pipe.distill.methods.gendd import GenddConfig
+from gendd_pipe.models.diffusion import GaussianDiffusion
 from gendd_pipe.models.gendd_head import DiffusionHead, HeadConfig, SamplingConfig
 from gendd_pipe.models.student import StudentConfig, create_student
 
@@ -105,3 +106,70 @@ def test_stage1_trains_into_the_frozen_teacher_classifier():
     losses["loss"].backward()
     assert method.stage1_proj.weight.grad is not None and method.diffusion.net.final_linear.weight.grad is None
     assert set(method.loss(batch, epoch=2)) == {"loss", "diffusion", "ce"}
+
+
+def _per_row_net(net, x, t, cond, pos):
+    """The head's network in its plain form: every row's whole condition, each block's modulation its own
+    matmul (the form the fused `SimpleMLPAdaLN.denoise` must equal)."""
+    c = net.time_embed(t) + net.cond_embed(cond) + net.pos_embed(pos)
+    h = net.input_proj(x)
+    for block in net.blocks:
+        shift, scale, gate = block.modulation(c).chunk(3, dim=-1)
+        h = h + gate * block.mlp(block.norm(h) * (1 + scale) + shift)
+    shift, scale = net.final_modulation(c).chunk(2, dim=-1)
+    return net.final_linear(net.final_norm(h) * (1 + scale) + shift)
+
+
+def _per_row_loss(head, target, cond):
+    tokens, conds, pos = head.tokenize(target, cond)
+    m = head.cfg.diffusion_batch_mul
+    tokens, conds, pos = tokens.repeat(m, 1), conds.repeat(m, 1), pos.repeat(m)
+    conds = conds * (torch.rand(conds.shape[0], 1) >= head.cfg.cond_drop).to(conds.dtype)
+    t = torch.randint(0, head.train_diffusion.num_timesteps, (tokens.shape[0],))
+    net = lambda x, ts: _per_row_net(head.net, x, ts, conds, pos)  # noqa: E731
+    return head.train_diffusion.training_losses(net, tokens, t)["loss"].mean()
+
+
+def _per_row_sample(head, cond, sampling):
+    _, conds, pos = head.tokenize(cond.new_zeros(cond.shape[0], head.target_dim), cond)
+
+    def model(x, t):
+        if sampling.cfg == 1.0:
+            return _per_row_net(head.net, x, t, conds, pos)
+        both = _per_row_net(head.net, torch.cat([x, x]), torch.cat([t, t]),
+                            torch.cat([conds, torch.zeros_like(conds)]), torch.cat([pos, pos]))
+        (eps_c, var_c), (eps_u, _) = (half.chunk(2, dim=-1) for half in both.chunk(2))
+        return torch.cat([eps_u + sampling.cfg * (eps_c - eps_u), var_c], dim=-1)
+
+    diffusion = GaussianDiffusion.respaced(head.cfg.train_steps, sampling.sampling_steps)
+    noise = torch.randn(conds.shape[0], head.cfg.token_dim)
+    if sampling.sampler == "ddim":
+        return diffusion.ddim_sample_loop(model, noise).reshape(cond.shape[0], -1)
+    return diffusion.p_sample_loop(model, noise, sampling.temperature).reshape(cond.shape[0], -1)
+
+
+@pytest.mark.parametrize("batch", [4, 40])  # 120 rows, and 1200: more than the 1000 timesteps (a looked-up table)
+def test_the_fused_head_equals_the_per_row_form_on_the_same_seeds(batch):
+    torch.manual_seed(0)
+    head = DiffusionHead(12, 5, HeadConfig(depth=2, width=48, token_dim=4, diffusion_batch_mul=10))
+    for p in head.parameters():  # away from the zero start, so that every part of the network counts
+        torch.nn.init.normal_(p, std=0.05)
+    target, cond = torch.randn(batch, 12), torch.randn(batch, 5)
+    torch.manual_seed(1)
+    head.zero_grad()
+    loss = head(target, cond)
+    loss.backward()
+    grads = [p.grad.clone() for p in head.parameters()]
+    torch.manual_seed(1)
+    head.zero_grad()
+    expected = _per_row_loss(head, target, cond)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, (p.grad for p in head.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for sampling in (SamplingConfig(sampling_steps=8), SamplingConfig(sampling_steps=8, cfg=1.0),
+                     SamplingConfig(sampling_steps=5, sampler="ddim")):
+        torch.manual_seed(2)
+        got = head.sample(cond, sampling)
+        torch.manual_seed(2)
+        torch.testing.assert_close(got, _per_row_sample(head, cond, sampling), rtol=1e-4, atol=1e-5)

@@ -17,6 +17,7 @@ from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.store.format import MANIFEST_ATTR, dequantize_int8, quantize_int8
 from gendd_pipe.store.writer import open_root, write_shard
+from gendd_pipe.runtime import RuntimeConfig, network_input
 from tests.conftest import write_tar
 
 cuda = pytest.mark.cuda
@@ -103,9 +104,11 @@ def test_the_student_loader_renders_with_the_store_renderer(photo_shard, tmp_pat
     rows = {k: i for i, k in enumerate(data["keys"].tolist())}
     for batch in loader:
         key, view = batch["key"][0], int(batch["view"][0])
+        assert batch["image"].dtype == torch.uint8  # normalized where the student runs
+        image = network_input(batch["image"], dc, RuntimeConfig(), torch.device("cpu"))
         expected = model_input("tensor", samples[key], data["views"][rows[key], view][None], dc)
-        torch.testing.assert_close(batch["image"], expected)
-        assert not torch.allclose(batch["image"], model_input("pil", samples[key], data["views"][rows[key], view][None], dc))
+        torch.testing.assert_close(image, expected)
+        assert not torch.allclose(image, model_input("pil", samples[key], data["views"][rows[key], view][None], dc))
 
 
 def test_a_store_naming_an_unknown_renderer_is_refused_in_one_line(photo_shard, tmp_path):
@@ -218,6 +221,4 @@ def test_gpu_rendered_views_replay(photo_shard, tmp_path, renderer):
 
 
 def _gpu():
-    from gendd_pipe.runtime import RuntimeConfig
-
     return RuntimeConfig(device="cuda", amp="bf16")

@@ -13,7 +13,13 @@ shards (`epoch_part`): every torchrun rank runs the same number of steps and
 every sample of the epoch's first ``steps x batch`` is read by exactly one rank
 and DataLoader worker, whatever the shard sizes. Samples then pass a shuffle
 buffer. Every random choice derives from (seed, epoch), so an epoch replays
-identically after a resume.
+identically after a resume, and alike with any number of workers.
+
+A training loader serves every epoch of a run (`EpochStream`): its workers start
+once and persist, and ``loader.dataset.set_epoch(e)`` before iterating selects
+the epoch. Images leave every loader as uint8 pixels (pinned for a GPU);
+`gendd_pipe.runtime.network_input` normalizes them on the device, so a quarter
+of the bytes cross to it.
 
 `eval_pipeline` streams images alone (the eval view), for validation and for
 fitting a linear probe; `augmented_pipeline` streams images with a fresh random
@@ -23,19 +29,23 @@ view per (seed, epoch, key), for fine-tuning a teacher before extraction.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 import random
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
+from torchvision.transforms.functional import pil_to_tensor
 
 from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
-from gendd_pipe.data.render import create_renderer, model_input
+from gendd_pipe.data.render import create_renderer, render_pixels
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
-from gendd_pipe.data.views import ViewConfig, eval_view, random_view, render_view, to_tensor, view_rng
+from gendd_pipe.data.views import ViewConfig, eval_view, random_view, render_view, view_rng
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
 from gendd_pipe.store.format import derive_logits, renderer_of
@@ -48,8 +58,38 @@ class LoaderConfig:
 
     batch_size: PositiveInt = 128  # samples per step over all torchrun ranks (each takes batch_size / world)
     shuffle_buffer: PositiveInt = 1000  # samples held in the shuffle buffer
-    num_workers: NonNegativeInt = 0  # DataLoader worker processes (0 loads in the training process)
+    num_workers: NonNegativeInt | None = None  # DataLoader worker processes; None: sized to the cores (`workers`)
     verify: bool = True  # check feature shards against their checksums, image shards against their sha256
+
+
+def workers(requested: int | None) -> int:
+    """DataLoader workers: ``requested``, or for None one per core this process may use beside its training
+    loop (the node's cores shared among its torchrun ranks), at least 1 and at most 8."""
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
+class EpochStream(IterableDataset):
+    """Every epoch of a run as one dataset: iterating it yields ``pipeline(epoch)`` for the epoch last given to
+    `set_epoch`, kept in shared memory so that persistent DataLoader workers follow it."""
+
+    def __init__(self, pipeline: Callable[[int], Iterable], epoch: int = 0):
+        self.pipeline, self._epoch = pipeline, multiprocessing.Value("q", epoch, lock=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = epoch
+
+    def __iter__(self):
+        return iter(self.pipeline(self._epoch.value))
+
+
+def _loader(dataset, batch_size: int, num_workers: int | None, pin_memory: bool, **kwargs) -> DataLoader:
+    """A DataLoader of ``dataset`` whose workers persist between the epochs of an `EpochStream`."""
+    n = workers(num_workers)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=n, pin_memory=pin_memory,
+                      persistent_workers=n > 0 and isinstance(dataset, EpochStream), **kwargs)
 
 
 def check_shards(store: FeatureStore, urls: list[str]) -> dict[str, int]:
@@ -185,7 +225,7 @@ def _render_train(item: dict, data_config: dict, renderer: str, seed: int, epoch
     sample: Sample = item["sample"]
     v = view_choice(seed, epoch, sample.key, len(item["views"]))
     with _naming_the_sample(item):  # the image decoded at extraction, so these are other bytes
-        image = model_input(renderer, sample, item["views"][v][None], data_config)[0]
+        image = render_pixels(renderer, sample, item["views"][v][None], data_config)[0]
     out = {"key": sample.key, "image": image, "label": sample.label, "view": v,
            "feature": torch.from_numpy(item["features"][v].astype(np.float32))}
     if "logits" in item:
@@ -202,46 +242,57 @@ def epoch_order(urls: list[str], seed: int, epoch: int) -> list[str]:
     return order
 
 
-def _epoch_loader(urls: list[str], split, source, render, seed: int, epoch: int, batch_size: int,
-                  shuffle_buffer: int, num_workers: int) -> DataLoader:
-    """One training epoch: shards shuffled (``urls`` come in epoch order) and samples buffer-shuffled from
-    (seed, epoch), ``split`` among ranks and workers, ``source`` turning shard URLs into samples and ``render``
-    each sample into tensors."""
-    pipeline = wds.DataPipeline(
+def _epoch(urls: list[str], split, source, render, seed: int, epoch: int, shuffle_buffer: int):
+    """One epoch's samples: shards in epoch order (``urls``), ``split`` among ranks and workers, ``source``
+    turning shard URLs into samples, buffer-shuffled from (seed, epoch), ``render`` making each one's tensors."""
+    return wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
         *split,
         source,
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(f"{seed}:{epoch}:samples")),
         partial(_each, fn=render),
     )
-    return DataLoader(pipeline, batch_size=batch_size, num_workers=num_workers, drop_last=True)
+
+
+def _train_epoch(epoch: int, urls: list[str], counts: dict[str, int], batch_size: int, world: int, store_url: str,
+                 skipped: dict, data_config: dict, renderer: str, seed: int, cfg: LoaderConfig):
+    order = epoch_order(urls, seed, epoch)
+    sizes = [counts[shard_name(u)] for u in order]
+    steps, batch = epoch_steps(sum(sizes), batch_size, world)
+    return _epoch(order, [partial(_epoch_shards, counts=sizes, steps=steps, batch=batch, world=world)],
+                  partial(_joined, store_url=store_url, skipped=skipped, verify=cfg.verify),
+                  partial(_render_train, data_config=data_config, renderer=renderer, seed=seed, epoch=epoch),
+                  seed, epoch, cfg.shuffle_buffer)
 
 
 def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg: LoaderConfig, seed: int,
-                   epoch: int, counts: dict[str, int] | None = None) -> DataLoader:
-    """One epoch of this rank's training batches (``epoch_steps`` of them, of ``batch_size / world``
-    samples): ``key``, ``image``, ``label``, ``view``, ``feature`` and (full stores) ``logits``. ``counts``
-    are the shards' sample counts (`check_shards`, which runs when they are not given)."""
+                   epoch: int = 0, counts: dict[str, int] | None = None, pin_memory: bool = False) -> DataLoader:
+    """This rank's training batches (``epoch_steps`` per epoch, of ``batch_size / world`` samples): ``key``,
+    ``image`` (uint8), ``label``, ``view``, ``feature`` and (full or derived stores) ``logits``. It serves
+    ``epoch`` until ``loader.dataset.set_epoch`` selects another. ``counts`` are the shards' sample counts
+    (`check_shards`, which runs when they are not given)."""
     renderer = renderer_of(store.manifest)
     create_renderer(renderer)  # a store naming a renderer this version lacks fails here, in one line
     counts = counts or check_shards(store, urls)
-    order = epoch_order(urls, seed, epoch)
-    sizes, world = [counts[shard_name(u)] for u in order], wds.utils.pytorch_worker_info()[1]
-    steps, batch = epoch_steps(sum(sizes), cfg.batch_size, world)
-    return _epoch_loader(order, [partial(_epoch_shards, counts=sizes, steps=steps, batch=batch, world=world)],
-                         partial(_joined, store_url=store.url, skipped=_skipped_keys(store), verify=cfg.verify),
-                         partial(_render_train, data_config=data_config, renderer=renderer, seed=seed, epoch=epoch),
-                         seed, epoch, batch, cfg.shuffle_buffer, cfg.num_workers)
+    world = wds.utils.pytorch_worker_info()[1]
+    _, batch = epoch_steps(sum(counts.values()), cfg.batch_size, world)  # a batch that cannot divide fails here
+    stream = EpochStream(partial(_train_epoch, urls=list(urls), counts=counts, batch_size=cfg.batch_size,
+                                 world=world, store_url=store.url, skipped=_skipped_keys(store),
+                                 data_config=data_config, renderer=renderer, seed=seed, cfg=cfg), epoch)
+    return _loader(stream, batch, cfg.num_workers, pin_memory, drop_last=True)
 
 
 def _images(urls, by_rank: bool = False):
-    """Pipeline stage: ``{"url": ...}`` dicts -> ``{"url", "sample"}`` of their samples, opened but not yet
-    decoded; ``by_rank``: only every world-th sample of each shard, from this rank's offset, so that the ranks
-    between them take each sample once."""
+    """Pipeline stage: ``{"url"[, "rows"]}`` dicts -> ``{"url", "sample"}`` of their samples (rows ``[first,
+    end)`` where given), opened but not yet decoded; ``by_rank``: only every world-th sample of each shard, from
+    this rank's offset, so that the ranks between them take each sample once."""
     rank, world = wds.utils.pytorch_worker_info()[:2] if by_rank else (0, 1)
     for item in urls:
+        first, end = item.get("rows", (0, None))
         for i, sample in enumerate(ShardReader(item["url"], on_error="fail", decode=False)):
-            if i % world == rank:
+            if end is not None and i >= end:
+                break
+            if i >= first and i % world == rank:
                 yield {"url": item["url"], "sample": sample}
 
 
@@ -250,34 +301,47 @@ def _render_eval(item: dict, data_config: dict) -> dict:
     size = data_config["input_size"][1:]
     view = eval_view(*sample.image.size, size, data_config["crop_pct"], data_config.get("crop_mode", "center"))
     with _naming_the_sample(item):
-        image = render_view(sample.rgb(), view, size, data_config["interpolation"])
-    return {"image": to_tensor(image, data_config["mean"], data_config["std"]), "label": sample.label}
+        image = pil_to_tensor(render_view(sample.rgb(), view, size, data_config["interpolation"]))
+    return {"image": image, "label": sample.label}
 
 
-def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Batches of ``image`` (the eval view: resize + center crop) and ``label``, in shard order; under torchrun,
-    this rank's share of every shard (each sample on exactly one rank)."""
+def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, num_workers: int | None = None,
+                  pin_memory: bool = False) -> DataLoader:
+    """Batches of ``image`` (uint8, the eval view: resize + center crop) and ``label``, in shard order; under
+    torchrun, this rank's share of every shard (each sample on exactly one rank)."""
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
         wds.split_by_worker,
         partial(_images, by_rank=True),
         partial(_each, fn=partial(_render_eval, data_config=data_config)),
     )
-    return DataLoader(pipeline, batch_size=batch_size, num_workers=num_workers)
+    return _loader(pipeline, batch_size, num_workers, pin_memory)
 
 
 def _render_augmented(item: dict, data_config: dict, views: ViewConfig, epoch: int) -> dict:
     sample: Sample = item["sample"]  # decoded by the renderer
     view = random_view(*sample.image.size, views, view_rng(views.seed, f"{epoch}:{sample.key}", 0))
     with _naming_the_sample(item):
-        image = model_input(views.renderer, sample, view[None], data_config)[0]
+        image = render_pixels(views.renderer, sample, view[None], data_config)[0]
     return {"image": image, "label": sample.label}
 
 
-def augmented_pipeline(urls: list[str], data_config: dict, views: ViewConfig, batch_size: int, epoch: int,
-                       shuffle_buffer: int = 1000, num_workers: int = 0) -> DataLoader:
-    """One epoch of ``image`` (a random-resized crop drawn from (views.seed, epoch, key)) and ``label`` batches,
-    shards and samples shuffled from (views.seed, epoch)."""
-    return _epoch_loader(epoch_order(urls, views.seed, epoch), [wds.split_by_node, wds.split_by_worker], _images,
-                         partial(_render_augmented, data_config=data_config, views=views, epoch=epoch),
-                         views.seed, epoch, batch_size, shuffle_buffer, num_workers)
+def _augmented_epoch(epoch: int, urls: list[str], counts: dict[str, int], batch_size: int, data_config: dict,
+                     views: ViewConfig, shuffle_buffer: int):
+    order = epoch_order(urls, views.seed, epoch)
+    sizes = [counts[u] for u in order]
+    steps, _ = epoch_steps(sum(sizes), batch_size, 1)
+    return _epoch(order, [partial(_epoch_shards, counts=sizes, steps=steps, batch=batch_size, world=1)], _images,
+                  partial(_render_augmented, data_config=data_config, views=views, epoch=epoch), views.seed, epoch,
+                  shuffle_buffer)
+
+
+def augmented_pipeline(urls: list[str], counts: dict[str, int], data_config: dict, views: ViewConfig,
+                       batch_size: int, epoch: int = 0, shuffle_buffer: int = 1000, num_workers: int | None = None,
+                       pin_memory: bool = False) -> DataLoader:
+    """Batches of ``image`` (uint8, a random-resized crop drawn from (views.seed, epoch, key)) and ``label``,
+    shards and samples shuffled from (views.seed, epoch), each epoch's first ``steps x batch_size`` samples once
+    (``counts``: samples per shard URL). It serves ``epoch`` until ``loader.dataset.set_epoch`` selects another."""
+    stream = EpochStream(partial(_augmented_epoch, urls=list(urls), counts=counts, batch_size=batch_size,
+                                 data_config=data_config, views=views, shuffle_buffer=shuffle_buffer), epoch)
+    return _loader(stream, batch_size, num_workers, pin_memory, drop_last=True)

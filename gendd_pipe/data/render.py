@@ -93,13 +93,20 @@ def normalize_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     return normalize(pixels.float().div_(255), mean, std)
 
 
+def render_pixels(renderer: str, sample: Sample, views: np.ndarray, data_config: dict,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Views (V, 5) of ``sample`` as uint8 pixels (V, 3, H, W), rendered by ``renderer`` at the data config's
+    size and interpolation."""
+    return create_renderer(renderer)(sample, views, tuple(data_config["input_size"][1:]), data_config["interpolation"],
+                                     device)
+
+
 def model_input(renderer: str, sample: Sample, views: np.ndarray, data_config: dict,
                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """Views (V, 5) of ``sample`` as a network's float input (V, 3, H, W): rendered by ``renderer`` at the
-    data config's size and interpolation, then normalized with its mean and std."""
-    pixels = create_renderer(renderer)(sample, views, tuple(data_config["input_size"][1:]),
-                                       data_config["interpolation"], device)
-    return normalize_pixels(pixels, data_config["mean"], data_config["std"])
+    """Views (V, 5) of ``sample`` as a network's float input (V, 3, H, W): `render_pixels`, normalized with
+    the data config's mean and std."""
+    return normalize_pixels(render_pixels(renderer, sample, views, data_config, device), data_config["mean"],
+                            data_config["std"])
 
 
 def prefetched(fn: Callable, items: Iterable, threads: int, ahead: int) -> Iterator:

@@ -23,6 +23,7 @@ from gendd_pipe.data.loader import LoaderConfig
 from gendd_pipe.distill.methods import get_method, load_error, method_names, sections
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.student import StudentConfig
+from gendd_pipe.runtime import RuntimeConfig
 
 
 @configclass
@@ -40,6 +41,7 @@ class DistillConfig:
     beta2: Range = (0.96, 0.999)  # AdamW beta2 rises from the first to the second (cosine) over training
     seed: NonNegativeInt = 0  # init, shuffling, view choice, noise: a resumed run replays the same epochs
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # device, precision (a resume keeps amp), compile
     probe: bool | None = None  # fit a linear probe on train features each epoch; None: when unsupervised
     options: Any = Field(default=None, validate_default=True)  # the method's own section (its Config)
 

@@ -36,34 +36,39 @@ from gendd_pipe.layout import checkpoint as checkpoint_path
 from gendd_pipe.layout import config_beside, eval_result
 from gendd_pipe.metrics import as_percent, topk_hits
 from gendd_pipe.models.student import create_student
+from gendd_pipe.runtime import RuntimeConfig, autocast, network_input, place, rank_device
 
 
 @torch.no_grad()
 def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, predict=None,
-             probe_urls: list[str] | None = None, num_workers: int = 0) -> dict:
-    """Top-1/top-5 (percent) of every predictor of ``method`` on ``val_urls``.
+             probe_urls: list[str] | None = None, num_workers: int | None = None,
+             runtime: RuntimeConfig = RuntimeConfig()) -> dict:
+    """Top-1/top-5 (percent) of every predictor of ``method`` (on its device) on ``val_urls``.
 
     Args:
         predict: the method's prediction settings (its section's ``predict``); None: the run's own.
         probe_urls: train shards to fit a linear probe on; None skips the probe.
+        runtime: the precision and memory format of the forward (its device is the method's).
     """
     was_training = method.training
     method.eval()
-    device = next(method.parameters()).device
+    device, data_config = next(method.parameters()).device, method.student.data_config
     hits: dict[str, Counter] = {}
     val_x, val_y = [], []  # labeled val features, kept for the probe
     n, start = 0, time.perf_counter()
-    for batch in eval_pipeline(val_urls, method.student.data_config, batch_size, num_workers):
-        labels = batch["label"].to(device)
-        keep = labels >= 0
+    for batch in eval_pipeline(val_urls, data_config, batch_size, num_workers, device.type == "cuda"):
+        keep = batch["label"] >= 0
         if not keep.any():
             continue
-        features = method.student.features(batch["image"].to(device)[keep])
-        for name, logits in method.predict(features, predict).items():
-            hits.setdefault(name, Counter()).update(topk_hits(logits, labels[keep]))
+        labels = batch["label"][keep]
+        with autocast(runtime, device):
+            features = method.student.features(network_input(batch["image"][keep], data_config, runtime, device))
+            predictions = method.predict(features, predict)
+        for name, logits in predictions.items():
+            hits.setdefault(name, Counter()).update(topk_hits(logits.float().cpu(), labels))
         if probe_urls:
             val_x.append(features.float().cpu())
-            val_y.append(labels[keep].cpu())
+            val_y.append(labels)
         n += int(keep.sum())
     parts = _gathered((hits, n, val_x, val_y))  # under torchrun each rank scored its share of the samples
     hits = {}
@@ -76,7 +81,7 @@ def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, predict
     result = {name: as_percent(h, n) for name, h in hits.items()}
     result["images"], result["seconds"] = n, time.perf_counter() - start
     if probe_urls:
-        train = student_features(method.student, probe_urls, batch_size, num_workers)
+        train = student_features(method.student, probe_urls, batch_size, num_workers, runtime)
         train = tuple(torch.cat(t) for t in zip(*_gathered(train)))
         val = tuple(torch.cat([t for part in parts for t in part[i]]) for i in (2, 3))
         result["probe"] = probe_score(train, val, probe_urls[0])
@@ -94,8 +99,8 @@ def _gathered(part) -> list:
 
 
 def load_method(path: str):
-    """Rebuild the trained method (student and, for GenDD, its head) from a checkpoint alone; returns the method,
-    its `DistillConfig` and the checkpoint dict."""
+    """Rebuild the trained method (student and, for GenDD, its head) from a checkpoint alone, on the CPU whatever
+    device trained it; returns the method, its `DistillConfig` and the checkpoint dict."""
     ckpt = read_checkpoint(path)
     cfg = parse_run(upgrade(ckpt["config"]), f"{path}: config")
     teacher = ckpt["teacher"]
@@ -120,20 +125,22 @@ def predict_options(method: Method, overrides: Mapping | None, where: str = "eva
 
 def evaluate_checkpoint(path: str, val_shards: list[str], train_shards: list[str] | None = None,
                         batch_size: int = 128, predict: Mapping | None = None, input_size: int | None = None,
-                        num_workers: int = 0) -> dict:
-    """Score a saved student on val shards (and, with ``train_shards``, its linear probe).
+                        num_workers: int | None = None, runtime: RuntimeConfig = RuntimeConfig()) -> dict:
+    """Score a saved student on val shards (and, with ``train_shards``, its linear probe) on ``runtime``'s device
+    and precision.
 
     Args:
         predict: per method section, overrides of its prediction settings (``{"gendd": {"samples": 4}}``).
         input_size: refuse a student trained at another input size.
     """
     method, cfg, ckpt = load_method(path)
+    place(method, runtime, rank_device(runtime))
     trained = method.student.input_hw
     if input_size is not None and (input_size, input_size) != tuple(trained):
         raise GenddError(f"{path}: the student was trained at input {trained[0]}x{trained[1]}, not {input_size}")
     options = predict_options(method, predict)
     result = evaluate(method, expand_urls(val_shards), batch_size, options,
-                      expand_urls(train_shards) if train_shards else None, num_workers)
+                      expand_urls(train_shards) if train_shards else None, num_workers, runtime)
     return {"checkpoint": path, "method": cfg.method, "epoch": ckpt["epoch"],
             "predict": to_dict(options) if options is not None else {}, **result}
 
@@ -148,7 +155,8 @@ class EvaluateStage:
     train_shards: Shards | None = None  # fit a linear probe on these as well
     out: OutputDir | None = None  # RUN.json per run (None: the result is only returned)
     batch_size: PositiveInt = 128
-    num_workers: NonNegativeInt = 0  # DataLoader worker processes
+    num_workers: NonNegativeInt | None = None  # DataLoader worker processes; None: sized to the cores
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # device and precision of the forward
     input_size: PositiveInt | None = None  # refuse a student trained at another input size
     predict: dict[str, dict] = field(default_factory=dict)  # per method section: prediction overrides
 
@@ -179,7 +187,7 @@ def run_stage(cfg: EvaluateStage, run: str) -> dict:
     if not os.path.exists(path):
         raise GenddError(f"{path}: no such checkpoint (has distill run {run!r} been trained?)")
     result = evaluate_checkpoint(path, list(cfg.val_shards), list(cfg.train_shards or []) or None, cfg.batch_size,
-                                 cfg.predict, cfg.input_size, cfg.num_workers)
+                                 cfg.predict, cfg.input_size, cfg.num_workers, cfg.runtime)
     if cfg.out:
         out = eval_result(cfg.out, run)
         write_yaml(config_beside(out, is_dir=False), to_dict(cfg))

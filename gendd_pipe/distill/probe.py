@@ -23,7 +23,7 @@ from gendd_pipe.files import write_json, write_yaml
 from gendd_pipe.layout import config_beside
 from gendd_pipe.metrics import as_percent, topk_hits
 from gendd_pipe.models.student import Student, StudentConfig, create_student
-from gendd_pipe.runtime import RuntimeConfig, autocast, compiled, place, resolve_device, to_device
+from gendd_pipe.runtime import RuntimeConfig, autocast, compiled, network_input, place, resolve_device
 from gendd_pipe.store.reader import FeatureStore
 
 
@@ -72,14 +72,15 @@ def probe_score(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tenso
 
 
 @torch.no_grad()
-def student_features(student: Student, urls: list[str], batch_size: int, num_workers: int = 0,
+def student_features(student: Student, urls: list[str], batch_size: int, num_workers: int | None = None,
                      runtime: RuntimeConfig = RuntimeConfig()):
-    """Frozen student features and labels of the eval view of every image: (N, D), (N,)."""
+    """Frozen student features and labels of the eval view of every image (under torchrun, this rank's share):
+    (N, D), (N,)."""
     device, encode = next(student.parameters()).device, compiled(student.features, runtime)
     feats, labels = [], []
-    for batch in eval_pipeline(urls, student.data_config, batch_size, num_workers):
+    for batch in eval_pipeline(urls, student.data_config, batch_size, num_workers, device.type == "cuda"):
         with autocast(runtime, device):
-            feats.append(encode(to_device(batch["image"], runtime, device)).float().cpu())
+            feats.append(encode(network_input(batch["image"], student.data_config, runtime, device)).float().cpu())
         labels.append(batch["label"])
     return torch.cat(feats), torch.cat(labels)
 

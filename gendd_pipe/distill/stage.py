@@ -24,10 +24,10 @@ from dataclasses import field
 
 from pydantic import model_validator
 
-from gendd_pipe.config import ConfigError, OutputDir, RunName, Shards, configclass, differences, merged, to_dict
+from gendd_pipe.config import ConfigError, OutputDir, RunName, Shards, configclass, merged, to_dict
 from gendd_pipe.distill.checkpoint import read_checkpoint
-from gendd_pipe.distill.config import DistillConfig, parse_run, upgrade
-from gendd_pipe.distill.train import distill, on_rank0
+from gendd_pipe.distill.config import DistillConfig, parse_run
+from gendd_pipe.distill.train import distill, on_rank0, run_differences
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import write_json, write_yaml
 from gendd_pipe.layout import LAST, checkpoint_in, config_beside, run_dir, run_metrics, run_plot
@@ -86,7 +86,7 @@ def _fresh_or_resume(directory: str, cfg: DistillConfig) -> bool:
     if not os.path.exists(path):
         return False
     ckpt = read_checkpoint(path)
-    if not differences(cfg.to_dict(), upgrade(ckpt["config"])) and ckpt["epoch"] < cfg.epochs:
+    if not run_differences(cfg, ckpt["config"]) and ckpt["epoch"] < cfg.epochs:
         log.info("%s: resuming after epoch %d of %d", directory, ckpt["epoch"], cfg.epochs)
         return True
     log.info("%s: holds a finished run or one with other settings; starting afresh", directory)

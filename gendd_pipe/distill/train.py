@@ -9,7 +9,13 @@ when the primary predictor improves) and one JSON line of metrics per epoch
 epoch seeds its own randomness from (seed, epoch), so a resumed run replays the
 epochs an uninterrupted one would have run. Under torchrun the method is
 wrapped in DDP, ``batch_size`` is the global batch (each rank takes its share),
-every rank runs the same steps over its part of the epoch, and rank 0 validates and writes.
+every rank runs the same steps over its part of the epoch and scores its part of
+the val shards, and rank 0 writes.
+
+The ``runtime`` section places the run: device, autocast (bf16 or fp16, with a
+gradient scaler for fp16; the losses in float32), channels_last and
+torch.compile. A checkpoint resumes on any device but only under the precision
+it was trained in.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from gendd_pipe.models.student import create_student
 from gendd_pipe.progress import StepBar
 from gendd_pipe.layout import BEST, LAST, SUMMARY, checkpoint_in
 from gendd_pipe.metrics import EpochLog, read_epochs
+from gendd_pipe.runtime import autocast, compiled, grad_scaler, network_input, place, rank_device
 from gendd_pipe.store.reader import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -77,12 +84,13 @@ def _beta2(cfg: DistillConfig, step: int, total: int) -> float:
 
 
 def join_world() -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when there is one."""
+    """(rank, world size); joins the torchrun process group when there is one (gloo for CPU tensors and
+    Python objects, nccl for CUDA tensors where there are GPUs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # collectives run on this rank's GPU
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -99,7 +107,16 @@ def _epoch_seed(cfg: DistillConfig, epoch: int, rank: int) -> int:
     return (cfg.seed * 1_000_003 + epoch) * 101 + rank
 
 
-def _resume(out: str, cfg: DistillConfig, method, optimizer, scheduler, resume: bool,
+def run_differences(cfg: DistillConfig, record: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The settings where a checkpoint's recorded config and ``cfg`` disagree so that it cannot continue as
+    ``cfg``: every key but the runtime's placement (device, channels_last, compile), which a resume may change."""
+    record = upgrade(record)
+    trained = record.get("runtime", {}).get("amp", "off")
+    differ = differences(cfg.to_dict(), record, ignore=(*ignore, "runtime"))
+    return differ + ([f"runtime.amp ({trained}, not {cfg.runtime.amp})"] if trained != cfg.runtime.amp else [])
+
+
+def _resume(out: str, cfg: DistillConfig, method, optimizer, scheduler, scaler, resume: bool,
             world: int) -> tuple[int, dict]:
     """Load the last checkpoint into the run when resuming; returns (epochs done, best so far)."""
     path = checkpoint_in(out, LAST)
@@ -108,16 +125,19 @@ def _resume(out: str, cfg: DistillConfig, method, optimizer, scheduler, resume: 
     if not resume:
         raise GenddError(f"{out}: holds a run already ({LAST}); pass --resume to continue it or choose another --out")
     ckpt = read_checkpoint(path)
-    differ = differences(cfg.to_dict(), upgrade(ckpt["config"]), ignore=("epochs",))
+    differ = run_differences(cfg, ckpt["config"], ignore=("epochs",))
     if differ:
-        raise GenddError(f"{path}: was trained with other settings ({', '.join(differ)}); use another --out")
+        raise GenddError(f"{path}: was trained with other settings ({', '.join(differ)}); resume it with the "
+                         "same settings or use another --out")
     trained = ckpt.get("distributed", {}).get("world_size", 1)
     if trained != world:
         raise GenddError(f"{path}: was trained on {trained} rank(s), not {world}; resume it with "
                          f"--nproc-per-node {trained} (the epochs' split depends on the world size)")
     load_state(method, ckpt["state_dict"], path)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    optimizer.load_state_dict(ckpt["optimizer"])  # moved to the parameters' device, wherever it was saved
     scheduler.load_state_dict(ckpt["scheduler"])
+    if "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
     return ckpt["epoch"], ckpt["best"]
 
 
@@ -129,21 +149,24 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     counts = check_shards(store, urls)
     check_method(store, cfg, counts)
     rank, world = join_world()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    runtime = cfg.runtime
+    device = rank_device(runtime)
 
     torch.manual_seed(cfg.seed)
     head = teacher_head(store, shard_name(urls[0]))
     student = create_student(cfg.student, store.manifest["teacher"]["num_classes"])
-    method = create_method(cfg, student, head).to(device)
+    method = place(create_method(cfg, student, head), runtime, device)
     steps, per_rank = epoch_steps(sum(counts.values()), cfg.loader.batch_size, world)
     total = steps * cfg.epochs
     optimizer = torch.optim.AdamW(method.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2[0]))
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=steps * cfg.warmup_epochs,
                                   warmup_lr_init=cfg.lr / 100, t_in_epochs=False)
-    start_epoch, best = _resume(out, cfg, method, optimizer, scheduler, resume, world)
+    scaler = grad_scaler(runtime, device)
+    start_epoch, best = _resume(out, cfg, method, optimizer, scheduler, scaler, resume, world)
     model = method
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
+    model = compiled(model, runtime)
     record = {"distributed": {"world_size": world, "rank_batch": per_rank, "batch_size": cfg.loader.batch_size},
               "store": public_url(store.url), "shards": [public_url(u) for u in urls],
               "val_shards": [public_url(u) for u in val_urls],
@@ -151,34 +174,38 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
                           "feature_norm": head.feature_norm, "preprocessing": store.manifest["preprocessing"]}}
     epochs = EpochLog(out, keep_through=start_epoch) if rank == 0 else None  # drops epochs past the checkpoint
     primary = "probe" if cfg.with_probe and cfg.unsupervised else method.primary
+    loader = train_pipeline(urls, store, student.data_config, cfg.loader, cfg.seed, start_epoch, counts,
+                            pin_memory=device.type == "cuda")  # its workers serve every epoch
 
     for epoch in range(start_epoch, cfg.epochs):
+        loader.dataset.set_epoch(epoch)
+        batches = iter(loader)  # before seeding: starting an iterator draws from torch's generator
         torch.manual_seed(_epoch_seed(cfg, epoch, rank))
-        loader = train_pipeline(urls, store, student.data_config, cfg.loader, cfg.seed, epoch, counts)
-        sums: dict[str, float] = {}
-        images, begin = 0, time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        begin = time.perf_counter()
         with StepBar(f"epoch {epoch + 1}/{cfg.epochs} {cfg.method}", steps, progress and rank == 0) as bar:
-            for i, batch in enumerate(itertools.islice(loader, steps)):
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                losses = model(batch, epoch)
+            for i, batch in enumerate(itertools.islice(batches, steps)):
+                batch = _on_device(batch, student.data_config, runtime, device)
+                with autocast(runtime, device):
+                    losses = model(batch, epoch)
                 optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
+                scaler.scale(losses["loss"]).backward()
                 for group in optimizer.param_groups:
                     group["betas"] = (group["betas"][0], _beta2(cfg, epoch * steps + i, total))
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step_update(epoch * steps + i + 1)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-                images += batch["image"].shape[0]
-                bar.step(float(losses["loss"].detach()))
+                for k, v in losses.items():  # summed where they are: no host sync per step
+                    sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
+                bar.step(losses["loss"].detach())
         seconds = time.perf_counter() - begin
         val = evaluate(method, val_urls, cfg.loader.batch_size, probe_urls=urls if cfg.with_probe else None,
-                       num_workers=cfg.loader.num_workers)  # every rank scores its share; all get the totals
+                       num_workers=cfg.loader.num_workers, runtime=runtime)  # each rank its share; all the totals
         if rank != 0:
             continue
         line = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                "train": {k: v / max(i + 1, 1) for k, v in sums.items()}, "images_per_s": images * world / seconds,
-                "train_seconds": seconds, "val": val}
+                "train": {k: float(v) / steps for k, v in sums.items()},
+                "images_per_s": steps * cfg.loader.batch_size / seconds, "train_seconds": seconds, "val": val}
         epochs.append(line)
         log.info("epoch %d/%d %s: loss %.4f, val top-1 %s, %.0f images/s", epoch + 1, cfg.epochs, cfg.method,
                  line["train"]["loss"], ", ".join(f"{k} {v['top1']:.2f}" for k, v in val.items() if isinstance(v, dict)),
@@ -188,7 +215,8 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
             best = {"top1": val[primary]["top1"], "epoch": epoch + 1}
         save_checkpoint(os.path.join(out, LAST), {
             "config": cfg.to_dict(), "epoch": epoch + 1, "state_dict": method.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best": best, **record})
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "best": best, **record})
         if improved:
             shutil.copyfile(os.path.join(out, LAST), os.path.join(out, BEST))
     if epochs:
@@ -197,6 +225,13 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
         dist.barrier()
         dist.destroy_process_group()
     return summarize(out, primary) if rank == 0 else {}
+
+
+def _on_device(batch: dict, data_config: dict, runtime, device: torch.device) -> dict:
+    """A loader's batch on ``device``: pixels normalized there, the other tensors copied without blocking."""
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    moved["image"] = network_input(batch["image"], data_config, runtime, device)
+    return moved
 
 
 def summarize(out: str, primary: str) -> dict:

@@ -110,6 +110,13 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = as_t((1.0 - acp_prev) * np.sqrt(1.0 - betas) / (1.0 - acp))
         self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(len(betas)))
 
+    def to(self, device: torch.device | str) -> GaussianDiffusion:
+        """The schedule's tables moved to ``device`` (in place; returned), so that steps there copy nothing."""
+        for name, value in vars(self).items():
+            if torch.is_tensor(value):
+                setattr(self, name, value.to(device))
+        return self
+
     @classmethod
     def cosine(cls, steps: int = 1000) -> GaussianDiffusion:
         """The training diffusion: cosine schedule, ``steps`` steps."""
@@ -143,7 +150,9 @@ class GaussianDiffusion:
 
     # reverse process
     def _model_out(self, model: ModelFn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(x, self.timestep_map.to(x.device)[t])
+        # the network may run under autocast; the diffusion maths (posterior, KL, likelihood, sampling steps)
+        # stay in float32, as the official code's float32 schedule tensors keep them
+        return model(x, self.timestep_map.to(x.device)[t]).float()
 
     def p_mean_variance(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> dict:
         """p(x_{t-1} | x_t) from the network output (N, 2C): epsilon, then the variance interpolation v."""

@@ -92,9 +92,9 @@ class GenDD(Method):
     def loss(self, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
         features = self.student.features(batch["image"])  # (B, Ds)
         if epoch < self.options.stage1_epochs:
-            ce = F.cross_entropy(self.teacher_logits(self.stage1_proj(features)), batch["label"])
+            ce = F.cross_entropy(self.teacher_logits(self.stage1_proj(features)).float(), batch["label"])
             return {"loss": ce, "stage1_ce": ce}
-        logits = self.student.classify(features.detach())  # (B, C) the own head does not train the backbone
+        logits = self.student.classify(features.detach()).float()  # (B, C) the own head does not train the backbone
         cond = self.projector(features)  # (B, Ds)
         target = self.contract(batch["feature"], batch["label"])  # (B, D)
         if self.options.mixup > 0:

@@ -47,7 +47,7 @@ class LogitMethod(Method):
         return min((epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
 
     def loss(self, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
-        logits = self.student(batch["image"])  # (B, C)
+        logits = self.student(batch["image"]).float()  # (B, C); the losses in float32 under any autocast
         ce = self.ce(logits, batch)
         parts = {"ce": ce}
         if self.needs_logits:
