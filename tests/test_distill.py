@@ -173,32 +173,75 @@ def test_stages_write_their_metrics(digit_store, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_to_the_same_weights(digit_store, tmp_path):
-    """SIGKILL a real distill process in the middle of its second epoch; --resume ends where an uninterrupted run
-    ends, and the metrics hold each epoch once."""
+def test_bf16_autocast_trains_and_resumes_under_bf16_alone(digit_store, tmp_path):
+    """A run under bf16 autocast (the CPU runs the GPU's code path) records its precision; a resume under another
+    precision is refused in one line and overwrites nothing, one on another placement continues."""
+    _run(digit_store, tmp_path, _cfg("gendd", epochs=1, runtime=RuntimeConfig(amp="bf16", channels_last=False)))
+    ckpt = read_checkpoint(str(tmp_path / "last.safetensors"))
+    assert ckpt["config"]["runtime"]["amp"] == "bf16"
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt["state_dict"].values()
+               if v.is_floating_point())  # float32 weights, the autocast only in the forward
+    before = (tmp_path / "last.safetensors").read_bytes()
+    with pytest.raises(GenddError, match=r"last.safetensors: was trained with other settings \(runtime.amp \(bf16, "
+                                         r"not off\)\); resume it with the same settings"):
+        _run(digit_store, tmp_path, _cfg("gendd", epochs=2), resume=True)
+    assert (tmp_path / "last.safetensors").read_bytes() == before
+    moved = RuntimeConfig(device="cpu", amp="bf16", channels_last=True)  # another memory format and device name
+    _run(digit_store, tmp_path, _cfg("gendd", epochs=2, runtime=moved), resume=True)
+    assert [m["epoch"] for m in _lines(tmp_path)] == [1, 2]
+    scored = evaluate_checkpoint(str(tmp_path / "last.safetensors"), digit_store["val"],
+                                 runtime=RuntimeConfig(amp="bf16"))
+    assert scored["images"] == 48 and 0 <= scored["gendd"]["top1"] <= 100
+
+
+@pytest.mark.cuda
+def test_a_checkpoint_moves_between_the_gpu_and_the_cpu(digit_store, tmp_path):
+    for first, then in (("cuda", "cpu"), ("cpu", "cuda")):
+        out = tmp_path / first
+        _run(digit_store, out, _cfg("gendd", epochs=1, runtime=RuntimeConfig(device=first, amp="bf16")))
+        _run(digit_store, out, _cfg("gendd", epochs=2, runtime=RuntimeConfig(device=then, amp="bf16")), resume=True)
+        assert [m["epoch"] for m in _lines(out)] == [1, 2]
+    fp16 = tmp_path / "fp16"
+    _run(digit_store, fp16, _cfg("kd", epochs=1, runtime=RuntimeConfig(device="cuda", amp="fp16")))
+    assert "scaler" in read_checkpoint(str(fp16 / "last.safetensors"))
+
+
+def _launcher(ranks: int) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, "-m", "gendd_pipe.cli"]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return [torchrun, "--standalone", "--nproc_per_node", str(ranks), "-m", "gendd_pipe.cli"]
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["one process", "torchrun x2"])
+def test_a_killed_run_resumes_to_the_same_weights(digit_store, tmp_path, ranks):
+    """SIGKILL a real distill run (every process of it: torchrun's agent, its ranks, their loader workers) in
+    the middle of its second epoch; --resume ends where an uninterrupted run ends, and the metrics hold each
+    epoch once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "gendd_pipe.cli"]
+    cmd = _launcher(ranks)
     whole = subprocess.run(cmd + _cli_args(digit_store, tmp_path / "whole", "--epochs", "3"), env=env,
-                           capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
     whole_run, killed_run = tmp_path / "whole" / "runs" / "gendd", tmp_path / "killed" / "runs" / "gendd"
     proc = subprocess.Popen(cmd + _cli_args(digit_store, tmp_path / "killed", "--epochs", "3"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     metrics = killed_run / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and (killed_run / "last.safetensors").exists()) and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5 * _lines(killed_run)[0]["train_seconds"])  # half-way through epoch 2's training steps
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert [m["epoch"] for m in _lines(killed_run)] == [1]
     again = subprocess.run(cmd + _cli_args(digit_store, tmp_path / "killed", "--epochs", "3", "--resume"), env=env,
-                           capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
     assert [m["epoch"] for m in _lines(killed_run)] == [1, 2, 3]
-    a = read_checkpoint(str(whole_run / "last.safetensors"))["state_dict"]
-    b = read_checkpoint(str(killed_run / "last.safetensors"))["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = read_checkpoint(str(whole_run / "last.safetensors"))
+    b = read_checkpoint(str(killed_run / "last.safetensors"))
+    assert a["distributed"]["world_size"] == b["distributed"]["world_size"] == ranks
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
 @pytest.mark.slow

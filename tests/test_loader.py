@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gendd_pipe import FeatureStore, GenddError
-from gendd_pipe.data.loader import LoaderConfig, check_shards, train_pipeline, view_choice
+from gendd_pipe.data.loader import LoaderConfig, check_shards, train_pipeline, view_choice, workers
 from gendd_pipe.data.shards import ShardReader
 from gendd_pipe.data.views import render_view, to_tensor
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
@@ -101,3 +101,26 @@ def test_dataloader_workers_split_the_shards(digit_store):
     loader = train_pipeline(digit_store["train"], store, STUDENT_DC, LoaderConfig(16, 16, num_workers=2), seed=0, epoch=0)
     keys = [k for batch in loader for k in batch["key"]]
     assert len(keys) == len(set(keys)) == 96  # one shard per worker, every sample once
+
+
+def test_one_loader_serves_every_epoch_with_persistent_workers(digit_store):
+    store = FeatureStore.open(digit_store["store"])
+    cfg = LoaderConfig(16, 16, num_workers=2)
+    loader = train_pipeline(digit_store["train"], store, STUDENT_DC, cfg, seed=0)
+    assert loader.persistent_workers and loader.batch_size == 16
+    seen = []
+    for epoch in (0, 1, 0):  # the workers started once follow set_epoch
+        loader.dataset.set_epoch(epoch)
+        keys = [list(batch["key"]) for batch in loader]
+        fresh = [list(batch["key"]) for batch in train_pipeline(digit_store["train"], store, STUDENT_DC, cfg, seed=0,
+                                                                  epoch=epoch)]
+        assert keys == fresh and len(sum(keys, [])) == 96
+        seen.append(keys)
+    assert seen[0] == seen[2] != seen[1]
+
+
+def test_loader_workers_default_to_the_cores_a_rank_may_use(monkeypatch):
+    assert workers(3) == 3 and workers(0) == 0
+    assert 1 <= workers(None) <= 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "512")  # more ranks than cores on the node: one worker each
+    assert workers(None) == 1
