@@ -215,9 +215,9 @@ def _launcher(ranks: int) -> list[str]:
 
 @pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["one process", "torchrun x2"])
 def test_a_killed_run_resumes_to_the_same_weights(digit_store, tmp_path, ranks):
-    """SIGKILL a real distill run (every process of it: torchrun's agent, its ranks, their loader workers) in
-    the middle of its second epoch; --resume ends where an uninterrupted run ends, and the metrics hold each
-    epoch once."""
+    """SIGKILL a real distill run (every process of it: torchrun's agent, its ranks, each in a session of its
+    own, and their loader workers) in the middle of its second epoch; --resume ends where an uninterrupted run
+    ends, and the metrics hold each epoch once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = _launcher(ranks)
     whole = subprocess.run(cmd + _cli_args(digit_store, tmp_path / "whole", "--epochs", "3"), env=env,
@@ -225,13 +225,13 @@ def test_a_killed_run_resumes_to_the_same_weights(digit_store, tmp_path, ranks):
     assert whole.returncode == 0, whole.stderr[-2000:]
     whole_run, killed_run = tmp_path / "whole" / "runs" / "gendd", tmp_path / "killed" / "runs" / "gendd"
     proc = subprocess.Popen(cmd + _cli_args(digit_store, tmp_path / "killed", "--epochs", "3"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = killed_run / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and (killed_run / "last.safetensors").exists()) and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5 * _lines(killed_run)[0]["train_seconds"])  # half-way through epoch 2's training steps
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)
     proc.wait()
     assert [m["epoch"] for m in _lines(killed_run)] == [1]
     again = subprocess.run(cmd + _cli_args(digit_store, tmp_path / "killed", "--epochs", "3", "--resume"), env=env,
@@ -242,6 +242,20 @@ def test_a_killed_run_resumes_to_the_same_weights(digit_store, tmp_path, ranks):
     b = read_checkpoint(str(killed_run / "last.safetensors"))
     assert a["distributed"]["world_size"] == b["distributed"]["world_size"] == ranks
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as a lost node loses them."""
+    import psutil
+
+    root = psutil.Process(pid)
+    tree = [root, *root.children(recursive=True)]
+    for process in tree:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree[1:], timeout=30)
 
 
 @pytest.mark.slow
