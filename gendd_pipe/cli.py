@@ -145,8 +145,9 @@ def _resolve(name: str, command, values: dict, run: str | None = None):
 Config = Annotated[Optional[str], typer.Option("--config", "-c", help="The recipe's params file (params.yaml).")]
 Sets = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a param, KEY.PATH=VALUE as in `dvc exp run -S` (repeatable).")]
-Run = Annotated[Optional[str], typer.Option(help="The run: a key of distill.runs (default: the recipe's only run, "
-                                                 "else the method's name).")]
+Run = Annotated[Optional[str], typer.Option(
+    "--run", "-r", help="The run: a key of distill.runs (default: the recipe's only run, else the method's name). "
+                        "Under torchrun write -r: its own parser takes --run for its --run-path.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only (no progress).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug messages as well.")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in its output directory from its last checkpoint.")]

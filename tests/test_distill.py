@@ -17,7 +17,7 @@ from gendd_pipe import FeatureStore
 from gendd_pipe.runtime import RuntimeConfig, network_input
 from gendd_pipe.data.loader import LoaderConfig, train_pipeline
 from gendd_pipe.distill.checkpoint import read_checkpoint
-from gendd_pipe.distill.evaluate import load_method
+from gendd_pipe.distill.evaluate import evaluate, load_method
 from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.distill.evaluate import EvaluateStage, evaluate_checkpoint
 from gendd_pipe.distill.evaluate import run_stage as evaluate_stage
@@ -175,7 +175,8 @@ def test_stages_write_their_metrics(digit_store, tmp_path):
 @pytest.mark.slow
 def test_bf16_autocast_trains_and_resumes_under_bf16_alone(digit_store, tmp_path):
     """A run under bf16 autocast (the CPU runs the GPU's code path) records its precision; a resume under another
-    precision is refused in one line and overwrites nothing, one on another placement continues."""
+    precision is refused in one line and overwrites nothing, one on another placement continues; its sampled
+    evaluation repeats."""
     _run(digit_store, tmp_path, _cfg("gendd", epochs=1, runtime=RuntimeConfig(amp="bf16", channels_last=False)))
     ckpt = read_checkpoint(str(tmp_path / "last.safetensors"))
     assert ckpt["config"]["runtime"]["amp"] == "bf16"
@@ -189,9 +190,12 @@ def test_bf16_autocast_trains_and_resumes_under_bf16_alone(digit_store, tmp_path
     moved = RuntimeConfig(device="cpu", amp="bf16", channels_last=True)  # another memory format and device name
     _run(digit_store, tmp_path, _cfg("gendd", epochs=2, runtime=moved), resume=True)
     assert [m["epoch"] for m in _lines(tmp_path)] == [1, 2]
-    scored = evaluate_checkpoint(str(tmp_path / "last.safetensors"), digit_store["val"],
-                                 runtime=RuntimeConfig(amp="bf16"))
+    method = load_method(str(tmp_path / "last.safetensors"))[0]
+    state = torch.random.get_rng_state()
+    scored, again = (evaluate(method, digit_store["val"], runtime=RuntimeConfig(amp="bf16")) for _ in range(2))
     assert scored["images"] == 48 and 0 <= scored["gendd"]["top1"] <= 100
+    assert {**scored, "seconds": 0} == {**again, "seconds": 0}  # GenDD's sampled scores repeat ...
+    assert torch.equal(torch.random.get_rng_state(), state)  # ... drawn apart from the caller's generator
 
 
 @pytest.mark.cuda
@@ -265,7 +269,7 @@ def test_torchrun_with_two_processes(digit_store, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "gendd_pipe.cli",
-           *_cli_args(digit_store, tmp_path / "ddp", "--epochs", "2", "--method", "kd")]
+           *_cli_args(digit_store, tmp_path / "ddp", "--epochs", "2", "--method", "kd", "-r", "kd")]  # not --run
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = _lines(tmp_path / "ddp" / "runs" / "kd")
@@ -315,9 +319,9 @@ def full_store(digit_store, tmp_path_factory):
 
 def test_kd_from_derived_logits_matches_kd_from_stored_logits(digit_store, full_store, tmp_path):
     assert FeatureStore.open(digit_store["store"]).logits_mode == "derived"
-    derived = _run(digit_store, tmp_path / "derived", _cfg("kd", epochs=1))
-    full = distill(full_store, digit_store["train"], digit_store["val"], str(tmp_path / "full"), _cfg("kd", epochs=1),
-                   progress=False)
+    _run(digit_store, tmp_path / "derived", _cfg("kd", epochs=1))
+    distill(full_store, digit_store["train"], digit_store["val"], str(tmp_path / "full"), _cfg("kd", epochs=1),
+            progress=False)
     a, b = _lines(tmp_path / "derived")[0], _lines(tmp_path / "full")[0]
     assert a["train"]["loss"] == pytest.approx(b["train"]["loss"], rel=1e-3), (a, b)
     wa = read_checkpoint(str(tmp_path / "derived" / "last.safetensors"))["state_dict"]

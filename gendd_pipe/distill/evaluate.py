@@ -56,20 +56,23 @@ def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, predict
     hits: dict[str, Counter] = {}
     val_x, val_y = [], []  # labeled val features, kept for the probe
     n, start = 0, time.perf_counter()
-    for batch in eval_pipeline(val_urls, data_config, batch_size, num_workers, device.type == "cuda"):
-        keep = batch["label"] >= 0
-        if not keep.any():
-            continue
-        labels = batch["label"][keep]
-        with autocast(runtime, device):
-            features = method.student.features(network_input(batch["image"][keep], data_config, runtime, device))
-            predictions = method.predict(features, predict)
-        for name, logits in predictions.items():
-            hits.setdefault(name, Counter()).update(topk_hits(logits.float().cpu(), labels))
-        if probe_urls:
-            val_x.append(features.float().cpu())
-            val_y.append(labels)
-        n += int(keep.sum())
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's draws untouched
+        torch.manual_seed(rank)  # sampled predictions (GenDD's) repeat run to run for one world size
+        for batch in eval_pipeline(val_urls, data_config, batch_size, num_workers, device.type == "cuda"):
+            keep = batch["label"] >= 0
+            if not keep.any():
+                continue
+            labels = batch["label"][keep]
+            with autocast(runtime, device):
+                features = method.student.features(network_input(batch["image"][keep], data_config, runtime, device))
+                predictions = method.predict(features, predict)
+            for name, logits in predictions.items():
+                hits.setdefault(name, Counter()).update(topk_hits(logits.float().cpu(), labels))
+            if probe_urls:
+                val_x.append(features.float().cpu())
+                val_y.append(labels)
+            n += int(keep.sum())
     parts = _gathered((hits, n, val_x, val_y))  # under torchrun each rank scored its share of the samples
     hits = {}
     for part in parts:

@@ -199,6 +199,9 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
                     sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
                 bar.step(losses["loss"].detach())
         seconds = time.perf_counter() - begin
+        if world > 1:  # each rank's last step moved its own BatchNorm statistics: score rank 0's, which it saves
+            for buffer in method.buffers():
+                dist.broadcast(buffer, 0)
         val = evaluate(method, val_urls, cfg.loader.batch_size, probe_urls=urls if cfg.with_probe else None,
                        num_workers=cfg.loader.num_workers, runtime=runtime)  # each rank its share; all the totals
         if rank != 0:
