@@ -13,7 +13,8 @@ each teacher; every timing then trains the same student on the same batches:
   measured in the same run.
 - loader headroom: samples/s of the loader alone over the samples/s the step consumes.
 - GenDD cost: a GenDD step over a KD step, at the official head (width 1024, depth 3,
-  mul 10, 64-dim tokens) and at the embedded default's (params.yaml).
+  mul 10, 64-dim tokens) and at the embedded default's (params.yaml); on the CPU in
+  float32 and under bf16 autocast.
 - sampling: with ``--checkpoint`` (the embedded default's GenDD run), evaluation
   images/s and top-1 at 64 / 16 / 8 steps, ancestral and DDIM, cfg 1 and 2.
 
@@ -25,6 +26,7 @@ Absolute times drift on a shared machine; the ratios are what to compare.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import itertools
 import json
@@ -82,6 +84,10 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+
+    def step_on(self, batches: list[dict]):
+        """``index -> one step on batches[index]``, for `seconds_per`."""
+        return lambda index: self.step(batches[index])
 
 
 def seconds_per(fn, items: list, device: torch.device, repeats: int) -> float:
@@ -165,14 +171,20 @@ def bench_device(args, device: torch.device, stores: dict, shards: list[str]) ->
             rate = loader_rate(loader, args.steps, args.batch_size)
             out["loader"] = {"samples_per_s": rate, "step_samples_per_s": args.batch_size / t_student,
                              "headroom": rate * t_student / args.batch_size}
-            kd = t_student
             out["gendd"] = {}
-            for label, head in (("official", HeadConfig()), ("embedded default", embedded_head())):
-                gendd = Trainer(DistillConfig(method="gendd", student=student, options=GenddConfig(head=head)),
-                                store, shard_name(shards[0]), runtime, device)
-                t = seconds_per(lambda i: gendd.step(batches[i]), range(args.steps), device, args.repeats)
-                out["gendd"][label] = {"head": f"width {head.width}, depth {head.depth}, mul "
-                                               f"{head.diffusion_batch_mul}", "step_s": t, "cost": t / kd}
+            for amp in (runtime.amp, "bf16") if runtime.amp == "off" else (runtime.amp,):  # the CPU: both
+                placed = dataclasses.replace(runtime, amp=amp)
+                kd = t_student if amp == runtime.amp else seconds_per(
+                    Trainer(DistillConfig(method="kd", student=student), store, shard_name(shards[0]), placed,
+                            device).step_on(batches), range(args.steps), device, args.repeats)
+                for label, head in (("official", HeadConfig()), ("embedded default", embedded_head())):
+                    gendd = Trainer(DistillConfig(method="gendd", student=student, options=GenddConfig(head=head)),
+                                    store, shard_name(shards[0]), placed, device)
+                    t = seconds_per(gendd.step_on(batches), range(args.steps), device, args.repeats)
+                    out["gendd"][f"{label}, {placed.precision}"] = {
+                        "head": f"width {head.width}, depth {head.depth}, mul {head.diffusion_batch_mul}",
+                        "name": label, "precision": placed.precision,
+                        "step_s": t, "kd_step_s": kd, "cost": t / kd}
     if args.checkpoint:
         out["sampling"] = sampling_table(args, runtime, device)
     return out
@@ -184,7 +196,6 @@ def sampling_table(args, runtime: RuntimeConfig, device: torch.device) -> list[d
     val = sorted(glob.glob(args.val_shards))
     rows = []
     for steps, sampler, cfg in itertools.product((64, 16, 8), ("ddpm", "ddim"), (1.0, 2.0)):
-        torch.manual_seed(0)
         predict = SamplingConfig(sampling_steps=steps, sampler=sampler, cfg=cfg, samples=args.samples)
         result = evaluate(method, val, 128, predict, runtime=runtime)
         rows.append({"steps": steps, "sampler": sampler, "cfg": cfg, "top1": result["gendd"]["top1"],
@@ -205,8 +216,10 @@ def table(r: dict) -> str:
     lo = r["loader"]
     lines.append(f"| loader headroom | {lo['samples_per_s']:.0f} / {lo['step_samples_per_s']:.0f} samples/s | "
                  f"{lo['headroom']:.1f} | |")
-    for label, g in r["gendd"].items():
-        lines.append(f"| GenDD cost | {label} head ({g['head']}) | {g['cost']:.2f} | gendd {g['step_s']:.3f} |")
+    for g in r["gendd"].values():
+        lines.append(f"| GenDD cost | {g['name']} head ({g['head']}), {g['precision']} | {g['cost']:.2f} | "
+                     f"gendd {g['step_s']:.3f}, "
+                     f"kd {g['kd_step_s']:.3f} |")
     for row in r.get("sampling", []):
         lines.append(f"| sampling | {row['steps']} steps {row['sampler']} cfg {row['cfg']:g} | top-1 {row['top1']:.2f} "
                      f"| {row['images_per_s']:.0f} images/s |")

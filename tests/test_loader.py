@@ -1,13 +1,16 @@
 """The student's loader: the right cached feature beside the right image, and views replayed exactly."""
 
 import io
+import os
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
 from gendd_pipe import FeatureStore, GenddError
-from gendd_pipe.data.loader import LoaderConfig, check_shards, train_pipeline, view_choice, workers
+from gendd_pipe.data.loader import (WORKER_NICENESS, LoaderConfig, check_shards, train_pipeline, view_choice,
+                                    workers)
 from gendd_pipe.data.shards import ShardReader
 from gendd_pipe.data.views import render_view, to_tensor
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
@@ -124,3 +127,14 @@ def test_loader_workers_default_to_the_cores_a_rank_may_use(monkeypatch):
     assert 1 <= workers(None) <= 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "512")  # more ranks than cores on the node: one worker each
     assert workers(None) == 1
+
+
+def test_loader_workers_run_below_the_loop_they_feed(digit_store):
+    store = FeatureStore.open(digit_store["store"])
+    loader = train_pipeline(digit_store["train"], store, STUDENT_DC, LoaderConfig(16, 16, num_workers=2), seed=0)
+    batches = iter(loader)
+    next(batches)  # the workers have started
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    started = {p.pid: p.nice() for p in psutil.Process().children()}
+    del batches
+    assert sorted(started.values())[-2:] == [ours + WORKER_NICENESS] * 2, started
