@@ -81,16 +81,31 @@ def dask_client(scheduler: str | None, workers: int, threads: int | None, device
         yield client
 
 
-def run_per_shard(task: Callable, shards: dict[str, str], args: tuple, client, bar, devices: tuple[str, ...] = ()):
-    """``task(url, *args, devices=devices)`` for every ``{name: url}`` of ``shards`` as one Dask task each
-    (on a GPU worker where ``devices`` are given), the bar counting images as tasks report them and shards
-    as they finish. A task's exception is raised here."""
+def run_per_shard(task: Callable, shards: dict[str, str], args: tuple, client, bar, devices: tuple[str, ...] = (),
+                  claim: Callable[[str], bool] = lambda name: True, done: Callable[[str], None] = lambda name: None):
+    """``task(url, *args, devices=devices)`` for every ``{name: url}`` of ``shards`` that ``claim(name)`` grants,
+    as one Dask task each (on a GPU worker where ``devices`` are given), the bar counting images as tasks
+    report them. Shards are claimed as workers free up (two tasks queued per worker), so that a writer beside
+    this one takes its share; ``done(name)`` follows each finished task. A task's exception is raised here;
+    the scheduler retries a task whose worker was lost on another worker."""
     from distributed import as_completed
 
     client.subscribe_topic(PROGRESS_TOPIC, lambda event: bar.add_images(event[1]))
     gpu = {"resources": {"GPU": 1}} if devices else {}
-    futures = [client.submit(task, url, *args, devices=devices, key=f"{task.__name__}-{name}", pure=False, **gpu)
-               for name, url in shards.items()]
-    for future in as_completed(futures):
+    queue, names, running = iter(shards.items()), {}, as_completed()
+
+    def submit_next() -> None:
+        for name, url in queue:
+            if claim(name):
+                future = client.submit(task, url, *args, devices=devices, key=f"{task.__name__}-{name}", pure=False,
+                                       **gpu)
+                names[future.key] = name
+                running.add(future)
+                return
+
+    for _ in range(2 * max(1, len(client.nthreads()))):
+        submit_next()
+    for future in running:
         future.result()
-        bar.shard_done()
+        done(names.pop(future.key))
+        submit_next()

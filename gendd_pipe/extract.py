@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, field, replace
 from typing import Annotated, Literal
 
@@ -41,9 +41,12 @@ from gendd_pipe.runtime import RuntimeConfig, resolve_device
 from gendd_pipe.store.format import (FORMAT_VERSION, MANIFEST_ATTR, SHARDS, check_compatible, logits_spec,
                                      parse_logits)
 from gendd_pipe.store.reader import FeatureStore
+from gendd_pipe.store.lease import Leases
 from gendd_pipe.store.writer import ShardWriter, is_complete, open_root, write_root
 
 log = logging.getLogger(__name__)
+
+POLL_S = 2.0  # seconds between looks at shards another writer holds
 
 
 @configclass
@@ -236,35 +239,102 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
         teacher = cached_teacher(cfg.teacher, cfg.runtime, cfg.threads)
     else:  # ... or from one on the CPU; the workers build their own
         teacher = create_teacher(cfg.teacher, RuntimeConfig(device="cpu"))
-    root = open_root(store)
-    cfg = replace(cfg, logits=_logits_mode(cfg.logits, teacher, root.attrs.get(MANIFEST_ATTR)))
-    manifest = requested_manifest(teacher, cfg)
-    if MANIFEST_ATTR in root.attrs:
-        requested, manifest = manifest, dict(root.attrs[MANIFEST_ATTR])
-        check_compatible(store, manifest, requested)
-        _check_sources(store, root, urls)
-    else:
-        with _writing(store, "the manifest and teacher head"):
-            write_root(root, manifest, teacher.head())
-    todo = [u for u in urls if not is_complete(root, shard_name(u))]
-    log.info("%s: %d of %d shards to extract%s", public_url(store), len(todo), len(urls),
-             f" ({len(urls) - len(todo)} complete already)" if len(todo) < len(urls) else "")
-    try:
-        local_gpu = (device.index,) if device is not None and device.type == "cuda" else ()
-        gpus = tuple(torch.device(d).index for d in devices) or local_gpu
-        with ExtractProgress(len(urls), len(urls) - len(todo), enabled=progress, gpus=gpus) as bar:
-            if cfg.dask_workers == 0 and not cfg.scheduler:
+    with Leases(store) as leases:
+        root, manifest, cfg = _open_root(store, teacher, cfg, urls, leases)
+        todo = [u for u in urls if not is_complete(root, shard_name(u))]
+        log.info("%s: %d of %d shards to extract%s", public_url(store), len(todo), len(urls),
+                 f" ({len(urls) - len(todo)} complete already)" if len(todo) < len(urls) else "")
+        try:
+            local_gpu = (device.index,) if device is not None and device.type == "cuda" else ()
+            gpus = tuple(torch.device(d).index for d in devices) or local_gpu
+            with ExtractProgress(len(urls), len(urls) - len(todo), enabled=progress, gpus=gpus) as bar:
+                _extract_todo(todo, store, root, cfg, devices, leases, bar)
+        except BaseException:  # shards that completed stay listed even when another one failed ...
+            with suppress(GenddError):  # ... where the disk still takes the manifest; a re-run lists them anyway
+                _finalize(store, root, manifest, urls)
+            raise
+        return _finalize(store, root, manifest, urls)
+
+
+def _open_root(store: str, teacher: Teacher, cfg: ExtractConfig, urls: list[str], leases: Leases):
+    """The store's root, its manifest and ``cfg`` with the logits mode made concrete. The writer holding the
+    root's lease writes the manifest and head of a new store; another one started at the same moment waits for
+    that manifest, then, like any later run, must match it."""
+    while True:
+        root = open_root(store)
+        if MANIFEST_ATTR in root.attrs:
+            break
+        with _writing(store, "the lease of the store's root"):
+            taken = leases.take("root")
+        if not taken:
+            time.sleep(POLL_S)  # another writer is creating the store
+            continue
+        try:
+            root = open_root(store)
+            if MANIFEST_ATTR not in root.attrs:
+                cfg = replace(cfg, logits=_logits_mode(cfg.logits, teacher, None))
+                manifest = requested_manifest(teacher, cfg)
+                with _writing(store, "the manifest and teacher head"):
+                    write_root(root, manifest, teacher.head())
+                return root, manifest, cfg
+        finally:
+            with _writing(store, "the lease of the store's root"):
+                leases.release("root")
+    existing = dict(root.attrs[MANIFEST_ATTR])
+    cfg = replace(cfg, logits=_logits_mode(cfg.logits, teacher, existing))
+    check_compatible(store, existing, requested_manifest(teacher, cfg))
+    _check_sources(store, root, urls)
+    return root, existing, cfg
+
+
+def _extract_todo(todo: list[str], store: str, root, cfg: ExtractConfig, devices: tuple[str, ...], leases: Leases,
+                  bar) -> None:
+    """Extract every shard of ``todo`` that no other live writer holds, then wait for the ones others hold
+    (taking over any whose writer let its lease expire) until every shard of ``todo`` is complete."""
+    counted: set[str] = set()
+
+    def claim(name: str) -> bool:  # this writer's now, and not completed meanwhile by another one
+        with _writing(store, f"the lease of feature shard {name}"):
+            if not leases.take(name):
+                return False
+        if is_complete(root, name):
+            done(name)
+            return False
+        return True
+
+    def done(name: str) -> None:
+        with _writing(store, f"the lease of feature shard {name}"):
+            leases.release(name)
+        if name not in counted:
+            counted.add(name)
+            bar.shard_done()
+
+    if not todo:
+        return
+    in_process, waited = cfg.dask_workers == 0 and not cfg.scheduler, False
+    with nullcontext() if in_process else dask_client(cfg.scheduler, cfg.dask_workers, cfg.threads, devices) as client:
+        while True:
+            if in_process:
                 for url in todo:
-                    extract_shard(url, store, cfg, report=bar.add_images)
-                    bar.shard_done()
-            elif todo:
-                with dask_client(cfg.scheduler, cfg.dask_workers, cfg.threads, devices) as client:
-                    run_per_shard(extract_shard, {shard_name(u): u for u in todo}, (store, cfg), client, bar, devices)
-    except BaseException:  # shards that completed stay listed even when another one failed ...
-        with suppress(GenddError):  # ... where the disk still takes the manifest; a re-run lists them anyway
-            _finalize(store, root, manifest, urls)
-        raise
-    return _finalize(store, root, manifest, urls)
+                    if claim(shard_name(url)):
+                        extract_shard(url, store, cfg, report=bar.add_images)
+                        done(shard_name(url))
+            else:
+                run_per_shard(extract_shard, {shard_name(u): u for u in todo}, (store, cfg), client, bar, devices,
+                              claim, done)
+            for name in map(shard_name, todo):
+                if name not in counted and is_complete(root, name):  # completed by another writer
+                    done(name)
+            todo = [u for u in todo if not is_complete(root, shard_name(u))]
+            if not todo:
+                return
+            if not waited:
+                holder = leases.holder(shard_name(todo[0])) or {}
+                log.info("%s: %d shards are being written by another extraction (%s, pid %s); waiting for them, "
+                         "or for its leases to expire if it died", public_url(store), len(todo),
+                         holder.get("host", "?"), holder.get("pid", "?"))
+                waited = True
+            time.sleep(POLL_S)
 
 
 def _logits_mode(mode: str, teacher: Teacher, existing: dict | None) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -183,3 +184,41 @@ def test_a_failing_disk_is_one_line_and_a_rerun_finishes(tmp_path, inputs, fault
     a, b = _files(saved), _files(inputs["clean"])
     assert a.keys() == b.keys() and [name for name in a if a[name] != b[name]] == []
     shutil.rmtree(saved)
+
+
+@pytest.mark.slow
+def test_two_extractions_started_together_write_each_shard_once(tmp_path, inputs):
+    """Two ``extract`` processes started at the same moment on one new store: the root and each feature shard
+    are written by exactly one of them (its lease), both exit 0, and the store equals a single run's."""
+    store = tmp_path / "together.zarr"
+    command = [a for a in _command(inputs["pattern"], store) if a != "-q"] + ["-v"]  # a debug line per shard
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in (0, 1)]
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [out[-2000:] for out in outputs]
+    written = [re.findall(r"feature shard (train-\d+): \d+ samples", out) for out in outputs]
+    assert sorted(written[0] + written[1]) == [f"train-{i:06d}" for i in range(SHARDS)], written
+    for a, b in ((0, 1), (1, 0)):  # a writer ready while two shards were left to the other takes one of them
+        started, finished = _stamps(outputs[b], "shards to extract"), _stamps(outputs[a], "feature shard")
+        if len(finished) >= 2 and started[0] < finished[-2]:
+            assert written[b], (written, started, finished)
+    assert _files(store) == _files(inputs["clean"])
+    assert not list((store / "leases").iterdir())
+
+
+def _stamps(output: str, marker: str) -> list[str]:
+    """The log times (``%Y-%m-%d %H:%M:%S,mmm``: they sort as text) of the lines holding ``marker``."""
+    return [line[:23] for line in output.splitlines() if marker in line and line[:4].isdigit()]
+
+
+@pytest.mark.slow
+def test_another_teacher_on_a_store_being_written_is_refused_and_harms_nothing(tmp_path, inputs):
+    store = tmp_path / "busy.zarr"
+    proc = subprocess.Popen(_command(inputs["pattern"], store), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    _wait_for(lambda: _complete(store) >= 1, proc)
+    other = [a if a != "resnet18" else "resnet10t" for a in _command(inputs["pattern"], store)]
+    refused = subprocess.run(other, capture_output=True, text=True, timeout=300)
+    lines = [line for line in (refused.stdout + refused.stderr).splitlines() if line.strip()]
+    assert refused.returncode == 1 and len(lines) == 1 and "written with another teacher" in lines[0], lines
+    assert proc.wait(timeout=600) == 0, proc.stdout.read()[-2000:]
+    assert _files(store) == _files(inputs["clean"])
