@@ -322,10 +322,10 @@ def _extract_todo(todo: list[str], store: str, root, cfg: ExtractConfig, devices
             else:
                 run_per_shard(extract_shard, {shard_name(u): u for u in todo}, (store, cfg), client, bar, devices,
                               claim, done)
-            for name in map(shard_name, todo):
-                if name not in counted and is_complete(root, name):  # completed by another writer
-                    done(name)
-            todo = [u for u in todo if not is_complete(root, shard_name(u))]
+            complete = {name for name in map(shard_name, todo) if is_complete(root, name)}
+            for name in complete - counted:  # completed by another writer
+                done(name)
+            todo = [u for u in todo if shard_name(u) not in complete]
             if not todo:
                 return
             if not waited:

@@ -163,6 +163,7 @@ class Leases:
     def _write(self, name: str, generation: int, mode: str) -> None:
         lease = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "started": _STARTED,
                  "expires": time.time() + self.ttl}
-        self.fs.makedirs(self.dir, exist_ok=True)
+        if mode == "xb":  # a first create; a renewal rewrites a file that is there
+            self.fs.makedirs(self.dir, exist_ok=True)
         with self.fs.open(self._path(name, generation), mode) as f:
             f.write(json.dumps(lease).encode())
