@@ -40,6 +40,7 @@ from gendd_pipe.logs import setup_logging
 from gendd_pipe import report as report_stage
 from gendd_pipe.recipe import SECTIONS, load_params, section, section_class
 from gendd_pipe.runtime import RuntimeConfig
+from gendd_pipe.storage import configure, parse_options, urls_in
 from gendd_pipe.store.audit import summarize, verify
 from gendd_pipe.store.format import logits_spec, renderer_of
 from gendd_pipe.store.reader import FeatureStore
@@ -133,6 +134,7 @@ def _resolve(name: str, command, values: dict, run: str | None = None):
     try:
         cfg = section(params, name, values.get("config") or "the command line")
         log.debug("%s: %s", name, json.dumps(redact(to_dict(cfg)), default=str))
+        configure(parse_options(values.get("storage_options") or []), urls_in(to_dict(cfg)))
         return cfg
     except ConfigError as exc:  # say which option sets the key, where one does
         for param, key in options.items():
@@ -148,6 +150,9 @@ Sets = Annotated[Optional[list[str]], typer.Option(
 Run = Annotated[Optional[str], typer.Option(
     "--run", "-r", help="The run: a key of distill.runs (default: the recipe's only run, else the method's name). "
                         "Under torchrun write -r: its own parser takes --run for its --run-path.")]
+StorageOptions = Annotated[Optional[list[str]], typer.Option(
+    "--storage-option", help="An fsspec option of the store's, shards' and weights' filesystems, KEY=VALUE "
+                             "(repeatable; s3: endpoint_url=..., profile=..., anon=true). Never recorded.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only (no progress).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug messages as well.")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in its output directory from its last checkpoint.")]
@@ -230,7 +235,7 @@ def teacher_command(
     seed: Annotated[Optional[int], typer.Option(help="Seed of the new classifier, crops and order."),
                     Key("views.seed")] = None,
     num_workers: NumWorkers = None, device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None,
-    compile: Compile = None, resume: Resume = False, quiet: Quiet = False, verbose: Verbose = False,
+    compile: Compile = None, resume: Resume = False, storage_options: StorageOptions = None, quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Fine-tune a teacher on labeled shards; extract then loads weights OUT/model.safetensors."""
     cfg = _resolve("teacher", teacher_command, locals())
@@ -276,7 +281,7 @@ def extract_command(
     on_error: Annotated[Optional[str], typer.Option(help="fail | skip (skipped samples go in the manifest)."),
                         Key("on_error")] = None,
     device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = None,
-    quiet: Quiet = False, verbose: Verbose = False,
+    storage_options: StorageOptions = None, quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Run a teacher once over image shards and write (or resume) a feature store."""
     cfg = _resolve("extract", extract_command, locals())
@@ -286,21 +291,23 @@ def extract_command(
                   highlight=False)
 
 
-def _store(store: str | None, config: str | None, sets: list[str] | None) -> str:
-    if store:
-        return store
-    if config is None:
+def _store(store: str | None, config: str | None, sets: list[str] | None, storage_options: list[str] | None) -> str:
+    """The store a command reads: named, or the recipe's; its filesystem takes ``--storage-option``."""
+    if not store and config is None:
         raise GenddError("name a store, or a recipe with --config whose extract.out is one")
-    return section(load_params(config, sets or []), "extract", config).out
+    store = store or section(load_params(config, sets or []), "extract", config).out
+    configure(parse_options(storage_options or []), [store])
+    return store
 
 
 @app.command("info")
 @user_errors
 def info_command(store: Annotated[Optional[str], typer.Argument(help="Store path or URL.")] = None,
                  config: Config = None, sets: Sets = None,
-                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+                 storage_options: StorageOptions = None):
     """Summarize a store (or the recipe's): teacher, preprocessing, views, sizes and compression ratio."""
-    store = _store(store, config, sets)
+    store = _store(store, config, sets, storage_options)
     summary = summarize(FeatureStore.open(store))
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -336,9 +343,10 @@ def verify_command(store: Annotated[Optional[str], typer.Argument(help="Store pa
                    device: Annotated[Optional[str], typer.Option(
                        help="auto | cpu | cuda | cuda:N for --recompute.")] = None,
                    amp: Annotated[Optional[str], typer.Option(
-                       help="off | bf16 | fp16 for --recompute (default: the store's precision).")] = None):
+                       help="off | bf16 | fp16 for --recompute (default: the store's precision).")] = None,
+                   storage_options: StorageOptions = None):
     """Check every shard is complete and consistent; optionally recompute samples with the teacher."""
-    store = _store(store, config, sets)
+    store = _store(store, config, sets, storage_options)
     given = {k: v for k, v in (("device", device), ("amp", amp)) if v is not None}
     runtime = parse(RuntimeConfig, given, "verify") if given else None
     report = verify(FeatureStore.open(store), recompute, seed, runtime=runtime)
@@ -368,7 +376,7 @@ def probes_command(
     batch_size: Annotated[Optional[int], typer.Option(help="Images per batch."), Key("batch_size")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="JSON of the probes."), Key("out")] = None,
     device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = None,
-    quiet: Quiet = False, verbose: Verbose = False,
+    storage_options: StorageOptions = None, quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Reference linear probes: the teacher's cached features and a randomly initialised student."""
     cfg = _resolve("probes", probes_command, locals())
@@ -403,7 +411,7 @@ def distill_command(
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: sized to the "
                                                             "cores)."), Key("loader.num_workers", run=True)] = None,
     device: RunDevice = None, amp: RunAmp = None, channels_last: RunChannelsLast = None, compile: RunCompile = None,
-    resume: Resume = False, quiet: Quiet = False, verbose: Verbose = False,
+    resume: Resume = False, storage_options: StorageOptions = None, quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Train a student from a feature store, without the teacher (GenDD or a logit baseline)."""
     params = load_params(config, sets or [])
@@ -436,7 +444,7 @@ def evaluate_command(
     input_size: Annotated[Optional[int], typer.Option(help="Refuse a checkpoint trained at another size."),
                           Key("input_size")] = None,
     device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = None,
-    quiet: Quiet = False, verbose: Verbose = False,
+    storage_options: StorageOptions = None, quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Score a student: each predictor of its method and (with --train-shards) a linear probe.
 

@@ -82,8 +82,10 @@ def dask_client(scheduler: str | None, workers: int, threads: int | None, device
 
 
 def run_per_shard(task: Callable, shards: dict[str, str], args: tuple, client, bar, devices: tuple[str, ...] = (),
-                  claim: Callable[[str], bool] = lambda name: True, done: Callable[[str], None] = lambda name: None):
-    """``task(url, *args, devices=devices)`` for every ``{name: url}`` of ``shards`` that ``claim(name)`` grants,
+                  claim: Callable[[str], bool] = lambda name: True, done: Callable[[str], None] = lambda name: None,
+                  extra: dict[str, dict] | None = None):
+    """``task(url, *args, devices=devices, **extra[name])`` for every ``{name: url}`` of ``shards`` that
+    ``claim(name)`` grants,
     as one Dask task each (on a GPU worker where ``devices`` are given), the bar counting images as tasks
     report them. Shards are claimed as workers free up (two tasks queued per worker), so that a writer beside
     this one takes its share; ``done(name)`` follows each finished task. A task's exception is raised here;
@@ -97,8 +99,8 @@ def run_per_shard(task: Callable, shards: dict[str, str], args: tuple, client, b
     def submit_next() -> None:
         for name, url in queue:
             if claim(name):
-                future = client.submit(task, url, *args, devices=devices, key=f"{task.__name__}-{name}", pure=False,
-                                       **gpu)
+                future = client.submit(task, url, *args, devices=devices, **(extra or {}).get(name, {}),
+                                       key=f"{task.__name__}-{name}", pure=False, **gpu)
                 names[future.key] = name
                 running.add(future)
                 return

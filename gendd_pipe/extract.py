@@ -34,12 +34,13 @@ from gendd_pipe.data.render import create_renderer, normalize_pixels, prefetched
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, expand_urls, shard_name
 from gendd_pipe.data.views import ViewConfig, sample_views
 from gendd_pipe.errors import GenddError
-from gendd_pipe.files import public_url, write_json, write_yaml
+from gendd_pipe.files import file_sha256, public_url, write_json, write_yaml
 from gendd_pipe.layout import config_beside
 from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher, create_teacher
 from gendd_pipe.runtime import RuntimeConfig, resolve_device
+from gendd_pipe.storage import explain, storage_errors
 from gendd_pipe.store.format import (FORMAT_VERSION, MANIFEST_ATTR, SHARDS, check_compatible, logits_spec,
-                                     parse_logits)
+                                     parse_logits, recorded_source)
 from gendd_pipe.store.reader import FeatureStore
 from gendd_pipe.store.lease import Leases
 from gendd_pipe.store.writer import ShardWriter, is_complete, open_root, write_root
@@ -171,7 +172,7 @@ def _fields(teacher: Teacher, cfg: ExtractConfig, logits: dict) -> dict[str, tup
 
 
 def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[int], None] = report_progress,
-                  devices: tuple[str, ...] = ()) -> dict:
+                  devices: tuple[str, ...] = (), source: str | None = None) -> dict:
     """Extract one input shard into the feature shard of the same name. Runs as one Dask task.
 
     Reading, decoding and rendering run on threads ahead of the forward (`_rendered`), and each chunk of rows
@@ -180,6 +181,8 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
     Args:
         devices: The devices of a local cluster's workers, by worker name (`worker_devices`); empty runs on
             ``cfg.runtime.device``.
+        source: The input shard as the store records it (`recorded_source` in the driver's directory; default:
+            in this process's).
 
     Returns:
         The shard's manifest entry plus its skipped samples.
@@ -202,13 +205,13 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
                 writer.append(rows)
             n += len(batch)
             report(len(batch))
-        attrs = {"source": public_url(url), "source_sha256": reader.sha256, "count": n, "skipped": skipped}
+        attrs = {"source": source or recorded_source(url), "source_sha256": reader.sha256, "count": n, "skipped": skipped}
         with _writing(store, f"feature shard {name}"):
             attrs = writer.commit(attrs)
     finally:
         writer.close()
     log.debug("feature shard %s: %d samples, %d skipped, from %s", name, n, len(skipped), public_url(url))
-    return {"name": name, "source": public_url(url), "count": n, "skipped": skipped,
+    return {"name": name, "source": attrs["source"], "count": n, "skipped": skipped,
             **({"int8_cosine": attrs["int8_cosine"]} if int8 else {})}
 
 
@@ -261,7 +264,8 @@ def _open_root(store: str, teacher: Teacher, cfg: ExtractConfig, urls: list[str]
     root's lease writes the manifest and head of a new store; another one started at the same moment waits for
     that manifest, then, like any later run, must match it."""
     while True:
-        root = open_root(store)
+        with _writing(store, "the store"):
+            root = open_root(store)
         if MANIFEST_ATTR in root.attrs:
             break
         with _writing(store, "the lease of the store's root"):
@@ -270,7 +274,8 @@ def _open_root(store: str, teacher: Teacher, cfg: ExtractConfig, urls: list[str]
             time.sleep(POLL_S)  # another writer is creating the store
             continue
         try:
-            root = open_root(store)
+            with _writing(store, "the store"):
+                root = open_root(store)
             if MANIFEST_ATTR not in root.attrs:
                 cfg = replace(cfg, logits=_logits_mode(cfg.logits, teacher, None))
                 manifest = requested_manifest(teacher, cfg)
@@ -317,11 +322,11 @@ def _extract_todo(todo: list[str], store: str, root, cfg: ExtractConfig, devices
             if in_process:
                 for url in todo:
                     if claim(shard_name(url)):
-                        extract_shard(url, store, cfg, report=bar.add_images)
+                        extract_shard(url, store, cfg, report=bar.add_images, source=recorded_source(url))
                         done(shard_name(url))
             else:
                 run_per_shard(extract_shard, {shard_name(u): u for u in todo}, (store, cfg), client, bar, devices,
-                              claim, done)
+                              claim, done, extra={shard_name(u): {"source": recorded_source(u)} for u in todo})
             complete = {name for name in map(shard_name, todo) if is_complete(root, name)}
             for name in complete - counted:  # completed by another writer
                 done(name)
@@ -356,20 +361,34 @@ def _writing(store: str, what: str):
     """A filesystem refusing a write (full, read-only, gone) as one line naming the store and what was written."""
     try:
         yield
-    except OSError as exc:
+    except GenddError:
+        raise
+    except Exception as exc:
+        explained = explain(exc, store, f"write {what}")
+        if explained is not None:
+            raise explained from exc
+        if not isinstance(exc, OSError):
+            raise
         raise GenddError(f"{public_url(store)}: cannot write {what} ({exc.strerror or exc}); complete shards are kept, "
                          "re-run to resume") from exc
 
 
 def _check_sources(store: str, root, urls: list[str]) -> None:
-    """A complete feature shard must come from the same input shard as the one now given."""
+    """A complete feature shard must come from the input shard now given: the one it records, or one given from
+    elsewhere (a copy, a bucket) with the same bytes."""
     for url in urls:
         name = shard_name(url)
-        if is_complete(root, name):
-            source = root[f"{SHARDS}/{name}"].attrs["source"]
-            if source != public_url(url):
-                raise GenddError(f"{store}: shard {name} was extracted from {source}, not {public_url(url)}; "
-                                 "use a new --out")
+        if not is_complete(root, name):
+            continue
+        attrs = root[f"{SHARDS}/{name}"].attrs
+        if attrs["source"] in (recorded_source(url), public_url(url)):  # (earlier stores: absolute paths)
+            continue
+        with storage_errors(url, "read the shard"):
+            sha = file_sha256(url)
+        if sha != attrs["source_sha256"]:
+            raise GenddError(f"{public_url(store)}: shard {name} was extracted from {attrs['source']} "
+                             f"(sha256 {attrs['source_sha256'][:12]}), not from {public_url(url)} (sha256 {sha[:12]}); "
+                             "use a new --out")
 
 
 def _finalize(store: str, root, manifest: dict, urls: list[str]) -> dict:

@@ -9,6 +9,7 @@ record, a manifest or a log.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -74,6 +75,15 @@ class _Dumper(yaml.SafeDumper):
 
 def dump_yaml(data) -> str:
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def file_sha256(url: str) -> str:
+    """The sha256 (hex) of a file's bytes, local or at an fsspec URL, read in blocks."""
+    digest = hashlib.sha256()
+    with fsspec.open(url, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_yaml(path: str) -> dict:

@@ -570,4 +570,4 @@ def test_an_image_shard_changed_after_extraction_is_one_line(digit_store, tmp_pa
 
 def test_a_shard_url_that_is_refused_or_missing_is_one_line(tmp_path, http_server):
     one_line(extract(tmp_path, [f"http://{http_server}/no-such-000000.tar"]), "no-such-000000.tar: cannot open shard")
-    one_line(extract(tmp_path, ["nosuchproto://bucket/x-000000.tar"]), "x-000000.tar: cannot open shard")
+    one_line(extract(tmp_path, ["nosuchproto://bucket/x-000000.tar"]), "x-000000.tar: no fsspec filesystem handles nosuchproto://")

@@ -35,6 +35,7 @@ from webdataset.tariterators import base_plus_ext
 
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
+from gendd_pipe.storage import explain, storage_errors
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
 UNLABELED = -1
@@ -79,20 +80,30 @@ class Skipped:
 
 
 def expand_urls(patterns: list[str] | tuple[str, ...]) -> list[str]:
-    """Brace-expand patterns, glob local paths, and return absolute local paths or URLs."""
+    """Brace-expand patterns, glob local paths and URLs (``*`` ``?`` ``[...]``), and return absolute local paths
+    or URLs."""
     urls: list[str] = []
     for pattern in patterns:
         for url in braceexpand.braceexpand(pattern):
-            if "://" in url:
-                urls.append(url)
-                continue
-            matches = sorted(glob.glob(url)) if glob.has_magic(url) else [url]
+            if "://" not in url:
+                matches = [os.path.abspath(m) for m in (sorted(glob.glob(url)) if glob.has_magic(url) else [url])]
+            elif glob.has_magic(url.split("://", 1)[1]) and not url.startswith(("http://", "https://")):
+                matches = _remote_glob(url)  # (over HTTP a '?' starts the query string)
+            else:
+                matches = [url]
             if not matches:
-                raise GenddError(f"{url}: no shard matches this pattern")
-            urls.extend(os.path.abspath(m) for m in matches)
+                raise GenddError(f"{public_url(url)}: no shard matches this pattern")
+            urls.extend(matches)
     if not urls:
         raise GenddError("no input shards given")
     return urls
+
+
+def _remote_glob(url: str) -> list[str]:
+    """The URLs a wildcard URL (``s3://bucket/train-*.tar``) matches, sorted."""
+    with storage_errors(url, "list the shards"):
+        fs, path = fsspec.core.url_to_fs(url)
+        return [fs.unstrip_protocol(p) for p in sorted(fs.glob(path))]
 
 
 def shard_name(url: str) -> str:
@@ -237,6 +248,9 @@ class ShardReader:
         try:
             handle = fsspec.open(self.url, "rb").open()
         except Exception as exc:  # no such file, an unknown protocol, a refusing server (HTTP 403)...
+            explained = explain(exc, self.url, "open the shard")
+            if explained is not None:
+                raise explained from exc
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise GenddError(f"{public_url(self.url)}: cannot open shard ({public_url(reason)[:200]})") from exc
         with handle:

