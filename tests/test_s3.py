@@ -280,3 +280,29 @@ def test_storage_options_reach_the_filesystem_and_are_never_recorded(server, buc
     fs = fsspec.filesystem("s3", endpoint_url=server.endpoint, key=key, secret=secret, skip_instance_cache=True)
     blobs = [fs.cat_file(p) for p in fs.find(store[5:])]
     assert not any(s.encode() in blob for blob in blobs for s in (key, secret, server.endpoint.split("//")[1]))
+
+
+def test_teacher_weights_by_url_are_fetched_recorded_without_credentials_and_recomputed(
+        server, bucket, writer, tmp_path, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("gendd_pipe.models.teacher.WEIGHTS_CACHE", str(tmp_path / "cache" / "weights"))
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    writer.put_file(str(tmp_path / "model.safetensors"), f"{BUCKET}/teacher/model.safetensors")
+    url, store = f"s3://{BUCKET}/teacher/model.safetensors", f"s3://{BUCKET}/by-url.zarr"
+    args = [a if a != "none" else url for a in ARGS]
+    done = runner.invoke(app, ["extract", f"s3://{BUCKET}/shards/train-000000.tar", "--out", store, *args,
+                               "--dask-workers", "0"])
+    assert done.exit_code == 0, done.output
+    info = json.loads(runner.invoke(app, ["info", store, "--json"]).output)
+    from gendd_pipe.files import file_sha256
+    assert info["teacher"]["weights"] == url and info["teacher"]["num_classes"] == 10
+    assert info["teacher"]["weights_sha256"] == file_sha256(str(tmp_path / "model.safetensors"))
+    checked = runner.invoke(app, ["verify", store, "--recompute", "2"])
+    assert checked.exit_code == 0 and ", ok" in checked.output, checked.output
+    missing = runner.invoke(app, ["extract", f"s3://{BUCKET}/shards/train-000000.tar", "--out", str(tmp_path / "x"),
+                                  *[a if a != "none" else url + ".gone" for a in ARGS], "--dask-workers", "0"])
+    _one_line(missing, f"{url}.gone: no weights file here")

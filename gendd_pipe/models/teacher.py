@@ -163,7 +163,9 @@ def fetched(url: str) -> str:
     """A local copy of the weights file at an fsspec URL, kept in fsspec's file cache (`WEIGHTS_CACHE`)."""
     with storage_errors(url, "read the weights"):
         try:
-            return fsspec.open_local(f"filecache::{url}", filecache={"cache_storage": WEIGHTS_CACHE, "check_files": True})
+            cache = os.path.join(WEIGHTS_CACHE, hashlib.sha256(public_url(url).encode()).hexdigest()[:16])
+            return fsspec.open_local(f"filecache::{url}",  # under its own name: the extension says its format
+                                     filecache={"cache_storage": cache, "check_files": True, "same_names": True})
         except FileNotFoundError as exc:
             raise nothing_at(url, "weights file") from exc
 
