@@ -21,7 +21,8 @@ def report_progress(images: int) -> None:
     try:
         from distributed import get_worker
 
-        get_worker().log_event(PROGRESS_TOPIC, images)
+        worker = get_worker()
+        worker.log_event(PROGRESS_TOPIC, (worker.get_current_task(), worker.id, images))
     except ValueError:
         pass
 
@@ -87,12 +88,24 @@ def run_per_shard(task: Callable, shards: dict[str, str], args: tuple, client, b
     """``task(url, *args, devices=devices, **extra[name])`` for every ``{name: url}`` of ``shards`` that
     ``claim(name)`` grants,
     as one Dask task each (on a GPU worker where ``devices`` are given), the bar counting images as tasks
-    report them. Shards are claimed as workers free up (two tasks queued per worker), so that a writer beside
+    report them (a task retried on another worker counts from zero again, the lost attempt's images taken
+    back). Shards are claimed as workers free up (two tasks queued per worker), so that a writer beside
     this one takes its share; ``done(name)`` follows each finished task. A task's exception is raised here;
     the scheduler retries a task whose worker was lost on another worker."""
     from distributed import as_completed
 
-    client.subscribe_topic(PROGRESS_TOPIC, lambda event: bar.add_images(event[1]))
+    attempts: dict[str, list] = {}  # task key -> [the worker running it, the images it reported]
+
+    def on_progress(event) -> None:
+        key, worker, images = event[1]
+        attempt = attempts.setdefault(key, [worker, 0])
+        if attempt[0] != worker:  # retried after its worker was lost: what that worker did is done again
+            bar.add_images(-attempt[1])
+            attempt[:] = [worker, 0]
+        attempt[1] += images
+        bar.add_images(images)
+
+    client.subscribe_topic(PROGRESS_TOPIC, on_progress)
     gpu = {"resources": {"GPU": 1}} if devices else {}
     queue, names, running = iter(shards.items()), {}, as_completed()
 

@@ -12,11 +12,13 @@ privilege beyond what an unprivileged user namespace gives.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -222,3 +224,57 @@ def test_another_teacher_on_a_store_being_written_is_refused_and_harms_nothing(t
     assert refused.returncode == 1 and len(lines) == 1 and "written with another teacher" in lines[0], lines
     assert proc.wait(timeout=600) == 0, proc.stdout.read()[-2000:]
     assert _files(store) == _files(inputs["clean"])
+
+
+def _dask(*args: str, log: Path) -> subprocess.Popen:
+    """A ``dask`` CLI process (scheduler or worker) in a session of its own, its output in ``log``."""
+    command = [os.path.join(os.path.dirname(sys.executable), "dask"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+@pytest.mark.slow
+def test_a_dask_worker_killed_mid_shard_is_retried_elsewhere_and_the_store_is_unchanged(tmp_path, inputs):
+    """A real ``dask scheduler`` and two ``dask worker`` processes on loopback; one worker (nanny and all) is
+    SIGKILLed while it writes a shard. The scheduler re-runs that shard on the other worker; readers never see
+    the half-written shard as complete; the store equals the in-process run's byte for byte (one torch thread
+    everywhere); the driver's progress ends at every image once."""
+    from distributed import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address, procs = f"tcp://127.0.0.1:{port}", []
+    try:
+        procs.append(_dask("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
+                           log=tmp_path / "scheduler.log"))
+        for i in (0, 1):
+            procs.append(_dask("worker", address, "--nthreads", "1", "--name", f"w{i}", "--no-dashboard",
+                               log=tmp_path / f"w{i}.log"))
+        with Client(address, timeout=120) as client:
+            client.wait_for_workers(2, timeout=120)
+            store, watcher = tmp_path / "cluster.zarr", Watcher(tmp_path / "cluster.zarr")
+            watcher.start()
+            driver = subprocess.Popen([*_command(inputs["pattern"], store, quiet=False), "--scheduler", address],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            output: list[str] = []
+            reader = threading.Thread(target=lambda: output.extend(driver.stdout), daemon=True)
+            reader.start()
+            _wait_for(lambda: _complete(store) >= 2, driver)  # both workers have their teacher and are busy
+            victim = next(addr for addr, w in client.scheduler_info()["workers"].items() if w["name"] == "w0")
+            busy = client.processing()[victim]
+            os.killpg(procs[1].pid, signal.SIGKILL)
+            assert driver.wait(timeout=600) == 0, "".join(output)[-3000:]
+            reader.join(timeout=10)
+        watcher.stop.set()
+        watcher.join()
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert busy, "w0 was running no shard when it was killed"
+    assert watcher.problems == [] and watcher.reads > 0
+    assert _files(store) == _files(inputs["clean"])
+    progress = [m.groups() for m in map(re.compile(r"extract: (\d+)/\d+ shards, ([\d,]+) images").search, output) if m]
+    assert progress and progress[-1] == (str(SHARDS), f"{SHARDS * 24:,}"), "".join(output)
