@@ -68,6 +68,8 @@ class ExtractConfig:
     features_dtype: Literal["float16", "int8"] = "float16"  # int8: lossy, one scale per channel and chunk
     int8_floor: Annotated[float, Field(gt=0, le=1)] = 0.999  # int8: lowest round-trip cosine a view may have
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # device and precision (recorded: precision)
+    lease_wait: Annotated[float, Field(gt=0)] = 3600.0  # seconds to wait for shards another live extraction holds
+    # while none of them completes; then stop with an error (a dead writer's leases expire by themselves)
 
     @field_validator("logits")
     @classmethod
@@ -316,7 +318,7 @@ def _extract_todo(todo: list[str], store: str, root, cfg: ExtractConfig, devices
 
     if not todo:
         return
-    in_process, waited = cfg.dask_workers == 0 and not cfg.scheduler, False
+    in_process, waited, progressed = cfg.dask_workers == 0 and not cfg.scheduler, False, time.monotonic()
     with nullcontext() if in_process else dask_client(cfg.scheduler, cfg.dask_workers, cfg.threads, devices) as client:
         while True:
             if in_process:
@@ -330,11 +332,17 @@ def _extract_todo(todo: list[str], store: str, root, cfg: ExtractConfig, devices
             complete = {name for name in map(shard_name, todo) if is_complete(root, name)}
             for name in complete - counted:  # completed by another writer
                 done(name)
+            progressed = time.monotonic() if len(complete) else progressed
             todo = [u for u in todo if shard_name(u) not in complete]
             if not todo:
                 return
+            holder = leases.holder(shard_name(todo[0])) or {}
+            if time.monotonic() - progressed > cfg.lease_wait:
+                raise GenddError(f"{public_url(store)}: shard {shard_name(todo[0])} is held by another extraction "
+                                 f"({holder.get('host', '?')}, pid {holder.get('pid', '?')}) that is alive but "
+                                 f"completed none of the {len(todo)} shards it holds in {cfg.lease_wait:g} s; stop "
+                                 "it or re-run when it has finished (complete shards are kept)")
             if not waited:
-                holder = leases.holder(shard_name(todo[0])) or {}
                 log.info("%s: %d shards are being written by another extraction (%s, pid %s); waiting for them, "
                          "or for its leases to expire if it died", public_url(store), len(todo),
                          holder.get("host", "?"), holder.get("pid", "?"))

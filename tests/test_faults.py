@@ -278,3 +278,28 @@ def test_a_dask_worker_killed_mid_shard_is_retried_elsewhere_and_the_store_is_un
     assert _files(store) == _files(inputs["clean"])
     progress = [m.groups() for m in map(re.compile(r"extract: (\d+)/\d+ shards, ([\d,]+) images").search, output) if m]
     assert progress and progress[-1] == (str(SHARDS), f"{SHARDS * 24:,}"), "".join(output)
+
+
+@pytest.mark.slow
+def test_a_shard_held_by_a_live_writer_that_makes_no_progress_is_one_line_and_the_rest_is_kept(tmp_path, inputs):
+    from gendd_pipe.store.lease import Leases
+
+    store = tmp_path / "held.zarr"
+    with Leases(str(store)) as held:  # a live writer (this process) holding one shard and never writing it
+        assert held.take("train-000003")
+        done = subprocess.run([*_command(inputs["pattern"], store), "--set", "extract.lease_wait=4"],
+                              capture_output=True, text=True, timeout=600)
+    lines = _error_lines(done.stdout + done.stderr)
+    assert done.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {store}: shard train-000003 is held by another extraction") and \
+        f"pid {os.getpid()}" in lines[0], lines[0]
+    kept = FeatureStore.open(str(store))
+    assert len(kept.shard_names) == SHARDS - 1 and [s["name"] for s in kept.manifest["shards"]] == kept.shard_names
+    again = subprocess.run(_command(inputs["pattern"], store), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr  # the lease released, a re-run finishes
+    a, b = _files(store), _files(inputs["clean"])
+    assert {k: v for k, v in a.items() if k != "zarr.json"} == {k: v for k, v in b.items() if k != "zarr.json"}
+    manifests = [FeatureStore.open(str(s)).manifest for s in (store, inputs["clean"])]
+    for m in manifests:  # the shard held back is listed last, after the ones complete before it
+        m["shards"].sort(key=lambda entry: entry["name"])
+    assert manifests[0] == manifests[1]
