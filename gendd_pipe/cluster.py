@@ -122,5 +122,6 @@ def run_per_shard(task: Callable, shards: dict[str, str], args: tuple, client, b
         submit_next()
     for future in running:
         future.result()
+        future.release()  # its worker may go now without the scheduler running it again for its result
         done(names.pop(future.key))
         submit_next()

@@ -189,15 +189,21 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
     Returns:
         The shard's manifest entry plus its skipped samples.
     """
+    name = shard_name(url)
+    with _writing(store, f"feature shard {name}"):
+        root = open_root(store)
+    if is_complete(root, name):  # run again by Dask because the worker holding its result was lost: committed
+        log.debug("feature shard %s: complete already, left as it is", name)
+        return _entry(name, dict(root[f"{SHARDS}/{name}"].attrs))
     runtime = cfg.runtime
     if devices:
         runtime = replace(runtime, device=this_worker_device(devices))
     teacher = cached_teacher(cfg.teacher, runtime, cfg.threads)
     logits, int8 = parse_logits(cfg.logits), cfg.features_dtype == "int8"
-    name, reader = shard_name(url), ShardReader(url, cfg.on_error, teacher.num_classes, decode=False)
+    reader = ShardReader(url, cfg.on_error, teacher.num_classes, decode=False)
     skipped: list[dict] = []
     with _writing(store, f"feature shard {name}"):
-        writer = ShardWriter(open_root(store), name, _fields(teacher, cfg, logits), cfg.chunk_size, cfg.clevel,
+        writer = ShardWriter(root, name, _fields(teacher, cfg, logits), cfg.chunk_size, cfg.clevel,
                              cfg.int8_floor if int8 else None)
     try:
         n = 0
@@ -213,8 +219,13 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
     finally:
         writer.close()
     log.debug("feature shard %s: %d samples, %d skipped, from %s", name, n, len(skipped), public_url(url))
-    return {"name": name, "source": attrs["source"], "count": n, "skipped": skipped,
-            **({"int8_cosine": attrs["int8_cosine"]} if int8 else {})}
+    return _entry(name, attrs)
+
+
+def _entry(name: str, attrs: dict) -> dict:
+    """A feature shard's manifest entry plus its skipped samples, from its attrs."""
+    return {"name": name, "source": attrs["source"], "count": int(attrs["count"]), "skipped": list(attrs["skipped"]),
+            **({"int8_cosine": attrs["int8_cosine"]} if "int8_cosine" in attrs else {})}
 
 
 def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool = True) -> dict:

@@ -242,6 +242,23 @@ def test_dask_cluster_extraction_equals_in_process(tmp_path, digit_shards):
             np.testing.assert_array_equal(value, b.read_shard(name)[key])
 
 
+def test_a_task_run_again_for_a_complete_shard_leaves_it_as_it_is(tmp_path, digit_shards):
+    """Dask runs a finished task again when the worker holding its result is lost: the committed shard must
+    stay readable the whole time, so the task must not rewrite it."""
+    from pathlib import Path
+
+    from gendd_pipe.extract import extract_shard
+
+    store = str(tmp_path / "s.zarr")
+    manifest = extract(digit_shards[:1], store, _cfg(TINY), progress=False)
+    files = sorted(p for p in Path(store, "shards", "train-000000").rglob("*") if p.is_file())
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    reported = []
+    entry = extract_shard(digit_shards[0], store, _cfg(TINY), report=reported.append)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before and reported == []
+    assert {k: entry[k] for k in ("name", "source", "count")} == {k: manifest["shards"][0][k] for k in ("name", "source", "count")}
+
+
 def test_shard_reader_decodes_samples_and_hashes_the_source(digit_shards):
     reader = ShardReader(digit_shards[0])
     samples = list(reader)
