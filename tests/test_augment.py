@@ -1,0 +1,111 @@
+"""Replayable RandAugment and mix draws against timm's own RandAugment, level functions and Mixup."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as photos
+from timm.data.auto_augment import LEVEL_TO_ARG, NAME_TO_OP, AugmentOp
+from timm.data.mixup import Mixup
+from torchvision.transforms.functional import pil_to_tensor
+
+from gendd_pipe.config import ConfigError, parse
+from gendd_pipe.data.augment import (CUTMIX, MIXUP, NO_MIX, SKIPPED, UNREPLAYABLE, AugmentConfig, apply_randaugment,
+                                     draw_mix, draw_randaugment, is_mixed, level_args, mix_pixels, mixed_target,
+                                     parse_randaugment)
+from gendd_pipe.data.views import view_rng
+
+RECIPE = "rand-m9-mstd0.5-inc1"
+
+
+@pytest.mark.parametrize("name", sorted(set(LEVEL_TO_ARG) - UNREPLAYABLE))
+def test_level_args_take_each_sign_timm_draws_and_no_other(name):
+    op = AugmentOp(name, prob=1.0, magnitude=10, hparams={"translate_const": 100, "img_mean": (124, 116, 104)})
+    random.seed(0)
+    for magnitude in (0.0, 3.3, 7.0, 10.0):
+        timm = {op.level_fn(magnitude, op.hparams) if op.level_fn else () for _ in range(64)}
+        ours = {level_args(op, magnitude, negate) for negate in (False, True)}
+        assert ours == timm, (name, magnitude)
+
+
+def test_a_stored_randaugment_draw_replays_timm_ops_on_a_photo():
+    augment = parse_randaugment(RECIPE, size=(96, 96))
+    image = Image.fromarray(photos.astronaut()).resize((96, 96))
+    draws = [draw_randaugment(augment, view_rng(3, "k", v)) for v in range(1, 40)]
+    np.testing.assert_array_equal(draws[0], draw_randaugment(augment, view_rng(3, "k", 1)))  # from (seed, key, view)
+    assert {int(i) for d in draws for i in d[:, 0]} >= set(range(8))  # ops spread over the set
+    applied = [d for d in draws if (d[:, 1] != SKIPPED).all()]
+    assert applied and any((d[:, 1] == SKIPPED).any() for d in draws)  # the layer probability of 0.5 at work
+    draw = applied[0]
+    expected = image
+    for index, magnitude, negate in draw.tolist():  # timm's pixel functions with the stored arguments
+        op = augment.ops[int(index)]
+        expected = NAME_TO_OP[op.name](expected, *level_args(op, magnitude, negate >= 0.5), **op.kwargs)
+    out = apply_randaugment(image, draw, augment)
+    assert np.array_equal(np.asarray(out), np.asarray(expected))
+    assert not np.array_equal(np.asarray(out), np.asarray(image))
+    assert draw_randaugment(augment, view_rng(3, "k", 1)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("config", ["rand-m9-xyz", "augmix-m5", "rand-mX", "rand-m9-mstd0.5-tnone"])
+def test_a_config_string_timm_does_not_parse_is_one_line(config):
+    with pytest.raises(ConfigError, match="RandAugment config .* timm does not parse") as info:
+        parse(AugmentConfig, {"randaugment": config}, "extract.augment")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["mixup", "cutmix"])
+def test_alphas_below_zero_are_refused(key):
+    with pytest.raises(ConfigError, match=key) as info:
+        parse(AugmentConfig, {key: -0.2}, "extract.augment")
+    assert "\n" not in str(info.value)
+
+
+def _pair(size=(40, 48)):
+    a = Image.fromarray(photos.astronaut()).resize(size[::-1])
+    b = Image.fromarray(photos.coffee()).resize(size[::-1])
+    return pil_to_tensor(a), pil_to_tensor(b)
+
+
+def test_mixup_and_its_label_equal_timm_mixup_for_the_same_lambda_and_partner():
+    a, b = _pair()
+    cfg = AugmentConfig(mixup=0.2)
+    mix = next(m for m in (draw_mix(cfg, view_rng(0, "k", v), 0, 8, (40, 48)) for v in range(50)) if 0.2 < m[2] < 0.8)
+    assert int(mix[1]) == MIXUP and 1 <= mix[0] < 8
+    lam = float(mix[2])
+    timm = Mixup(mixup_alpha=0.2, cutmix_alpha=0.0, prob=1.0, mode="batch", label_smoothing=0.1, num_classes=10)
+    timm._params_per_batch = lambda: (lam, False)  # the lambda timm would have drawn
+    x, y = timm(torch.stack([a, b]).float(), torch.tensor([3, 7]))
+    out = mix_pixels(a, b, mix)
+    assert (out.float() - x[0]).abs().max() <= 0.5  # rounded to uint8
+    torch.testing.assert_close(mixed_target(3, 7, lam, 10, 0.1), y[0], rtol=0, atol=1e-6)
+    assert mixed_target(3, 7, lam, 10, 0.1).argmax() in (3, 7) and mixed_target(3, 7, lam, 10, 0.1)[7] > 0.01
+
+
+def test_cutmix_pastes_the_box_and_its_label_uses_the_area_lambda_as_timm_does(monkeypatch):
+    a, b = _pair()
+    cfg = AugmentConfig(cutmix=1.0)
+    mix = next(m for m in (draw_mix(cfg, view_rng(0, "k", v), 2, 8, (40, 48)) for v in range(50)) if 0.2 < m[2] < 0.8)
+    assert int(mix[1]) == CUTMIX and mix[0] != 2
+    top, left, bottom, right = (round(float(f) * n) for f, n in zip(mix[3:], (40, 48, 40, 48)))
+    assert mix[2] == pytest.approx(1 - (bottom - top) * (right - left) / (40 * 48), abs=1e-6)
+    timm = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, prob=1.0, mode="batch", label_smoothing=0.1, num_classes=10)
+    timm._params_per_batch = lambda: (float(mix[2]), True)
+    monkeypatch.setattr("timm.data.mixup.cutmix_bbox_and_lam",  # the box timm would have drawn
+                        lambda *args, **kwargs: ((top, bottom, left, right), float(mix[2])))
+    x, y = timm(torch.stack([a, b]).float(), torch.tensor([1, 4]))
+    assert torch.equal(mix_pixels(a, b, mix).float(), x[0])
+    torch.testing.assert_close(mixed_target(1, 4, float(mix[2]), 10, 0.1), y[0], rtol=0, atol=1e-6)
+
+
+def test_mix_probability_and_switch_follow_the_config():
+    kinds = [draw_mix(AugmentConfig(mixup=0.2, cutmix=1.0), view_rng(0, f"k{i}", 1), 0, 4, (8, 8)) for i in range(400)]
+    cut = sum(int(m[1]) == CUTMIX for m in kinds) / len(kinds)
+    assert 0.4 < cut < 0.6 and all(is_mixed(m) for m in kinds)
+    half = [draw_mix(AugmentConfig(mixup=0.2, mix_prob=0.5), view_rng(0, f"k{i}", 1), 0, 4, (8, 8)) for i in range(400)]
+    assert 0.4 < sum(is_mixed(m) for m in half) / 400 < 0.6
+    assert np.array_equal(draw_mix(AugmentConfig(), view_rng(0, "k", 1), 0, 4, (8, 8)), NO_MIX)
+    unmixed = mixed_target(2, 2, 1.0, 5, 0.1)
+    torch.testing.assert_close(unmixed, torch.tensor([0.02, 0.02, 0.92, 0.02, 0.02]))
