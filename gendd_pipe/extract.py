@@ -23,23 +23,26 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from gendd_pipe import __version__
 from gendd_pipe.cluster import (dask_client, local_devices, report_progress, run_per_shard, split_threads,
                                 this_worker_device)
 from gendd_pipe.config import (NonNegativeInt, OutputDir, OutputFile, PositiveInt, Shards, configclass, narrow,
                                to_dict)
+from gendd_pipe.data.augment import (MIX_FIELDS, NO_MIX, AugmentConfig, draw_mix, draw_randaugment, fill_color, no_randaugment,
+                                     parse_randaugment)
 from gendd_pipe.data.render import create_renderer, normalize_pixels, prefetched
+from gendd_pipe.data.replay import Replay
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, expand_urls, shard_name
-from gendd_pipe.data.views import ViewConfig, sample_views
+from gendd_pipe.data.views import ViewConfig, sample_views, view_rng
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import file_sha256, public_url, write_json, write_yaml
 from gendd_pipe.layout import config_beside
 from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher, create_teacher
 from gendd_pipe.runtime import RuntimeConfig, resolve_device
 from gendd_pipe.storage import explain, storage_errors
-from gendd_pipe.store.format import (FORMAT_VERSION, MANIFEST_ATTR, SHARDS, check_compatible, logits_spec,
+from gendd_pipe.store.format import (AUGMENTED_VERSION, FORMAT_VERSION, MANIFEST_ATTR, SHARDS, check_compatible, logits_spec,
                                      parse_logits, recorded_source)
 from gendd_pipe.store.reader import FeatureStore
 from gendd_pipe.store.lease import Leases
@@ -56,6 +59,7 @@ class ExtractConfig:
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     views: ViewConfig = field(default_factory=ViewConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # RandAugment and mixes drawn per view, replayable
     logits: str = "auto"  # auto (derived where the classifier is linear, else full) | derived | full | topk:K
     batch_size: PositiveInt = 64  # images per teacher forward
     chunk_size: PositiveInt = 256  # samples per Zarr chunk
@@ -81,11 +85,38 @@ class ExtractConfig:
                 raise ValueError("must be auto, derived, full or topk:K with K >= 1") from None
         return value
 
+    @model_validator(mode="after")
+    def _augmentable(self):
+        if self.augment.active and self.views.count < 2:
+            raise ValueError("augment: views 1..count-1 carry the augmentation (view 0 is the eval view); "
+                             "set views.count to 2 or more")
+        if self.augment.randaugment and self.views.renderer != "pil":
+            raise ValueError("augment.randaugment: timm's RandAugment ops run on Pillow images; use views.renderer pil")
+        return self
+
+
+def augment_section(teacher: Teacher, cfg: ExtractConfig) -> dict:
+    """The manifest's ``augment`` section of an augmented store (none for a plain one): the config, the fill of
+    geometric ops, and the RandAugment op names the stored op indices refer to."""
+    if not cfg.augment.active:
+        return {}
+    fill = fill_color(teacher.data_config["mean"])
+    ops = []
+    if cfg.augment.randaugment:
+        augment = parse_randaugment(cfg.augment.randaugment, teacher.input_hw, fill,
+                                    teacher.data_config["interpolation"])
+        ops = [op.name for op in augment.ops]
+        layers = augment.num_layers
+    return {"augment": {**asdict(cfg.augment), "fill": list(fill), "ops": ops, "layers": layers if ops else 0}}
+
 
 def requested_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
-    """Everything that fixes the bytes of a store, plus an empty shard list."""
+    """Everything that fixes the bytes of a store, plus an empty shard list. Augmented stores are format
+    version 3 (readers that do not replay augmentation refuse them); plain ones stay version 2."""
+    augment = augment_section(teacher, cfg)
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": AUGMENTED_VERSION if augment else FORMAT_VERSION,
+        **augment,
         **teacher.manifest(),
         "views": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg.views).items()},
         "logits": parse_logits(cfg.logits),
@@ -106,6 +137,9 @@ def _rendered(reader: ShardReader, teacher: Teacher, cfg: ExtractConfig) -> Iter
     render = create_renderer(cfg.views.renderer)
     device = teacher.device if cfg.views.renderer == "tensor" else torch.device("cpu")
     on_cpu = teacher.device.type == "cpu"  # then these threads normalize too; a GPU gets bytes, normalized there
+    threads, ahead = cfg.render_threads or cfg.threads or 1, 2 * _images_per_batch(cfg)
+    if cfg.augment.active:
+        return _rendered_augmented(reader, teacher, cfg, threads, ahead)
 
     def one(item: Sample | Skipped):
         if not isinstance(item, Sample):
@@ -115,10 +149,64 @@ def _rendered(reader: ShardReader, teacher: Teacher, cfg: ExtractConfig) -> Iter
             pixels = render(item, views, size, dc["interpolation"], device)  # (V, 3, H, W) uint8
         except ValueError as exc:  # the image fails to decode: the reader's rule (fail, or skip and record)
             return reader.skip(item.key, str(exc))
-        return item, views, normalize_pixels(pixels, dc["mean"], dc["std"]) if on_cpu else pixels
+        return item, {"views": views}, normalize_pixels(pixels, dc["mean"], dc["std"]) if on_cpu else pixels
 
-    ahead = 2 * _images_per_batch(cfg)
-    return prefetched(one, reader, cfg.render_threads or cfg.threads or 1, ahead)
+    return prefetched(one, reader, threads, ahead)
+
+
+def _decodable(reader: ShardReader, threads: int) -> Iterator[Sample | Skipped]:
+    """The samples of ``reader`` whose images decode (checked on threads), and the `Skipped` records of the rest."""
+    def check(item: Sample | Skipped):
+        if isinstance(item, Sample):
+            try:
+                item.rgb()
+            except ValueError as exc:
+                return reader.skip(item.key, str(exc))
+        return item
+
+    return prefetched(check, reader, threads, 4 * threads)
+
+
+def plan_rows(samples: list[Sample], teacher: Teacher, cfg: ExtractConfig) -> dict[str, np.ndarray]:
+    """Every stored view of a shard's rows: ``views`` (n, V, 5), and ``augment`` (n, V, L, 3) and ``mix``
+    (n, V, 7) as configured, each drawn from (seed, key, view); view 0 stays the plain eval view."""
+    dc, size, v = teacher.data_config, teacher.input_hw, cfg.views.count
+    views = np.stack([sample_views(s.key, *s.image.size, cfg.views, size, dc["crop_pct"], dc.get("crop_mode", "center"))
+                      for s in samples])
+    plan = {"views": views}
+    if cfg.augment.randaugment:
+        augment = parse_randaugment(cfg.augment.randaugment, size, fill_color(dc["mean"]), dc["interpolation"])
+        plan["augment"] = np.stack([[no_randaugment(augment.num_layers)] +
+                                    [draw_randaugment(augment, view_rng(cfg.views.seed, f"randaugment:{s.key}", k))
+                                     for k in range(1, v)] for s in samples])
+    if cfg.augment.mixing:
+        plan["mix"] = np.stack([[NO_MIX] + [draw_mix(cfg.augment, view_rng(cfg.views.seed, f"mix:{s.key}", k), i,
+                                                     len(samples), size) for k in range(1, v)]
+                                for i, s in enumerate(samples)])
+    return plan
+
+
+def _rendered_augmented(reader: ShardReader, teacher: Teacher, cfg: ExtractConfig, threads: int, ahead: int):
+    """`_rendered` for an augmented store: the shard is read whole first (its decodable samples are the rows that
+    partners are drawn among), then each row's views are replayed (`Replay`) with their partners'."""
+    skipped, samples = [], []
+    for item in _decodable(reader, threads):
+        (samples if isinstance(item, Sample) else skipped).append(item)
+    if cfg.augment.mixing and len(samples) < 2:
+        raise GenddError(f"{public_url(reader.url)}: {len(samples)} readable sample(s); a mixed view needs a partner "
+                         "from the same shard (put more samples in each shard, or set augment.mixup and "
+                         "augment.cutmix to 0)")
+    plan = plan_rows(samples, teacher, cfg)
+    replay = Replay({"views": asdict(cfg.views), **augment_section(teacher, cfg)}, teacher.data_config)
+    dc, on_cpu = teacher.data_config, teacher.device.type == "cpu"
+
+    def one(i: int):
+        row = {k: a[i] for k, a in plan.items()}
+        pixels = replay.views(samples[i], row, samples, plan)
+        return samples[i], row, normalize_pixels(pixels, dc["mean"], dc["std"]) if on_cpu else pixels
+
+    yield from skipped
+    yield from prefetched(one, range(len(samples)), threads, ahead)
 
 
 def _images_per_batch(cfg: ExtractConfig) -> int:
@@ -146,11 +234,11 @@ def _forward(teacher: Teacher, batch: list, logits: dict, int8: bool) -> dict[st
     if teacher.device.type == "cuda" and pixels.device.type == "cpu":
         pixels = pixels.pin_memory()  # so the copy to the device does not block
     features, out = teacher(pixels)  # (B*V, D), (B*V, C) float32
-    n, v = len(batch), len(batch[0][1])
+    n, v = len(batch), len(batch[0][1]["views"])
     features = features.reshape(n, v, -1).numpy()
     rows = {"keys": np.array([s.key for s, _, _ in batch], dtype=str),
             "labels": np.array([s.label for s, _, _ in batch], dtype=np.int64),
-            "views": np.stack([views for _, views, _ in batch]),
+            **{key: np.stack([arrays[key] for _, arrays, _ in batch]) for key in batch[0][1]},  # views, augment, mix
             "features": features if int8 else features.astype(np.float16)}  # int8: quantized per chunk
     out = out.reshape(n, v, -1)
     if logits["mode"] == "full":
@@ -164,8 +252,13 @@ def _forward(teacher: Teacher, batch: list, logits: dict, int8: bool) -> dict[st
 def _fields(teacher: Teacher, cfg: ExtractConfig, logits: dict) -> dict[str, tuple[tuple, object]]:
     """Row shape and dtype of every array of a feature shard."""
     v, c = cfg.views.count, teacher.num_classes
-    fields = {"keys": ((), str), "labels": ((), np.int64), "views": ((v, 5), np.float32),
-              "features": ((v, teacher.num_features), np.float16)}
+    fields = {"keys": ((), str), "labels": ((), np.int64), "views": ((v, 5), np.float32)}
+    section = augment_section(teacher, cfg).get("augment", {})
+    if section.get("randaugment"):
+        fields["augment"] = ((v, section["layers"], 3), np.float32)
+    if cfg.augment.mixing:
+        fields["mix"] = ((v, len(MIX_FIELDS)), np.float32)
+    fields["features"] = ((v, teacher.num_features), np.float16)
     if logits["mode"] == "full":
         fields["logits"] = ((v, c), np.float16)
     elif logits["mode"] == "topk":

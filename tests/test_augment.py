@@ -109,3 +109,99 @@ def test_mix_probability_and_switch_follow_the_config():
     assert np.array_equal(draw_mix(AugmentConfig(), view_rng(0, "k", 1), 0, 4, (8, 8)), NO_MIX)
     unmixed = mixed_target(2, 2, 1.0, 5, 0.1)
     torch.testing.assert_close(unmixed, torch.tensor([0.02, 0.02, 0.92, 0.02, 0.02]))
+
+
+# --- stores of augmented and mixed views -------------------------------------------------------------------------
+
+from gendd_pipe import FeatureStore, GenddError  # noqa: E402
+from gendd_pipe.data.loader import LoaderConfig, train_pipeline  # noqa: E402
+from gendd_pipe.data.render import normalize_pixels  # noqa: E402
+from gendd_pipe.data.views import ViewConfig  # noqa: E402
+from gendd_pipe.distill.config import DistillConfig  # noqa: E402
+from gendd_pipe.distill.train import distill  # noqa: E402
+from gendd_pipe.extract import ExtractConfig, extract  # noqa: E402
+from gendd_pipe.models.student import StudentConfig  # noqa: E402
+from gendd_pipe.models.teacher import TeacherConfig, create_teacher  # noqa: E402
+
+TINY = TeacherConfig("resnet18", "none", input_size=48)
+
+
+def _augmented(**augment) -> ExtractConfig:
+    return ExtractConfig(teacher=TINY, views=ViewConfig(count=6, seed=2), dask_workers=0,
+                         augment=AugmentConfig(**augment))
+
+
+@pytest.mark.parametrize("augment", [{"randaugment": RECIPE}, {"randaugment": RECIPE, "mixup": 0.2},
+                                     {"randaugment": RECIPE, "cutmix": 1.0}], ids=["randaugment", "mixup", "cutmix"])
+def test_the_loader_renders_the_image_the_teacher_saw(tmp_path, photo_shard, augment):
+    store_url = str(tmp_path / "aug.zarr")
+    manifest = extract([photo_shard], store_url, _augmented(**augment), progress=False)
+    assert manifest["format_version"] == 3 and manifest["augment"]["randaugment"] == RECIPE
+    store = FeatureStore.open(store_url)
+    data = store.read_shard("photos-000000")
+    keys = list(data["keys"])
+    teacher = create_teacher(TINY)
+    dc = teacher.data_config
+    loader = train_pipeline([photo_shard], store, dc, LoaderConfig(batch_size=len(keys), num_workers=0), seed=0,
+                            soft_labels=True)
+    seen = set()
+    for epoch in range(3):
+        loader.dataset.set_epoch(epoch)
+        batch = next(iter(loader))
+        features, _ = teacher(normalize_pixels(batch["image"], dc["mean"], dc["std"]))
+        for i, (key, v) in enumerate(zip(batch["key"], batch["view"].tolist())):
+            assert v >= 1  # the eval view trains no augmented store
+            row = keys.index(key)
+            ref = data["features"][row, v].astype(np.float32)
+            ours = features[i].numpy()
+            assert ours @ ref / np.linalg.norm(ours) / np.linalg.norm(ref) >= 0.999, (key, v)
+            if "mix" in data and is_mixed(data["mix"][row, v]):
+                seen.add(int(data["mix"][row, v, 1]))
+                partner = int(data["labels"][int(data["mix"][row, v, 0])])
+                torch.testing.assert_close(batch["target"][i], mixed_target(int(data["labels"][row]), partner,
+                                                                            float(data["mix"][row, v, 2]), 1000, 0.0))
+                if partner != data["labels"][row] and data["mix"][row, v, 2] < 1:  # never the unmixed label (Beta(0.2,
+                    # 0.2) often gives a lambda that rounds to 1 in float32: a view that is its own image)
+                    assert batch["target"][i].max() < 1
+    assert "mix" not in data or seen
+
+
+def test_every_method_trains_from_a_mixed_store_and_dkd_is_refused_in_one_line(tmp_path, digit_shards):
+    store_url = str(tmp_path / "mixed.zarr")
+    extract(digit_shards[:2], store_url, _augmented(randaugment=RECIPE, mixup=0.2, cutmix=1.0), progress=False)
+    head = {"head": {"width": 32, "depth": 1, "diffusion_batch_mul": 1}, "predict": {"sampling_steps": 2}}
+    for method in ("ce", "kd", "gdkd", "gendd"):
+        cfg = DistillConfig(method=method, student=StudentConfig("resnet10t", 32), epochs=1, warmup_epochs=0,
+                            loader=LoaderConfig(batch_size=16, num_workers=0, label_smoothing=0.1),
+                            options=head if method == "gendd" else None)
+        summary = distill(store_url, digit_shards[:2], digit_shards[2:], str(tmp_path / method), cfg, progress=False)
+        assert summary["last"]["epoch"] == 1
+    cfg = DistillConfig(method="dkd", student=StudentConfig("resnet10t", 32), epochs=1)
+    with pytest.raises(GenddError, match="views are mixed.*method dkd needs one target class") as info:
+        distill(store_url, digit_shards[:2], digit_shards[2:], str(tmp_path / "dkd"), cfg, progress=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "dkd" / "last.safetensors").exists()
+
+
+def test_a_shard_of_one_sample_has_no_partner_and_is_refused_in_one_line(tmp_path, mnist_records):
+    from tests.conftest import write_shards
+
+    shards = write_shards(mnist_records[:1], str(tmp_path / "one"), "train", 1)
+    with pytest.raises(GenddError, match="train-000000.tar: 1 readable sample.*partner") as info:
+        extract(shards, str(tmp_path / "s.zarr"), _augmented(mixup=0.2), progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_augment_needs_a_second_view_and_randaugment_the_pil_renderer():
+    with pytest.raises(ConfigError, match="views.count to 2"):
+        parse(ExtractConfig, {"views": {"count": 1}, "augment": {"mixup": 0.2}}, "extract")
+    with pytest.raises(ConfigError, match="renderer pil"):
+        parse(ExtractConfig, {"views": {"renderer": "tensor"}, "augment": {"randaugment": RECIPE}}, "extract")
+
+
+def test_verify_recompute_replays_augmented_and_mixed_views(tmp_path, photo_shard):
+    from gendd_pipe.store.audit import verify
+
+    store_url = str(tmp_path / "aug.zarr")
+    extract([photo_shard], store_url, _augmented(randaugment=RECIPE, mixup=0.2, cutmix=1.0), progress=False)
+    report = verify(FeatureStore.open(store_url), recompute_count=4)
+    assert report["ok"] and report["recomputed"] == 4 and report["cosine_min"] >= 0.999, report

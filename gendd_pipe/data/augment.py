@@ -83,10 +83,11 @@ class AugmentConfig:
         return self.randaugment is not None or self.mixing
 
 
-def parse_randaugment(config: str, size: tuple[int, int] = (224, 224), mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+def parse_randaugment(config: str, size: tuple[int, int] = (224, 224), fill: tuple[int, ...] = (124, 116, 104),
                       interpolation: str = "bicubic") -> RandAugment:
     """timm's RandAugment for ``config``, with the hparams timm's training transform gives it at an output
-    ``size`` (translate_const 45% of the short side, the fill the mean color, one fixed interpolation).
+    ``size`` (translate_const 45% of the short side, one fixed interpolation); ``fill`` is the color geometric
+    ops fill with (`fill_color` of the teacher's mean: the same for every network that replays the view).
 
     Raises:
         ValueError: a config string timm does not parse (any section it would ignore included) or one whose ops
@@ -98,7 +99,7 @@ def parse_randaugment(config: str, size: tuple[int, int] = (224, 224), mean: tup
         what = f"section {bad[0]!r}" if bad else f"policy {sections[0]!r} (not rand)"
         raise ValueError(f"RandAugment config {config!r}: timm does not parse its {what}; "
                          "use e.g. rand-m9-mstd0.5 (sections m, n, p, mstd, mmax, inc, t)")
-    hparams = {"translate_const": int(min(size) * 0.45), "img_mean": fill_color(mean),
+    hparams = {"translate_const": int(min(size) * 0.45), "img_mean": tuple(fill),
                "interpolation": str_to_pil_interp(interpolation)}
     try:
         augment = rand_augment_transform(config, hparams)

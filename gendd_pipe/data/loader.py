@@ -35,20 +35,24 @@ import random
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from functools import partial
+from typing import Annotated
 
 import numpy as np
 import torch
 import webdataset as wds
+from pydantic import Field
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
+from gendd_pipe.data.augment import NO_MIX, is_mixed, mixed_target
 from gendd_pipe.data.render import create_renderer, render_pixels
+from gendd_pipe.data.replay import Replay
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
 from gendd_pipe.data.views import ViewConfig, eval_view, random_view, render_view, view_rng
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
-from gendd_pipe.store.format import derive_logits, renderer_of
+from gendd_pipe.store.format import VIEW_ARRAYS, derive_logits, is_mixed_store, renderer_of
 from gendd_pipe.store.reader import FeatureStore
 
 
@@ -60,6 +64,7 @@ class LoaderConfig:
     shuffle_buffer: PositiveInt = 1000  # samples held in the shuffle buffer
     num_workers: NonNegativeInt | None = None  # DataLoader worker processes; None: sized to the cores (`workers`)
     verify: bool = True  # check feature shards against their checksums, image shards against their sha256
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0  # soft labels: (1 - s) one-hot + s / C, then mixed
 
 
 def workers(requested: int | None) -> int:
@@ -194,21 +199,29 @@ def _epoch_shards(urls, counts: list[int], steps: int, batch: int, world: int):
 
 def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = True):
     """Pipeline stage: ``{"url": ..., "rows": (first, end)}`` dicts -> the joined samples of those rows with
-    their cached teacher outputs."""
+    their cached teacher outputs. A store with mixed views keeps each shard's samples (encoded) in memory, as
+    ``partners``, since a row's partner may be any row of its shard."""
     store = FeatureStore.open(store_url)
     for item in urls:
         url = item["url"]
         name = shard_name(url)
         block = store.read_shard(name, verify)
         first, end = item["rows"]
-        whole = end == len(block["keys"])  # read to its end: the shard's bytes are checked too
+        mixed = "mix" in block
+        whole = mixed or end == len(block["keys"])  # read to its end: the shard's bytes are checked too
         source = store.shard(name).attrs.get("source_sha256") if verify and whole else None
         derived = {"head": store.head()} if store.logits_mode == "derived" else {}  # the chosen view's, later
-        for sample, row in join_shard(url, block, skipped.get(name, set()), source):
+        joined = join_shard(url, block, skipped.get(name, set()), source)
+        if mixed:
+            partners = [sample for sample, _ in joined]
+            joined = ((partners[row], row) for row in range(first, end))
+        for sample, row in joined:
             if row >= end:
                 break
             if row >= first:
-                yield {"url": url, "sample": sample, "views": block["views"][row], "features": block["features"][row],
+                yield {"url": url, "sample": sample, "row": {k: block[k][row] for k in VIEW_ARRAYS if k in block},
+                       "features": block["features"][row],
+                       **({"partners": partners, "rows": block} if mixed else {}),
                        **({"logits": block["logits"][row]} if "logits" in block else derived)}
 
 
@@ -233,13 +246,21 @@ def _naming_the_sample(item: dict):
         raise GenddError(f"{public_url(item['url'])}: sample {item['sample'].key}: {exc}") from exc
 
 
-def _render_train(item: dict, data_config: dict, renderer: str, seed: int, epoch: int) -> dict:
+def _render_train(item: dict, replay: Replay, seed: int, epoch: int, targets: dict | None = None) -> dict:
     sample: Sample = item["sample"]
-    v = view_choice(seed, epoch, sample.key, len(item["views"]))
+    row = item["row"]
+    count = len(row["views"])
+    augmented = len(row) > 1 and count > 1  # views 1..V-1 carry the augmentation; view 0 is the eval view
+    v = 1 + view_choice(seed, epoch, sample.key, count - 1) if augmented else view_choice(seed, epoch, sample.key, count)
     with _naming_the_sample(item):  # the image decoded at extraction, so these are other bytes
-        image = render_pixels(renderer, sample, item["views"][v][None], data_config)[0]
+        image = replay.views(sample, row, item.get("partners"), item.get("rows"), [v])[0]
     out = {"key": sample.key, "image": image, "label": sample.label, "view": v,
            "feature": torch.from_numpy(item["features"][v].astype(np.float32))}
+    if targets is not None:  # the soft label: mixed with the partner's, smoothed, as timm's Mixup makes it
+        mix = row["mix"][v] if "mix" in row else NO_MIX
+        partner = item["partners"][int(mix[0])].label if is_mixed(mix) else sample.label
+        out["target"] = mixed_target(sample.label, partner, float(mix[2]), targets["num_classes"],
+                                     targets["smoothing"])
     if "logits" in item:
         out["logits"] = torch.from_numpy(item["logits"][v].astype(np.float32))
     elif "head" in item:  # logits mode derived: f @ W.T + b of this view alone
@@ -267,18 +288,20 @@ def _epoch(urls: list[str], split, source, render, seed: int, epoch: int, shuffl
 
 
 def _train_epoch(epoch: int, urls: list[str], counts: dict[str, int], batch_size: int, world: int, store_url: str,
-                 skipped: dict, data_config: dict, renderer: str, seed: int, cfg: LoaderConfig):
+                 skipped: dict, data_config: dict, manifest: dict, seed: int, cfg: LoaderConfig,
+                 targets: dict | None):
     order = epoch_order(urls, seed, epoch)
     sizes = [counts[shard_name(u)] for u in order]
     steps, batch = epoch_steps(sum(sizes), batch_size, world)
     return _epoch(order, [partial(_epoch_shards, counts=sizes, steps=steps, batch=batch, world=world)],
                   partial(_joined, store_url=store_url, skipped=skipped, verify=cfg.verify),
-                  partial(_render_train, data_config=data_config, renderer=renderer, seed=seed, epoch=epoch),
+                  partial(_render_train, replay=Replay(manifest, data_config), seed=seed, epoch=epoch, targets=targets),
                   seed, epoch, cfg.shuffle_buffer)
 
 
 def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg: LoaderConfig, seed: int,
-                   epoch: int = 0, counts: dict[str, int] | None = None, pin_memory: bool = False) -> DataLoader:
+                   epoch: int = 0, counts: dict[str, int] | None = None, pin_memory: bool = False,
+                   soft_labels: bool = False) -> DataLoader:
     """This rank's training batches (``epoch_steps`` per epoch, of ``batch_size / world`` samples): ``key``,
     ``image`` (uint8), ``label``, ``view``, ``feature`` and (full or derived stores) ``logits``. It serves
     ``epoch`` until ``loader.dataset.set_epoch`` selects another. ``counts`` are the shards' sample counts
@@ -288,9 +311,13 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
     counts = counts or check_shards(store, urls)
     world = wds.utils.pytorch_worker_info()[1]
     _, batch = epoch_steps(sum(counts.values()), cfg.batch_size, world)  # a batch that cannot divide fails here
+    num_classes = store.manifest["teacher"]["num_classes"]
+    soft = soft_labels and (is_mixed_store(store.manifest) or cfg.label_smoothing > 0)
+    targets = {"num_classes": num_classes, "smoothing": cfg.label_smoothing} if soft else None
     stream = EpochStream(partial(_train_epoch, urls=list(urls), counts=counts, batch_size=cfg.batch_size,
                                  world=world, store_url=store.url, skipped=_skipped_keys(store),
-                                 data_config=data_config, renderer=renderer, seed=seed, cfg=cfg), epoch)
+                                 data_config=data_config, manifest=store.manifest, seed=seed, cfg=cfg,
+                                 targets=targets), epoch)
     return _loader(stream, batch, cfg.num_workers, pin_memory, drop_last=True)
 
 

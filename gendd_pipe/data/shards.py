@@ -61,7 +61,8 @@ class Sample:
         """
         if self.data is None:
             return self.image
-        return _decoded(self.image, self.ext or "image")
+        # decoded from the bytes each time, so a sample held for later (a mix partner) keeps no pixels in memory
+        return _decoded(Image.open(io.BytesIO(self.data)), self.ext or "image")
 
 
 @dataclass

@@ -48,6 +48,7 @@ from gendd_pipe.progress import StepBar
 from gendd_pipe.layout import BEST, LAST, SUMMARY, checkpoint_in
 from gendd_pipe.metrics import EpochLog, read_epochs
 from gendd_pipe.runtime import autocast, compiled, grad_scaler, network_input, place, rank_device
+from gendd_pipe.store.format import is_mixed_store
 from gendd_pipe.store.reader import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ def check_method(store: FeatureStore, cfg: DistillConfig, counts: dict[str, int]
                          "method)")
     if cfg.unsupervised:
         return
+    if is_mixed_store(store.manifest) and not get_method(cfg.method).mixed_labels:
+        raise GenddError(f"{store.url}: its views are mixed, so their labels are two classes mixed; method "
+                         f"{cfg.method} needs one target class per sample (use kd, gdkd, gendd or ce, or a store "
+                         "extracted without augment.mixup and augment.cutmix)")
     num_classes = store.manifest["teacher"]["num_classes"]
     for name in counts:
         labels = store.shard(name)["labels"][...]
@@ -175,7 +180,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     epochs = EpochLog(out, keep_through=start_epoch) if rank == 0 else None  # drops epochs past the checkpoint
     primary = "probe" if cfg.with_probe and cfg.unsupervised else method.primary
     loader = train_pipeline(urls, store, student.data_config, cfg.loader, cfg.seed, start_epoch, counts,
-                            pin_memory=device.type == "cuda")  # its workers serve every epoch
+                            pin_memory=device.type == "cuda", soft_labels=not cfg.unsupervised)  # every epoch
 
     for epoch in range(start_epoch, cfg.epochs):
         loader.dataset.set_epoch(epoch)

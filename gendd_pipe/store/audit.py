@@ -13,13 +13,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gendd_pipe.data.render import model_input
+from gendd_pipe.data.render import normalize_pixels
+from gendd_pipe.data.replay import Replay
 from gendd_pipe.data.shards import Sample, ShardReader
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.runtime import RuntimeConfig
 from gendd_pipe.files import public_url
-from gendd_pipe.store.format import COMPUTE_BEFORE_PRECISION, renderer_of
+from gendd_pipe.store.format import COMPUTE_BEFORE_PRECISION, VIEW_ARRAYS
 from gendd_pipe.store.reader import FeatureStore
 
 PAYLOAD = ("features", "logits", "topk_values")  # arrays compared against raw fp32
@@ -104,20 +105,25 @@ def recompute(store: FeatureStore, count: int, seed: int = 0, runtime: RuntimeCo
     for c in chosen:
         by_shard.setdefault(picks[c][0], []).append(picks[c][1])
     dc, records = teacher.data_config, []
+    replay = Replay(m, dc)
     for name, rows in by_shard.items():
         group = store.shard(name)
-        wanted = {str(group["keys"][r]): r for r in rows}
+        keys = [str(k) for k in group["keys"][...]]
+        wanted = {keys[r]: r for r in rows}
+        arrays = {k: group[k][...] for k in VIEW_ARRAYS if k in group}
         source = group.attrs["source"]  # a relative one is relative to the project, the current directory
-        for sample in ShardReader(source, on_error="skip", decode=False):
-            if not isinstance(sample, Sample) or sample.key not in wanted:
+        samples = {s.key: s for s in ShardReader(source, on_error="skip", decode=False)
+                   if isinstance(s, Sample) and ("mix" in arrays or s.key in wanted)}
+        partners = [samples.get(k) for k in keys] if "mix" in arrays else None  # a mix's partner: any row
+        for key, row in wanted.items():
+            if key not in samples:
                 continue
-            row = wanted[sample.key]
-            view = int(rng.integers(m["views"]["count"]))
+            sample, view = samples[key], int(rng.integers(m["views"]["count"]))
             try:
-                x = model_input(renderer_of(m), sample, group["views"][row, view][None], dc)
+                pixels = replay.views(sample, {k: a[row] for k, a in arrays.items()}, partners, arrays, [view])
             except ValueError as exc:
                 raise GenddError(f"{public_url(source)}: sample {sample.key}: {exc}") from exc
-            feature = teacher(x)[0][0].numpy()
+            feature = teacher(normalize_pixels(pixels, dc["mean"], dc["std"]))[0][0].numpy()
             stored = store.feature(name, row, view)
             cosine = float(feature @ stored / (np.linalg.norm(feature) * np.linalg.norm(stored) + 1e-12))
             records.append({"shard": name, "key": sample.key, "view": view, "cosine": cosine})

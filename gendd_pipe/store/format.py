@@ -1,4 +1,7 @@
-"""Feature store format version 2: names, codecs, the manifest and what makes two stores compatible.
+"""Feature store format versions 2 and 3: names, codecs, the manifest and what makes two stores compatible.
+
+Version 3 is a version-2 store with an ``augment`` section: RandAugment draws and mixes stored per view
+(`gendd_pipe.data.augment`), which readers that do not replay them must refuse. Plain stores stay version 2.
 
 Version 2 adds logits mode ``derived`` (no logits array: readers compute ``f @ W.T + b`` from the stored
 head), the manifest's ``compute`` section (the precision the teacher ran in), ``views.renderer`` (how
@@ -18,6 +21,7 @@ Layout (a Zarr v3 group; see README "The feature store")::
       teacher/head_weight (C, D) float32, teacher/head_bias (C,) float32
       shards/<name>/            attrs: source, source_sha256, count, skipped, checksums, complete
         keys (n,) str, labels (n,) int64, views (n, V, 5) float32,
+        augment (n, V, L, 3) float32 and/or mix (n, V, 7) float32 (version 3: `gendd_pipe.data.augment`),
         features (n, V, D) float16, or int8 + feature_scales (ceil(n / chunk), D) float32 (codec int8)
         logits (n, V, C) float16 (mode full)
         or topk_values (n, V, k) float16 + topk_indices (n, V, k) int32 (mode topk)
@@ -37,14 +41,18 @@ from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
 
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # what this code opens and distills; it extends stores of FORMAT_VERSION only
+AUGMENTED_VERSION = 3  # a store with an ``augment`` section: RandAugment draws and mixes stored per view
+WRITTEN_VERSIONS = (FORMAT_VERSION, AUGMENTED_VERSION)  # what this code extends
+READABLE_VERSIONS = (1, 2, 3)  # what this code opens and distills
 MANIFEST_ATTR = "gendd_pipe"
 SHARDS = "shards"
 HEAD_WEIGHT, HEAD_BIAS = "teacher/head_weight", "teacher/head_bias"
 COMPLETE, CHECKSUMS = "complete", "checksums"
+VIEW_ARRAYS = ("views", "augment", "mix")  # a row's arrays that make the pixels of its views
 
 # Fields that must agree before a store is extended or resumed: anything that changes the bytes.
-COMPATIBLE_SECTIONS = ("format_version", "teacher", "preprocessing", "views", "logits", "compute", "storage")
+# (The format version follows from the augment section: 3 with one, 2 without.)
+COMPATIBLE_SECTIONS = ("teacher", "preprocessing", "views", "augment", "logits", "compute", "storage")
 COMPUTE_BEFORE_PRECISION = {"precision": "fp32"}  # what stores written before the compute section ran in
 RENDERER_BEFORE = "pil"  # how stores written before views.renderer made their pixels
 INT8_LEVELS = 127
@@ -59,7 +67,20 @@ def shard_arrays(manifest: dict) -> list[str]:
     """The arrays every feature shard of a store holds."""
     logits = {"full": ["logits"], "topk": ["topk_values", "topk_indices"], "derived": []}[manifest["logits"]["mode"]]
     scales = ["feature_scales"] if is_int8(manifest) else []
-    return ["keys", "labels", "views", "features", *scales, *logits]
+    return ["keys", "labels", "views", *augment_arrays(manifest), "features", *scales, *logits]
+
+
+def is_mixed_store(manifest: dict) -> bool:
+    """Whether a store's views are mixed (their labels soft: the sample's and its partner's)."""
+    return "mix" in augment_arrays(manifest)
+
+
+def augment_arrays(manifest: dict) -> list[str]:
+    """The arrays of an augmented store's shards beside ``views``: ``augment`` (n, V, L, 3) where RandAugment is
+    drawn, ``mix`` (n, V, 7) where views are mixed."""
+    section = manifest.get("augment") or {}
+    mixing = (section.get("mixup", 0) > 0 or section.get("cutmix", 0) > 0) and section.get("mix_prob", 0) > 0
+    return (["augment"] if section.get("randaugment") else []) + (["mix"] if mixing else [])
 
 
 def is_int8(manifest: dict) -> bool:
@@ -136,9 +157,10 @@ def check_compatible(store: str, existing: dict, requested: dict) -> None:
     """Refuse to extend a store whose bytes would come from another teacher, recipe or precision."""
     existing = {"compute": COMPUTE_BEFORE_PRECISION, **existing}
     existing["views"] = {"renderer": RENDERER_BEFORE, **existing.get("views", {})}
-    if existing.get("format_version") != FORMAT_VERSION:
+    if existing.get("format_version") not in WRITTEN_VERSIONS:
         raise GenddError(f"{store}: format version {existing.get('format_version')} cannot be extended by this "
-                         f"version, which writes version {FORMAT_VERSION} (it still reads it); use a new --out")
+                         f"version, which writes versions {FORMAT_VERSION} and {AUGMENTED_VERSION} (it still reads "
+                         "it); use a new --out")
     for section in COMPATIBLE_SECTIONS:
         old, new = existing.get(section), requested.get(section)
         if old != new:

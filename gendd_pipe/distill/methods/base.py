@@ -8,7 +8,8 @@ know nothing about it:
   and the `configclass` that validates them; methods of one family may share one.
   A ``Config`` with a ``predict`` field holds settings that change prediction only,
   which ``evaluate`` may override.
-- ``needs_logits`` / ``needs_labels``: full teacher logits from the store; labels.
+- ``needs_logits`` / ``needs_labels``: full teacher logits from the store; labels. ``mixed_labels``:
+  it can train on mixed views, whose label is soft (``target``).
 - ``predictors`` and ``primary``: the logits it predicts with, and which of them
   picks the best epoch.
 - ``check(cfg)``: refuses settings it cannot run, before any data is read.
@@ -60,6 +61,7 @@ class Method(nn.Module):
     Config: ClassVar[type | None] = None  # the configclass of that section
     needs_logits: ClassVar[bool] = False  # needs the store's full logits
     needs_labels: ClassVar[bool] = False  # cannot run unsupervised
+    mixed_labels: ClassVar[bool] = True  # takes the soft label of a mixed view (``target``) where the store has one
     predictors: ClassVar[tuple[str, ...]] = ("student",)
     primary: ClassVar[str] = "student"  # the predictor that picks the best epoch
 
@@ -83,7 +85,7 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def ce(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        return F.cross_entropy(logits, batch["label"]) if self.supervised else logits.new_zeros(())
+        return F.cross_entropy(logits, label_of(batch)) if self.supervised else logits.new_zeros(())
 
     def predict(self, features: torch.Tensor, options=None) -> dict[str, torch.Tensor]:
         """Logits of each predictor from student features (N, D); ``options`` replaces the run's ``predict``
@@ -93,6 +95,12 @@ class Method(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups; the student's ``weight_decay`` applies unless the method says otherwise."""
         return [{"params": list(self.parameters()), "weight_decay": weight_decay}]
+
+
+def label_of(batch: dict) -> torch.Tensor:
+    """A batch's labels as the losses take them: the soft labels (B, C) where the loader made them (mixed views,
+    label smoothing), else the class indices (B,)."""
+    return batch["target"] if "target" in batch else batch["label"]
 
 
 def register(name: str):

@@ -21,7 +21,7 @@ from pydantic import model_validator
 from torch import nn
 
 from gendd_pipe.config import NonNegativeFloat, NonNegativeInt, Probability, configclass
-from gendd_pipe.distill.methods.base import Method, TeacherHead, register
+from gendd_pipe.distill.methods.base import Method, TeacherHead, label_of, register
 from gendd_pipe.models.gendd_head import DiffusionHead, HeadConfig, SamplingConfig
 from gendd_pipe.models.student import Student
 
@@ -92,11 +92,11 @@ class GenDD(Method):
     def loss(self, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
         features = self.student.features(batch["image"])  # (B, Ds)
         if epoch < self.options.stage1_epochs:
-            ce = F.cross_entropy(self.teacher_logits(self.stage1_proj(features)).float(), batch["label"])
+            ce = F.cross_entropy(self.teacher_logits(self.stage1_proj(features)).float(), label_of(batch))
             return {"loss": ce, "stage1_ce": ce}
         logits = self.student.classify(features.detach()).float()  # (B, C) the own head does not train the backbone
         cond = self.projector(features)  # (B, Ds)
-        target = self.contract(batch["feature"], batch["label"])  # (B, D)
+        target = self.contract(batch["feature"], label_of(batch))  # (B, D)
         if self.options.mixup > 0:
             m = float(torch.distributions.Beta(self.options.mixup, self.options.mixup).sample())
             perm = torch.randperm(cond.shape[0], device=cond.device)

@@ -80,6 +80,7 @@ class DKD(LogitMethod):
     """Decoupled KD (needs labels: the target class defines the split)."""
 
     needs_logits = needs_labels = True
+    mixed_labels = False  # the target class splits the classes; a mixed view has two
 
     def distill(self, student, teacher, batch, epoch):
         o = self.options
