@@ -101,13 +101,12 @@ def augment_section(teacher: Teacher, cfg: ExtractConfig) -> dict:
     if not cfg.augment.active:
         return {}
     fill = fill_color(teacher.data_config["mean"])
-    ops = []
+    ops, layers = [], 0
     if cfg.augment.randaugment:
         augment = parse_randaugment(cfg.augment.randaugment, teacher.input_hw, fill,
                                     teacher.data_config["interpolation"])
-        ops = [op.name for op in augment.ops]
-        layers = augment.num_layers
-    return {"augment": {**asdict(cfg.augment), "fill": list(fill), "ops": ops, "layers": layers if ops else 0}}
+        ops, layers = [op.name for op in augment.ops], augment.num_layers
+    return {"augment": {**asdict(cfg.augment), "fill": list(fill), "ops": ops, "layers": layers}}
 
 
 def requested_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
@@ -133,13 +132,13 @@ def _rendered(reader: ShardReader, teacher: Teacher, cfg: ExtractConfig) -> Iter
     """Each sample of ``reader`` with its views (V, 5) and their pixels (V, 3, H, W), or its `Skipped` record,
     rendered on ``cfg.render_threads`` threads ahead of the forward: normalized floats for a CPU teacher,
     uint8 for a GPU one (normalized on the device)."""
+    threads, ahead = cfg.render_threads or cfg.threads or 1, 2 * _images_per_batch(cfg)
+    if cfg.augment.active:
+        return _rendered_augmented(reader, teacher, cfg, threads, ahead)
     dc, size = teacher.data_config, teacher.input_hw
     render = create_renderer(cfg.views.renderer)
     device = teacher.device if cfg.views.renderer == "tensor" else torch.device("cpu")
     on_cpu = teacher.device.type == "cpu"  # then these threads normalize too; a GPU gets bytes, normalized there
-    threads, ahead = cfg.render_threads or cfg.threads or 1, 2 * _images_per_batch(cfg)
-    if cfg.augment.active:
-        return _rendered_augmented(reader, teacher, cfg, threads, ahead)
 
     def one(item: Sample | Skipped):
         if not isinstance(item, Sample):
@@ -167,15 +166,16 @@ def _decodable(reader: ShardReader, threads: int) -> Iterator[Sample | Skipped]:
     return prefetched(check, reader, threads, 4 * threads)
 
 
-def plan_rows(samples: list[Sample], teacher: Teacher, cfg: ExtractConfig) -> dict[str, np.ndarray]:
-    """Every stored view of a shard's rows: ``views`` (n, V, 5), and ``augment`` (n, V, L, 3) and ``mix``
-    (n, V, 7) as configured, each drawn from (seed, key, view); view 0 stays the plain eval view."""
+def plan_rows(samples: list[Sample], teacher: Teacher, cfg: ExtractConfig, replay: Replay) -> dict[str, np.ndarray]:
+    """Every stored view of a shard's rows: ``views`` (n, V, 5), and ``augment`` (n, V, L, 3) (drawn from the
+    RandAugment that ``replay`` applies) and ``mix`` (n, V, 7) as configured, each drawn from (seed, key, view);
+    view 0 stays the plain eval view."""
     dc, size, v = teacher.data_config, teacher.input_hw, cfg.views.count
     views = np.stack([sample_views(s.key, *s.image.size, cfg.views, size, dc["crop_pct"], dc.get("crop_mode", "center"))
                       for s in samples])
     plan = {"views": views}
-    if cfg.augment.randaugment:
-        augment = parse_randaugment(cfg.augment.randaugment, size, fill_color(dc["mean"]), dc["interpolation"])
+    augment = replay.randaugment
+    if augment is not None:
         plan["augment"] = np.stack([[no_randaugment(augment.num_layers)] +
                                     [draw_randaugment(augment, view_rng(cfg.views.seed, f"randaugment:{s.key}", k))
                                      for k in range(1, v)] for s in samples])
@@ -196,8 +196,8 @@ def _rendered_augmented(reader: ShardReader, teacher: Teacher, cfg: ExtractConfi
         raise GenddError(f"{public_url(reader.url)}: {len(samples)} readable sample(s); a mixed view needs a partner "
                          "from the same shard (put more samples in each shard, or set augment.mixup and "
                          "augment.cutmix to 0)")
-    plan = plan_rows(samples, teacher, cfg)
     replay = Replay({"views": asdict(cfg.views), **augment_section(teacher, cfg)}, teacher.data_config)
+    plan = plan_rows(samples, teacher, cfg, replay)
     dc, on_cpu = teacher.data_config, teacher.device.type == "cpu"
 
     def one(i: int):

@@ -4,9 +4,9 @@
 worker opens, it reads the matching feature shard from the store as one block
 (`FeatureStore.read_shard`, checked against its checksums) and joins sample by sample on the key, so there are
 no per-sample random reads of Zarr chunks. Each sample then picks one of its
-cached views and re-applies that view's crop and flip to the source image at the
-student's input size, with the renderer the store was extracted with: the student
-sees the pixels the teacher saw.
+cached views and replays it (`Replay`: the view's crop and flip, with the renderer
+the store was extracted with, then any stored RandAugment draw and mix) at the
+student's input size: the student sees the pixels the teacher saw.
 
 Shards are shuffled per epoch and the epoch is split by samples, not by whole
 shards (`epoch_part`): every torchrun rank runs the same number of steps and
@@ -250,7 +250,7 @@ def _render_train(item: dict, replay: Replay, seed: int, epoch: int, targets: di
     sample: Sample = item["sample"]
     row = item["row"]
     count = len(row["views"])
-    augmented = len(row) > 1 and count > 1  # views 1..V-1 carry the augmentation; view 0 is the eval view
+    augmented = "augment" in row or "mix" in row  # views 1..V-1 carry the augmentation; view 0 is the eval view
     v = 1 + view_choice(seed, epoch, sample.key, count - 1) if augmented else view_choice(seed, epoch, sample.key, count)
     with _naming_the_sample(item):  # the image decoded at extraction, so these are other bytes
         image = replay.views(sample, row, item.get("partners"), item.get("rows"), [v])[0]
