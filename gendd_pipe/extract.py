@@ -296,7 +296,7 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
     reader = ShardReader(url, cfg.on_error, teacher.num_classes, decode=False)
     skipped: list[dict] = []
     with _writing(store, f"feature shard {name}"):
-        writer = ShardWriter(root, name, _fields(teacher, cfg, logits), cfg.chunk_size, cfg.clevel,
+        writer = ShardWriter(store, name, _fields(teacher, cfg, logits), cfg.chunk_size, cfg.clevel,
                              cfg.int8_floor if int8 else None)
     try:
         n = 0

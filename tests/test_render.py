@@ -135,15 +135,21 @@ def test_a_jpeg_that_decodes_only_in_its_header_is_skipped_by_either_renderer(ph
                     progress=False)
 
 
+def _store(path) -> str:
+    """An empty store (a root and its ``shards`` group, as `write_root` leaves them)."""
+    open_root(str(path)).require_group("shards")
+    return str(path)
+
+
 def test_a_shard_written_in_pieces_equals_one_written_at_once(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {"keys": np.array([f"k{i}" for i in range(11)]), "labels": np.arange(11),
               "features": rng.normal(size=(11, 2, 8)).astype(np.float16)}
-    once = write_shard(open_root(str(tmp_path / "a.zarr")), "s", arrays, {"count": 11}, chunk=4, clevel=5)
+    once = write_shard(_store(tmp_path / "a.zarr"), "s", arrays, {"count": 11}, chunk=4, clevel=5)
     from gendd_pipe.store.writer import ShardWriter
 
     fields = {"keys": ((), str), "labels": ((), np.int64), "features": ((2, 8), np.float16)}
-    writer = ShardWriter(open_root(str(tmp_path / "b.zarr")), "s", fields, chunk=4, clevel=5)
+    writer = ShardWriter(_store(tmp_path / "b.zarr"), "s", fields, chunk=4, clevel=5)
     for start, stop in ((0, 1), (1, 6), (6, 11)):
         writer.append({k: v[start:stop] for k, v in arrays.items()})
     pieces = writer.commit({"count": 11})
@@ -152,6 +158,17 @@ def test_a_shard_written_in_pieces_equals_one_written_at_once(tmp_path):
     for key in arrays:
         np.testing.assert_array_equal(a[key][...], b[key][...])
         np.testing.assert_array_equal(a[key][...], arrays[key])
+
+
+def test_a_shard_writer_writes_nothing_outside_its_shard(tmp_path, monkeypatch):
+    """So that a writer killed mid-shard leaves no zarr temporary file where the next writer would not replace it."""
+    import zarr.storage._local as local
+
+    store, written, atomic_write = _store(tmp_path / "a.zarr"), [], local._atomic_write
+    monkeypatch.setattr(local, "_atomic_write", lambda path, *a, **k: written.append(path) or atomic_write(path, *a, **k))
+    write_shard(store, "s", {"keys": np.array(["a", "b"]), "labels": np.arange(2)}, {"count": 2}, chunk=4, clevel=5)
+    shard = tmp_path / "a.zarr" / "shards" / "s"
+    assert written and [p for p in written if shard not in p.parents] == []
 
 
 def test_int8_quantization_keeps_the_direction_of_every_view():
@@ -186,12 +203,13 @@ def test_an_int8_store_records_its_round_trip_and_distills_from_dequantized_feat
 def test_an_int8_round_trip_under_its_floor_is_refused_and_loses_nothing(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {"keys": np.array(["a", "b", "c"]), "features": rng.normal(size=(3, 2, 32)).astype(np.float32)}
-    root = open_root(str(tmp_path / "s.zarr"))
-    kept = write_shard(root, "s1", arrays, {"count": 3}, chunk=4, clevel=5, int8_floor=0.99)
+    store = _store(tmp_path / "s.zarr")
+    kept = write_shard(store, "s1", arrays, {"count": 3}, chunk=4, clevel=5, int8_floor=0.99)
     assert kept["int8_cosine"]["min"] >= 0.99
     with pytest.raises(GenddError, match=r"^shard s2: int8 features round-trip at cosine 0\.\d+ at worst, under the "
                                          r"floor 0\.9999999 \(--int8-floor\)"):
-        write_shard(root, "s2", arrays, {"count": 3}, chunk=4, clevel=5, int8_floor=0.9999999)
+        write_shard(store, "s2", arrays, {"count": 3}, chunk=4, clevel=5, int8_floor=0.9999999)
+    root = open_root(store)
     assert root["shards/s1"].attrs["complete"] and not root["shards/s2"].attrs.get("complete")
 
 

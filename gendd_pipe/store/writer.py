@@ -38,13 +38,13 @@ def is_complete(root: zarr.Group, name: str) -> bool:
     return group is not None and bool(group.attrs.get(COMPLETE, False))
 
 
-def write_shard(root: zarr.Group, name: str, arrays: dict[str, np.ndarray], attrs: dict, chunk: int, clevel: int,
+def write_shard(store: str, name: str, arrays: dict[str, np.ndarray], attrs: dict, chunk: int, clevel: int,
                 int8_floor: float | None = None) -> dict:
     """Write one feature shard's arrays at once (a `ShardWriter` handed all rows), then its attrs, then
     ``complete``.
 
     Args:
-        root: The store's root group.
+        store: The store's path or URL (its root written by `write_root`).
         name: Feature-shard name (the input shard's file name without ``.tar``).
         arrays: ``keys``, ``labels``, ``views``, ``features`` and the logits arrays, all of length n.
         attrs: Shard attributes (source, source_sha256, count, skipped).
@@ -53,7 +53,7 @@ def write_shard(root: zarr.Group, name: str, arrays: dict[str, np.ndarray], attr
         int8_floor: See `ShardWriter`.
     """
     fields = {key: (data.shape[1:], str if data.dtype.kind in "OUT" else data.dtype) for key, data in arrays.items()}
-    writer = ShardWriter(root, name, fields, chunk, clevel, int8_floor)
+    writer = ShardWriter(store, name, fields, chunk, clevel, int8_floor)
     try:
         writer.append(arrays)
         return writer.commit(attrs)
@@ -66,8 +66,13 @@ class ShardWriter:
     stored on a thread of its own while the caller goes on; `commit` writes the rest, waits, then writes the
     checksums and attrs and last ``complete``. The bytes written do not depend on how the rows were handed over.
 
+    The shard's group is opened as a hierarchy of its own, at its own path: zarr then writes nothing above it
+    (creating arrays through the root would rewrite the root's and ``shards``' metadata each time, leaving
+    zarr's temporary ``*.partial`` files there when a writer is killed), so all a writer killed mid-shard leaves
+    is inside the incomplete shard, which the next writer replaces.
+
     Args:
-        root: The store's root group.
+        store: The store's path or URL (its root written by `write_root`).
         name: Feature-shard name.
         fields: Array name -> (row shape, dtype) of every array of the shard (``str`` for text).
         chunk: Samples per chunk.
@@ -76,13 +81,13 @@ class ShardWriter:
             refusing a chunk whose lowest round-trip cosine is under this; None keeps them as given.
     """
 
-    def __init__(self, root: zarr.Group, name: str, fields: dict[str, tuple[tuple, object]], chunk: int, clevel: int,
+    def __init__(self, store: str, name: str, fields: dict[str, tuple[tuple, object]], chunk: int, clevel: int,
                  int8_floor: float | None = None):
         self.name, self.chunk, self.clevel, self.int8_floor = name, chunk, clevel, int8_floor
         if int8_floor is not None:
             width = fields["features"][0][-1]
             fields = {**fields, "features": (fields["features"][0], np.int8), "feature_scales": ((width,), np.float32)}
-        self.group = root.create_group(f"{SHARDS}/{name}", overwrite=True)
+        self.group = open_root(f"{store.rstrip('/')}/{SHARDS}/{name}", mode="w")
         self.arrays = {key: self._create(key, shape, dtype) for key, (shape, dtype) in fields.items()}
         self.sums = {key: Checksum() for key in fields}
         self.pending: dict[str, list[np.ndarray]] = {key: [] for key in fields if key != "feature_scales"}
