@@ -1,6 +1,7 @@
 """Replayable RandAugment and mix draws against timm's own RandAugment, level functions and Mixup."""
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -164,6 +165,30 @@ def test_the_loader_renders_the_image_the_teacher_saw(tmp_path, photo_shard, aug
                     # 0.2) often gives a lambda that rounds to 1 in float32: a view that is its own image)
                     assert batch["target"][i].max() < 1
     assert "mix" not in data or seen
+
+
+def test_the_first_views_of_a_store_are_a_smaller_store_and_the_loader_can_train_on_them(tmp_path, photo_shard):
+    """So that one extraction measures the views-per-image curve (benchmarks/views.py)."""
+    augment = {"randaugment": RECIPE, "mixup": 0.2, "cutmix": 1.0}
+    big, small = (str(tmp_path / f"{n}.zarr") for n in ("six", "three"))
+    extract([photo_shard], big, _augmented(**augment), progress=False)
+    extract([photo_shard], small, replace(_augmented(**augment), views=ViewConfig(count=3, seed=2)), progress=False)
+    six, three = (FeatureStore.open(url) for url in (big, small))
+    a, b = six.read_shard("photos-000000"), three.read_shard("photos-000000")
+    for key in ("views", "augment", "mix", "features"):
+        np.testing.assert_array_equal(a[key][:, :3], b[key], err_msg=key)
+    dc = create_teacher(TINY).data_config
+    cfg = LoaderConfig(batch_size=4, num_workers=0)
+    first = train_pipeline([photo_shard], six, dc, replace(cfg, views=3), seed=0, soft_labels=True)
+    alone = train_pipeline([photo_shard], three, dc, cfg, seed=0, soft_labels=True)
+    for epoch in range(4):
+        first.dataset.set_epoch(epoch), alone.dataset.set_epoch(epoch)
+        x, y = next(iter(first)), next(iter(alone))
+        assert x["key"] == y["key"] and set(x["view"].tolist()) <= {1, 2}
+        for key in ("view", "image", "feature", "target"):
+            torch.testing.assert_close(x[key], y[key], rtol=0, atol=0, msg=key)
+    with pytest.raises(GenddError, match=r"six\.zarr: loader\.views 7: the store has 6 views per image; use at most 6$"):
+        train_pipeline([photo_shard], six, dc, replace(cfg, views=7), seed=0)
 
 
 def test_every_method_trains_from_a_mixed_store_and_dkd_is_refused_in_one_line(tmp_path, digit_shards):

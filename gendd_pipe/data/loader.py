@@ -65,6 +65,8 @@ class LoaderConfig:
     num_workers: NonNegativeInt | None = None  # DataLoader worker processes; None: sized to the cores (`workers`)
     verify: bool = True  # check feature shards against their checksums, image shards against their sha256
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0  # soft labels: (1 - s) one-hot + s / C, then mixed
+    views: Annotated[int, Field(ge=2)] | None = None  # train on the first N cached views, as from a store of N views
+    # (every view is drawn from (seed, key, view) alone, so those are that store's); None: all of them
 
 
 def workers(requested: int | None) -> int:
@@ -246,10 +248,11 @@ def _naming_the_sample(item: dict):
         raise GenddError(f"{public_url(item['url'])}: sample {item['sample'].key}: {exc}") from exc
 
 
-def _render_train(item: dict, replay: Replay, seed: int, epoch: int, targets: dict | None = None) -> dict:
+def _render_train(item: dict, replay: Replay, seed: int, epoch: int, targets: dict | None = None,
+                  views: int | None = None) -> dict:
     sample: Sample = item["sample"]
     row = item["row"]
-    count = len(row["views"])
+    count = min(len(row["views"]), views or len(row["views"]))
     augmented = "augment" in row or "mix" in row  # views 1..V-1 carry the augmentation; view 0 is the eval view
     v = 1 + view_choice(seed, epoch, sample.key, count - 1) if augmented else view_choice(seed, epoch, sample.key, count)
     with _naming_the_sample(item):  # the image decoded at extraction, so these are other bytes
@@ -295,7 +298,8 @@ def _train_epoch(epoch: int, urls: list[str], counts: dict[str, int], batch_size
     steps, batch = epoch_steps(sum(sizes), batch_size, world)
     return _epoch(order, [partial(_epoch_shards, counts=sizes, steps=steps, batch=batch, world=world)],
                   partial(_joined, store_url=store_url, skipped=skipped, verify=cfg.verify),
-                  partial(_render_train, replay=Replay(manifest, data_config), seed=seed, epoch=epoch, targets=targets),
+                  partial(_render_train, replay=Replay(manifest, data_config), seed=seed, epoch=epoch, targets=targets,
+                          views=cfg.views),
                   seed, epoch, cfg.shuffle_buffer)
 
 
@@ -309,6 +313,9 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
     renderer = renderer_of(store.manifest)
     create_renderer(renderer)  # a store naming a renderer this version lacks fails here, in one line
     counts = counts or check_shards(store, urls)
+    if cfg.views is not None and cfg.views > store.num_views:
+        raise GenddError(f"{public_url(store.url)}: loader.views {cfg.views}: the store has {store.num_views} views per "
+                         f"image; use at most {store.num_views}")
     world = wds.utils.pytorch_worker_info()[1]
     _, batch = epoch_steps(sum(counts.values()), cfg.batch_size, world)  # a batch that cannot divide fails here
     num_classes = store.manifest["teacher"]["num_classes"]
