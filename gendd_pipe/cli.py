@@ -258,6 +258,13 @@ def extract_command(
     view_scale: ViewScale = None, view_ratio: ViewRatio = None, hflip: Hflip = None, renderer: Renderer = None,
     seed: Annotated[Optional[int], typer.Option(help="View seed (and init seed for --weights none)."),
                     Key("views.seed", "teacher.seed")] = None,
+    randaugment: Annotated[Optional[str], typer.Option(
+        help="timm RandAugment string drawn per view (rand-n2-m7-mstd0.5); replayed by the loader."),
+        Key("augment.randaugment")] = None,
+    mixup: Annotated[Optional[float], typer.Option(help="Mixup alpha of the views (timm Mixup's); 0: off."),
+                     Key("augment.mixup")] = None,
+    cutmix: Annotated[Optional[float], typer.Option(help="CutMix alpha of the views (timm Mixup's); 0: off."),
+                      Key("augment.cutmix")] = None,
     logits: Annotated[Optional[str], typer.Option(
         help="auto | derived | full | topk:K (auto: derived, computed from the stored head, where the classifier "
              "is one linear layer)."), Key("logits")] = None,
@@ -410,6 +417,11 @@ def distill_command(
     seed: Annotated[Optional[int], typer.Option(help="Init, order, views and noise."), Key("seed", run=True)] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: sized to the "
                                                             "cores)."), Key("loader.num_workers", run=True)] = None,
+    smoothing: Annotated[Optional[float], typer.Option(
+        help="Label smoothing of the soft labels (mixed views' labels are mixed after it)."),
+        Key("loader.label_smoothing", run=True)] = None,
+    views: Annotated[Optional[int], typer.Option(help="Train on the store's first N views, as from a store of N."),
+                     Key("loader.views", run=True)] = None,
     device: RunDevice = None, amp: RunAmp = None, channels_last: RunChannelsLast = None, compile: RunCompile = None,
     resume: Resume = False, storage_options: StorageOptions = None, quiet: Quiet = False, verbose: Verbose = False,
 ):

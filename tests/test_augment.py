@@ -1,5 +1,6 @@
 """Replayable RandAugment and mix draws against timm's own RandAugment, level functions and Mixup."""
 
+import os
 import random
 from dataclasses import replace
 
@@ -167,7 +168,8 @@ def test_the_loader_renders_the_image_the_teacher_saw(tmp_path, photo_shard, aug
     assert "mix" not in data or seen
 
 
-def test_the_first_views_of_a_store_are_a_smaller_store_and_the_loader_can_train_on_them(tmp_path, photo_shard):
+def test_the_first_views_of_a_store_are_a_smaller_store_and_the_loader_can_train_on_them(tmp_path, photo_shard,
+                                                                                          caplog):
     """So that one extraction measures the views-per-image curve (benchmarks/views.py)."""
     augment = {"randaugment": RECIPE, "mixup": 0.2, "cutmix": 1.0}
     big, small = (str(tmp_path / f"{n}.zarr") for n in ("six", "three"))
@@ -179,7 +181,11 @@ def test_the_first_views_of_a_store_are_a_smaller_store_and_the_loader_can_train
         np.testing.assert_array_equal(a[key][:, :3], b[key], err_msg=key)
     dc = create_teacher(TINY).data_config
     cfg = LoaderConfig(batch_size=4, num_workers=0)
-    first = train_pipeline([photo_shard], six, dc, replace(cfg, views=3), seed=0, soft_labels=True)
+    with caplog.at_level("INFO", logger="gendd_pipe.data.loader"):
+        first = train_pipeline([photo_shard], six, dc, replace(cfg, views=3), seed=0, soft_labels=True)
+    encoded, features = os.path.getsize(photo_shard) / 2**20, 4 * 6 * 512 * 2 / 2**20  # resnet18: 512 features
+    assert f"each loader worker holds one image shard (encoded, up to {encoded:.1f} MiB) and its teacher features " \
+           f"(up to {features:.1f} MiB)" in caplog.text
     alone = train_pipeline([photo_shard], three, dc, cfg, seed=0, soft_labels=True)
     for epoch in range(4):
         first.dataset.set_epoch(epoch), alone.dataset.set_epoch(epoch)
@@ -230,3 +236,28 @@ def test_verify_recompute_replays_augmented_and_mixed_views(tmp_path, photo_shar
     extract([photo_shard], store_url, _augmented(randaugment=RECIPE, mixup=0.2, cutmix=1.0), progress=False)
     report = verify(FeatureStore.open(store_url), recompute_count=4)
     assert report["ok"] and report["recomputed"] == 4 and report["cosine_min"] >= 0.999, report
+
+
+def test_the_cli_extracts_mixed_views_and_distills_from_the_first_of_them(tmp_path, digit_store):
+    import yaml
+    from typer.testing import CliRunner
+
+    from gendd_pipe.cli import app
+
+    runner, store = CliRunner(), str(tmp_path / "cli.zarr")
+    made = runner.invoke(app, ["extract", digit_store["train"][0], "--out", store, "--teacher", "resnet18", "--weights",
+                               "none", "--input-size", "32", "--views", "4", "--randaugment", RECIPE, "--mixup", "0.2",
+                               "--cutmix", "1.0", "--dask-workers", "0", "-q"])
+    assert made.exit_code == 0, made.output
+    manifest = FeatureStore.open(store).manifest
+    assert manifest["augment"]["randaugment"] == RECIPE and manifest["views"]["count"] == 4
+    assert (manifest["augment"]["mixup"], manifest["augment"]["cutmix"]) == (0.2, 1.0)
+    trained = runner.invoke(app, ["distill", "--store", store, "--shards", digit_store["train"][0], "--val-shards",
+                                  digit_store["val"][0], "--out", str(tmp_path / "runs"), "--method", "kd",
+                                  "--student", "resnet10t", "--input-size", "16", "--epochs", "1", "--batch-size", "16",
+                                  "--warmup-epochs", "0", "--num-workers", "0", "--views", "2", "--smoothing", "0.1",
+                                  "-q"])
+    assert trained.exit_code == 0, trained.output
+    with open(tmp_path / "runs" / "runs" / "kd" / "config.yaml") as f:
+        loader = yaml.safe_load(f)["runs"]["kd"]["loader"]
+    assert (loader["views"], loader["label_smoothing"]) == (2, 0.1)

@@ -42,7 +42,8 @@ def _name(recipe: str) -> str:
 
 def test_the_recipes_are_all_there():
     assert {_name(p) for p in RECIPES} >= {"mnist5k", "mnist5k-unsupervised", "imagenet-r34-r18",
-                                           "imagenet-r50-mobilenet", "cc3m-unsupervised-r34-r18", "cifar100-r50-r18"}
+                                           "imagenet-r50-mobilenet", "imagenet-beitl-r50", "cc3m-unsupervised-r34-r18",
+                                           "cifar100-r50-r18"}
 
 
 def localize(params: dict, folder: str) -> tuple[dict, dict | None]:

@@ -29,6 +29,7 @@ view per (seed, epoch, key), for fine-tuning a teacher before extraction.
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing
 import os
 import random
@@ -37,6 +38,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Annotated
 
+import fsspec
 import numpy as np
 import torch
 import webdataset as wds
@@ -54,6 +56,8 @@ from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
 from gendd_pipe.store.format import VIEW_ARRAYS, derive_logits, is_mixed_store, renderer_of
 from gendd_pipe.store.reader import FeatureStore
+
+log = logging.getLogger(__name__)
 
 
 @configclass
@@ -318,6 +322,8 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
                          f"image; use at most {store.num_views}")
     world = wds.utils.pytorch_worker_info()[1]
     _, batch = epoch_steps(sum(counts.values()), cfg.batch_size, world)  # a batch that cannot divide fails here
+    if is_mixed_store(store.manifest):
+        log.info(_held_per_worker(urls, store))
     num_classes = store.manifest["teacher"]["num_classes"]
     soft = soft_labels and (is_mixed_store(store.manifest) or cfg.label_smoothing > 0)
     targets = {"num_classes": num_classes, "smoothing": cfg.label_smoothing} if soft else None
@@ -326,6 +332,15 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
                                  data_config=data_config, manifest=store.manifest, seed=seed, cfg=cfg,
                                  targets=targets), epoch)
     return _loader(stream, batch, cfg.num_workers, pin_memory, drop_last=True)
+
+
+def _held_per_worker(urls: list[str], store: FeatureStore) -> str:
+    """What each loader worker of a mixed store holds in memory at once: the image shard it reads, encoded (a
+    row's partner may be any sample of it), and that shard's teacher rows, for the largest of ``urls``."""
+    images = max(fs.size(path) for fs, path in (fsspec.core.url_to_fs(u) for u in urls))
+    rows = max(store.shard(shard_name(u))["features"].nbytes for u in urls)
+    return (f"mixed views: each loader worker holds one image shard (encoded, up to {images / 2**20:.1f} MiB) and "
+            f"its teacher features (up to {rows / 2**20:.1f} MiB) in memory, for partner lookups")
 
 
 def _images(urls, by_rank: bool = False):
