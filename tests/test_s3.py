@@ -71,7 +71,9 @@ def server():
         iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
                            aws_secret_access_key="setup")
         writer = _iam_user(iam, "writer", ["s3:*"])
-        reader = _iam_user(iam, "reader", ["s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation"])
+        # read-only: the IAM actions S3 checks for reads, and the operation names moto 5.2.6 checks instead
+        reader = _iam_user(iam, "reader", ["s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation",
+                                           "s3:HeadObject", "s3:HeadBucket", "s3:ListObjectsV2"])
         enforce = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
                                          headers={"Content-Type": "text/plain"})
         urllib.request.urlopen(enforce, timeout=10)
