@@ -54,7 +54,7 @@ from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
 from gendd_pipe.data.views import ViewConfig, eval_view, random_view, render_view, view_rng
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
-from gendd_pipe.store.format import VIEW_ARRAYS, derive_logits, is_mixed_store, renderer_of
+from gendd_pipe.store.format import VIEW_ARRAYS, derive_logits, is_int8, is_mixed_store, renderer_of
 from gendd_pipe.store.reader import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ def _render_train(item: dict, replay: Replay, seed: int, epoch: int, targets: di
                   views: int | None = None) -> dict:
     sample: Sample = item["sample"]
     row = item["row"]
-    count = min(len(row["views"]), views or len(row["views"]))
+    count = views or len(row["views"])  # (train_pipeline refuses more views than the store has)
     augmented = "augment" in row or "mix" in row  # views 1..V-1 carry the augmentation; view 0 is the eval view
     v = 1 + view_choice(seed, epoch, sample.key, count - 1) if augmented else view_choice(seed, epoch, sample.key, count)
     with _naming_the_sample(item):  # the image decoded at extraction, so these are other bytes
@@ -322,10 +322,11 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
                          f"image; use at most {store.num_views}")
     world = wds.utils.pytorch_worker_info()[1]
     _, batch = epoch_steps(sum(counts.values()), cfg.batch_size, world)  # a batch that cannot divide fails here
-    if is_mixed_store(store.manifest):
-        log.info(_held_per_worker(urls, store))
+    mixed = is_mixed_store(store.manifest)
+    if mixed:
+        log.info(_held_per_worker(urls, store, counts))
     num_classes = store.manifest["teacher"]["num_classes"]
-    soft = soft_labels and (is_mixed_store(store.manifest) or cfg.label_smoothing > 0)
+    soft = soft_labels and (mixed or cfg.label_smoothing > 0)
     targets = {"num_classes": num_classes, "smoothing": cfg.label_smoothing} if soft else None
     stream = EpochStream(partial(_train_epoch, urls=list(urls), counts=counts, batch_size=cfg.batch_size,
                                  world=world, store_url=store.url, skipped=_skipped_keys(store),
@@ -334,11 +335,13 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
     return _loader(stream, batch, cfg.num_workers, pin_memory, drop_last=True)
 
 
-def _held_per_worker(urls: list[str], store: FeatureStore) -> str:
+def _held_per_worker(urls: list[str], store: FeatureStore, counts: dict[str, int]) -> str:
     """What each loader worker of a mixed store holds in memory at once: the image shard it reads, encoded (a
-    row's partner may be any sample of it), and that shard's teacher rows, for the largest of ``urls``."""
+    row's partner may be any sample of it), and that shard's teacher features, for the largest of ``urls``
+    (the features' size from the shards' sample ``counts`` and the manifest, without opening a shard)."""
     images = max(fs.size(path) for fs, path in (fsspec.core.url_to_fs(u) for u in urls))
-    rows = max(store.shard(shard_name(u))["features"].nbytes for u in urls)
+    width = (1 if is_int8(store.manifest) else 2) * store.manifest["teacher"]["num_features"]  # int8 or float16
+    rows = max(counts.values()) * store.num_views * width
     return (f"mixed views: each loader worker holds one image shard (encoded, up to {images / 2**20:.1f} MiB) and "
             f"its teacher features (up to {rows / 2**20:.1f} MiB) in memory, for partner lookups")
 
