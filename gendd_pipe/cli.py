@@ -444,7 +444,8 @@ def evaluate_command(
     config: Config = None, sets: Sets = None, run: Run = None,
     distill: Annotated[Optional[str], typer.Option(help="The distill output root (runs/RUN/last.safetensors)."),
                        Key("distill")] = None,
-    checkpoint: Annotated[Optional[str], typer.Option(help="last | best checkpoint of the run, or a file."),
+    checkpoint: Annotated[Optional[str], typer.Option(help="both (last and best) | last | best checkpoint of the "
+                                                           "run, or a file."),
                           Key("checkpoint")] = None,
     val_shards: ValShards = None,
     train_shards: Annotated[Optional[list[str]], typer.Option(help="Train shards to fit a linear probe on."),
@@ -464,7 +465,7 @@ def evaluate_command(
     --set evaluate.predict.gendd.sampling_steps=8 --set evaluate.predict.gendd.samples=4.
     """
     params = load_params(config, sets or [])
-    if run is None and checkpoint not in (None, "last", "best") and not (params.get("distill") or {}).get("runs"):
+    if run is None and checkpoint not in (None, "both", "last", "best") and not (params.get("distill") or {}).get("runs"):
         run = os.path.basename(os.path.dirname(os.path.abspath(checkpoint)))  # runs/RUN/best.safetensors -> RUN
         run = re.sub(r"[^A-Za-z0-9_.-]", "_", run).lstrip("_.-") or "run"
     run = _pick_run(params, run, None)

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from gendd_pipe.config import OutputDir, configclass, to_dict  # noqa: E402
+from gendd_pipe.distill.methods import get_method  # noqa: E402
 from gendd_pipe.files import write_yaml  # noqa: E402
 from gendd_pipe.layout import config_beside, eval_result, run_dir, run_metrics  # noqa: E402
 from gendd_pipe.metrics import read_epochs  # noqa: E402
@@ -42,12 +43,16 @@ def collect(distill_out: str, eval_dir: str, names: list[str], teacher: str | No
         record = json.load(open(run_metrics(distill_out, name)))
         final = json.load(open(eval_result(eval_dir, name)))
         scored = [k for k, v in final.items() if isinstance(v, dict) and "top1" in v]
-        # an unsupervised student's own head was never trained on these labels: only its probe is a score
-        used = ["probe"] if record["unsupervised"] else scored
+        # unsupervised: the probe, and the method's own predictor in the teacher's label space, trained on no label
+        # (GenDD's sampled features read by the teacher's classifier, the KL student's logits; the paper's metric)
+        own = get_method(record["method"]).primary
+        used = [p for p in ("probe", own) if p in final] if record["unsupervised"] else scored
         out["runs"][name] = {
             "method": record["method"] + (" (unsupervised)" if record["unsupervised"] else ""),
             "primary": record["primary"],
             "final": {k: final[k]["top1"] for k in used if k in final},
+            "best": {k: final["best"][k]["top1"] for k in used if k in final.get("best", {})},
+            "best_epoch": final.get("best", {}).get("epoch"),
             "curve": {p: [m["val"][p]["top1"] for m in lines] for p in used if p in lines[0]["val"]},
             "epochs": len(lines),
             "images_per_s": sum(m["images_per_s"] for m in lines) / len(lines),
@@ -64,13 +69,23 @@ def _primary(run: dict) -> str:
     return run["primary"] if run["primary"] in run["final"] else next(iter(run["final"]))
 
 
+def _cell(run: dict, predictor: str, both: bool) -> str:
+    if predictor not in run["final"]:
+        return ""
+    last = f"{run['final'][predictor]:.2f}"
+    return f"{run['best'][predictor]:.2f} / {last}" if both and predictor in run.get("best", {}) else last
+
+
 def markdown(data: dict) -> str:
-    """The results table (val top-1, percent) as markdown."""
+    """The results table (val top-1, percent) as markdown: the best and the last checkpoint where both were
+    scored."""
     used = list(dict.fromkeys(p for r in data["runs"].values() for p in r["final"]))
-    head = ["run", "method", *(f"{label(p)} top-1" for p in used), "epochs", "train img/s"]
+    both = any(r.get("best") for r in data["runs"].values())
+    suffix = " (best / last)" if both else ""
+    head = ["run", "method", *(f"{label(p)} top-1{suffix}" for p in used), "epochs", "train img/s"]
     rows = [head, ["---"] * len(head)]
     for name, run in data["runs"].items():
-        cells = [f"{run['final'][p]:.2f}" if p in run["final"] else "" for p in used]
+        cells = [_cell(run, p, both) for p in used]
         rows.append([name, run["method"], *cells, str(run["epochs"]), f"{run['images_per_s']:.0f}"])
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     if data["teacher"] and data["teacher"]["top1"] is not None:
@@ -111,7 +126,7 @@ def plot_comparison(data: dict, path: str) -> None:
         ax.axhline(value, color=color, linestyle="--", linewidth=1, label=label)
     low = min(values + [v for _, v in refs])
     ax.set_ylim(max(0.0, low - 5), 100)
-    ax.set(ylabel="val top-1 (%)", title="Final val top-1 per run (GenDD: sampled features; unsupervised: probe)")
+    ax.set(ylabel="val top-1 (%)", title="Final val top-1 per run (each run's primary predictor)")
     if refs:
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -56,7 +56,7 @@ def test_yaml_ambiguities_are_coerced_to_the_field_types(recipe):
 @pytest.mark.parametrize("sets, message", [
     (["distill.runs.kd.logit.temperature=-1"], "distill.runs.kd.logit.temperature: must be > 0, got -1"),
     (["distill.common.logit.temperature=-1"], "distill.common.logit.temperature: must be > 0, got -1"),
-    (["distill.common.epoch=2"], "distill.common.epoch: unknown key (did you mean 'epochs'?; known: beta2, epochs"),
+    (["distill.common.epoch=2"], "distill.common.epoch: unknown key (did you mean 'epochs'?; known: beta2, decay_epochs"),
     (["distill.runs.kd.logit.temprature=1"], "distill.runs.kd.logit.temprature: unknown key (did you mean "
                                              "'temperature'?"),
     (["distill.common.loader.batch_size=0"], "distill.common.loader.batch_size: must be > 0, got 0"),

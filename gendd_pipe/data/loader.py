@@ -4,9 +4,12 @@
 worker opens, it reads the matching feature shard from the store as one block
 (`FeatureStore.read_shard`, checked against its checksums) and joins sample by sample on the key, so there are
 no per-sample random reads of Zarr chunks. Each sample then picks one of its
-cached views and replays it (`Replay`: the view's crop and flip, with the renderer
-the store was extracted with, then any stored RandAugment draw and mix) at the
-student's input size: the student sees the pixels the teacher saw.
+cached training views (view 0, the eval view, only with ``eval_view``) and
+replays it (`Replay`: the view's crop and flip, with the renderer and
+interpolation the store was extracted with, then any stored RandAugment draw and
+mix) at the student's input size: the student sees the pixels the teacher saw.
+With ``fresh_scale`` it draws a new random crop per epoch instead and reads no
+teacher output (GenDD's stage 1).
 
 Shards are shuffled per epoch and the epoch is split by samples, not by whole
 shards (`epoch_part`): every torchrun rank runs the same number of steps and
@@ -71,6 +74,8 @@ class LoaderConfig:
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0  # soft labels: (1 - s) one-hot + s / C, then mixed
     views: Annotated[int, Field(ge=2)] | None = None  # train on the first N cached views, as from a store of N views
     # (every view is drawn from (seed, key, view) alone, so those are that store's); None: all of them
+    eval_view: bool = False  # also train on view 0, the eval view (a center crop); off: the random views alone, as
+    # the official student never trains on the center crop
 
 
 def workers(requested: int | None) -> int:
@@ -253,12 +258,13 @@ def _naming_the_sample(item: dict):
 
 
 def _render_train(item: dict, replay: Replay, seed: int, epoch: int, targets: dict | None = None,
-                  views: int | None = None) -> dict:
+                  views: int | None = None, with_eval_view: bool = False) -> dict:
     sample: Sample = item["sample"]
     row = item["row"]
     count = views or len(row["views"])  # (train_pipeline refuses more views than the store has)
     augmented = "augment" in row or "mix" in row  # views 1..V-1 carry the augmentation; view 0 is the eval view
-    v = 1 + view_choice(seed, epoch, sample.key, count - 1) if augmented else view_choice(seed, epoch, sample.key, count)
+    first = 0 if with_eval_view and not augmented else 1
+    v = first + view_choice(seed, epoch, sample.key, count - first)
     with _naming_the_sample(item):  # the image decoded at extraction, so these are other bytes
         image = replay.views(sample, row, item.get("partners"), item.get("rows"), [v])[0]
     out = {"key": sample.key, "image": image, "label": sample.label, "view": v,
@@ -272,6 +278,19 @@ def _render_train(item: dict, replay: Replay, seed: int, epoch: int, targets: di
         out["logits"] = torch.from_numpy(item["logits"][v].astype(np.float32))
     elif "head" in item:  # logits mode derived: f @ W.T + b of this view alone
         out["logits"] = torch.from_numpy(derive_logits(item["features"][v], *item["head"]))
+    return out
+
+
+def _render_fresh(item: dict, replay: Replay, views: ViewConfig, epoch: int, targets: dict | None = None) -> dict:
+    """A joined sample rendered from a random-resized crop drawn afresh from (views.seed, epoch, key), by the store's
+    renderer and interpolation; its cached views and features are not used."""
+    sample: Sample = item["sample"]
+    view = random_view(*sample.image.size, views, view_rng(views.seed, f"{epoch}:{sample.key}", 0))
+    with _naming_the_sample(item):
+        image = replay.base(sample, view[None])[0]
+    out = {"key": sample.key, "image": image, "label": sample.label}
+    if targets is not None:  # label smoothing, as the cached path's soft labels (no partner: nothing is mixed)
+        out["target"] = mixed_target(sample.label, sample.label, 1.0, targets["num_classes"], targets["smoothing"])
     return out
 
 
@@ -296,30 +315,48 @@ def _epoch(urls: list[str], split, source, render, seed: int, epoch: int, shuffl
 
 def _train_epoch(epoch: int, urls: list[str], counts: dict[str, int], batch_size: int, world: int, store_url: str,
                  skipped: dict, data_config: dict, manifest: dict, seed: int, cfg: LoaderConfig,
-                 targets: dict | None):
+                 targets: dict | None, fresh: ViewConfig | None):
     order = epoch_order(urls, seed, epoch)
     sizes = [counts[shard_name(u)] for u in order]
     steps, batch = epoch_steps(sum(sizes), batch_size, world)
+    replay = Replay(manifest, data_config)
+    if fresh is None:
+        render = partial(_render_train, replay=replay, seed=seed, epoch=epoch, targets=targets, views=cfg.views,
+                         with_eval_view=cfg.eval_view)
+    else:
+        render = partial(_render_fresh, replay=replay, views=fresh, epoch=epoch, targets=targets)
     return _epoch(order, [partial(_epoch_shards, counts=sizes, steps=steps, batch=batch, world=world)],
-                  partial(_joined, store_url=store_url, skipped=skipped, verify=cfg.verify),
-                  partial(_render_train, replay=Replay(manifest, data_config), seed=seed, epoch=epoch, targets=targets,
-                          views=cfg.views),
+                  partial(_joined, store_url=store_url, skipped=skipped, verify=cfg.verify), render,
                   seed, epoch, cfg.shuffle_buffer)
 
 
 def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg: LoaderConfig, seed: int,
                    epoch: int = 0, counts: dict[str, int] | None = None, pin_memory: bool = False,
-                   soft_labels: bool = False) -> DataLoader:
+                   soft_labels: bool = False, fresh_scale: tuple[float, float] | None = None) -> DataLoader:
     """This rank's training batches (``epoch_steps`` per epoch, of ``batch_size / world`` samples): ``key``,
     ``image`` (uint8), ``label``, ``view``, ``feature`` and (full or derived stores) ``logits``. It serves
     ``epoch`` until ``loader.dataset.set_epoch`` selects another. ``counts`` are the shards' sample counts
-    (`check_shards`, which runs when they are not given)."""
+    (`check_shards`, which runs when they are not given).
+
+    Images are the store's training views (views 1..V-1, or all V with ``cfg.eval_view``) replayed with the
+    store's renderer and interpolation, so they are the teacher's pixels at the student's size. With
+    ``fresh_scale``, each epoch draws a new random-resized crop of that scale per image instead (the store's
+    aspect range and flip probability, seeded by (seed, epoch, key)), and a batch holds ``key``, ``image``,
+    ``label`` (and a soft ``target``) alone: the path of training that needs no teacher output."""
     renderer = renderer_of(store.manifest)
     create_renderer(renderer)  # a store naming a renderer this version lacks fails here, in one line
     counts = counts or check_shards(store, urls)
     if cfg.views is not None and cfg.views > store.num_views:
         raise GenddError(f"{public_url(store.url)}: loader.views {cfg.views}: the store has {store.num_views} views per "
                          f"image; use at most {store.num_views}")
+    if fresh_scale is None and not cfg.eval_view and (cfg.views or store.num_views) < 2:
+        raise GenddError(f"{public_url(store.url)}: the store has one view per image, its eval view, which training "
+                         "leaves out; extract more views or set loader.eval_view: true")
+    fresh = None
+    if fresh_scale is not None:
+        stored = store.manifest["views"]
+        fresh = ViewConfig(scale=fresh_scale, ratio=tuple(stored["ratio"]), hflip=stored["hflip"], seed=seed,
+                           renderer=renderer)
     world = wds.utils.pytorch_worker_info()[1]
     _, batch = epoch_steps(sum(counts.values()), cfg.batch_size, world)  # a batch that cannot divide fails here
     mixed = is_mixed_store(store.manifest)
@@ -331,7 +368,7 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
     stream = EpochStream(partial(_train_epoch, urls=list(urls), counts=counts, batch_size=cfg.batch_size,
                                  world=world, store_url=store.url, skipped=_skipped_keys(store),
                                  data_config=data_config, manifest=store.manifest, seed=seed, cfg=cfg,
-                                 targets=targets), epoch)
+                                 targets=targets, fresh=fresh), epoch)
     return _loader(stream, batch, cfg.num_workers, pin_memory, drop_last=True)
 
 

@@ -24,14 +24,17 @@ class Replay:
     """Pixels of stored views at one output size.
 
     Args:
-        manifest: The store's manifest (its ``views`` renderer and ``augment`` section).
-        data_config: The network's data config (``input_size``, ``interpolation``).
+        manifest: The store's manifest (its ``views`` renderer, ``augment`` section and the teacher's
+            ``preprocessing`` interpolation, which every replay uses: a student resamples as the teacher did).
+        data_config: The network's data config: its ``input_size``, and its ``interpolation`` where the manifest
+            has none yet (the extraction's own, while it writes the manifest).
     """
 
     def __init__(self, manifest: dict, data_config: dict):
         self.renderer = manifest["views"].get("renderer", "pil")
         self.render = create_renderer(self.renderer)
-        self.size, self.interpolation = tuple(data_config["input_size"][1:]), data_config["interpolation"]
+        self.size = tuple(data_config["input_size"][1:])
+        self.interpolation = (manifest.get("preprocessing") or {}).get("interpolation", data_config["interpolation"])
         section = manifest.get("augment") or {}
         self.randaugment = None
         if section.get("randaugment"):

@@ -13,7 +13,7 @@ import copy
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -37,6 +37,10 @@ class DistillConfig:
     lr: PositiveFloat = 2e-3  # AdamW peak learning rate
     min_lr: NonNegativeFloat = 1e-6  # end of the cosine schedule
     warmup_epochs: NonNegativeInt = 10  # linear learning-rate warmup
+    schedule: Literal["cosine", "step"] = "cosine"  # after the warmup: cosine to min_lr, or steps at decay_epochs
+    decay_epochs: tuple[PositiveInt, ...] = ()  # step schedule: the lr is multiplied by decay_rate at each of these
+    # epochs, counted from the start of the phase (GenDD's stage 2 from its own first epoch), warmup included
+    decay_rate: PositiveFloat = 0.1  # step schedule: the factor at each decay epoch
     weight_decay: NonNegativeFloat = 2e-2  # AdamW weight decay of the student
     beta2: Range = (0.96, 0.999)  # AdamW beta2 rises from the first to the second (cosine) over training
     seed: NonNegativeInt = 0  # init, shuffling, view choice, noise: a resumed run replays the same epochs
@@ -66,6 +70,10 @@ class DistillConfig:
 
     @model_validator(mode="after")
     def _method_accepts(self):
+        if self.schedule == "step" and not self.decay_epochs:
+            raise ValueError("schedule step needs decay_epochs (the epochs at which the lr drops)")
+        if list(self.decay_epochs) != sorted(set(self.decay_epochs)):
+            raise ValueError(f"decay_epochs must rise, got {list(self.decay_epochs)}")
         get_method(self.method).check(self)
         return self
 
@@ -124,6 +132,8 @@ def upgrade(record: Mapping) -> dict:
         gendd["head_weight_decay"] = data.pop("head_weight_decay")
     if gendd:
         data["gendd"] = gendd
+    for key, value in (("schedule", "cosine"), ("decay_epochs", []), ("decay_rate", 0.1)):
+        data.setdefault(key, value)  # before the step schedule, every run was a cosine
     loader = data.get("loader") or {}
     if "workers" in loader:
         loader["num_workers"] = loader.pop("workers")

@@ -153,7 +153,7 @@ class EvaluateStage:
     """Stage ``evaluate@RUN``: score a run's checkpoint on the val shards."""
 
     distill: str | None = None  # the distill stage's out (runs/RUN/); needed unless checkpoint is a file
-    checkpoint: str = "last"  # last | best checkpoint of the run, or the path of a checkpoint file
+    checkpoint: str = "both"  # both (last, and best beside it) | last | best checkpoint of the run, or a file
     val_shards: Shards
     train_shards: Shards | None = None  # fit a linear probe on these as well
     out: OutputDir | None = None  # RUN.json per run (None: the result is only returned)
@@ -165,7 +165,7 @@ class EvaluateStage:
 
     @model_validator(mode="after")
     def _known_sections(self):
-        if self.checkpoint in ("last", "best") and not self.distill:
+        if self.checkpoint in ("both", "last", "best") and not self.distill:
             raise ConfigError("evaluate", ("distill",), f"required to find the run's {self.checkpoint} checkpoint "
                                                        "(or set checkpoint to a file)")
         known = sections()
@@ -178,19 +178,25 @@ class EvaluateStage:
             parse(own.default_factory, change, f"evaluate.predict.{key}")
         return self
 
-    def checkpoint_of(self, run: str) -> str:
-        if self.checkpoint in ("last", "best"):
-            return checkpoint_path(self.distill, run, self.checkpoint)
-        return self.checkpoint
+    def checkpoint_of(self, run: str, which: str | None = None) -> str:
+        which = which or self.checkpoint
+        if which in ("both", "last", "best"):
+            return checkpoint_path(self.distill, run, "last" if which == "both" else which)
+        return which
 
 
 def run_stage(cfg: EvaluateStage, run: str) -> dict:
-    """Score run ``run``; writes ``out/RUN.json`` and the config beside it."""
+    """Score run ``run``; writes ``out/RUN.json`` and the config beside it. With ``checkpoint: both`` the result is
+    the last checkpoint's, and the best checkpoint's under ``best`` (as the official scripts score
+    ``model_best``)."""
     path = cfg.checkpoint_of(run)
     if not os.path.exists(path):
         raise GenddError(f"{path}: no such checkpoint (has distill run {run!r} been trained?)")
-    result = evaluate_checkpoint(path, list(cfg.val_shards), list(cfg.train_shards or []) or None, cfg.batch_size,
-                                 cfg.predict, cfg.input_size, cfg.num_workers, cfg.runtime)
+    score = lambda p: evaluate_checkpoint(p, list(cfg.val_shards), list(cfg.train_shards or []) or None,  # noqa: E731
+                                          cfg.batch_size, cfg.predict, cfg.input_size, cfg.num_workers, cfg.runtime)
+    result = score(path)
+    if cfg.checkpoint == "both" and os.path.exists(best := cfg.checkpoint_of(run, "best")):
+        result["best"] = score(best)
     if cfg.out:
         out = eval_result(cfg.out, run)
         write_yaml(config_beside(out, is_dir=False), to_dict(cfg))

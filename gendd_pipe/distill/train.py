@@ -1,11 +1,14 @@
 """The distill loop: a student trained from a feature store, without the teacher.
 
 `distill` checks the store against the shards and the method, builds the student
-and method, and trains with AdamW (beta2 ramped as the official GenDD code
-does), a per-step cosine schedule with linear warmup (timm's
-`CosineLRScheduler`), one checkpoint per epoch (``last.safetensors``, plus ``best.safetensors``
-when the primary predictor improves) and one JSON line of metrics per epoch
-(``metrics.jsonl``). ``resume`` continues a killed run from ``last.safetensors``; each
+and method, and trains it phase by phase (`Phase`: one, or GenDD's stage 1 then
+stage 2), each phase with a fresh AdamW (beta2 ramped as the official GenDD code
+does) and its own per-step schedule with linear warmup (timm's
+`CosineLRScheduler` or `MultiStepLRScheduler`), one checkpoint per epoch
+(``last.safetensors``, recording its phase, plus ``best.safetensors`` when the
+primary predictor improves in a phase that selects the best) and one JSON line of
+metrics per epoch (``metrics.jsonl``). ``resume`` continues a killed run from
+``last.safetensors`` in the phase it was killed in; each
 epoch seeds its own randomness from (seed, epoch), so a resumed run replays the
 epochs an uninterrupted one would have run. Under torchrun the method is
 wrapped in DDP, ``batch_size`` is the global batch (each rank takes its share),
@@ -31,7 +34,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 
 from gendd_pipe.config import differences
 from gendd_pipe.distill.config import upgrade
@@ -40,7 +43,7 @@ from gendd_pipe.data.shards import expand_urls, shard_name
 from gendd_pipe.distill.checkpoint import load_state, read_checkpoint, save_checkpoint
 from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.distill.evaluate import evaluate
-from gendd_pipe.distill.methods import TeacherHead, create_method, get_method
+from gendd_pipe.distill.methods import Phase, TeacherHead, create_method, get_method
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
 from gendd_pipe.models.student import create_student
@@ -83,11 +86,6 @@ def teacher_head(store: FeatureStore, first_shard: str) -> TeacherHead:
     return TeacherHead(torch.from_numpy(weight), torch.from_numpy(bias), float(np.linalg.norm(features, axis=1).mean()))
 
 
-def _beta2(cfg: DistillConfig, step: int, total: int) -> float:
-    low, high = cfg.beta2
-    return high - 0.5 * (high - low) * (1 + math.cos(math.pi * step / max(total - 1, 1)))
-
-
 def join_world() -> tuple[int, int]:
     """(rank, world size); joins the torchrun process group when there is one (gloo for CPU tensors and
     Python objects, nccl for CUDA tensors where there are GPUs)."""
@@ -121,12 +119,12 @@ def run_differences(cfg: DistillConfig, record: dict, ignore: tuple[str, ...] = 
     return differ + ([f"runtime.amp ({trained}, not {cfg.runtime.amp})"] if trained != cfg.runtime.amp else [])
 
 
-def _resume(out: str, cfg: DistillConfig, method, optimizer, scheduler, scaler, resume: bool,
-            world: int) -> tuple[int, dict]:
-    """Load the last checkpoint into the run when resuming; returns (epochs done, best so far)."""
+def _resume(out: str, cfg: DistillConfig, method, resume: bool, world: int) -> tuple[int, dict, dict | None]:
+    """Load the last checkpoint's weights into the method when resuming; returns (epochs done, best so far, the
+    checkpoint, whose optimizer state its phase takes up)."""
     path = checkpoint_in(out, LAST)
     if not os.path.exists(path):
-        return 0, {"top1": -1.0, "epoch": 0}
+        return 0, {"top1": -1.0, "epoch": 0}, None
     if not resume:
         raise GenddError(f"{out}: holds a run already ({LAST}); pass --resume to continue it or choose another --out")
     ckpt = read_checkpoint(path)
@@ -139,11 +137,31 @@ def _resume(out: str, cfg: DistillConfig, method, optimizer, scheduler, scaler, 
         raise GenddError(f"{path}: was trained on {trained} rank(s), not {world}; resume it with "
                          f"--nproc-per-node {trained} (the epochs' split depends on the world size)")
     load_state(method, ckpt["state_dict"], path)
-    optimizer.load_state_dict(ckpt["optimizer"])  # moved to the parameters' device, wherever it was saved
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
-    return ckpt["epoch"], ckpt["best"]
+    return ckpt["epoch"], ckpt["best"], ckpt
+
+
+def _beta2(beta2: tuple[float, float], step: int, total: int) -> float:
+    """AdamW's beta2 at ``step`` of ``total``: from the first value to the second on a half cosine, as the official
+    ``beta2_schedule_cos`` (step / (total - 1))."""
+    low, high = beta2
+    return high - 0.5 * (high - low) * (1 + math.cos(math.pi * step / max(total - 1, 1)))
+
+
+def phase_optimizer(method, phase: Phase, steps: int):
+    """A phase's fresh AdamW and its per-step schedule (timm's): a linear warmup from lr / 100 over
+    ``warmup_epochs``, then a cosine to ``min_lr`` over the rest of the phase, or steps of ``decay_rate`` at each of
+    ``decay_epochs`` (counted from the phase's start, warmup included)."""
+    optimizer = torch.optim.AdamW(method.param_groups(phase.weight_decay, phase.name), lr=phase.lr,
+                                  betas=(0.9, phase.beta2[0]))
+    warmup = steps * phase.warmup_epochs
+    common = dict(warmup_t=warmup, warmup_lr_init=phase.lr / 100, t_in_epochs=False)
+    if phase.schedule == "step":
+        scheduler = MultiStepLRScheduler(optimizer, decay_t=[steps * e for e in phase.decay_epochs],
+                                         decay_rate=phase.decay_rate, warmup_prefix=False, **common)
+    else:
+        scheduler = CosineLRScheduler(optimizer, t_initial=max(steps * phase.epochs - warmup, 1), lr_min=phase.min_lr,
+                                      warmup_prefix=True, **common)
+    return optimizer, scheduler
 
 
 def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, cfg: DistillConfig,
@@ -162,12 +180,10 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     student = create_student(cfg.student, store.manifest["teacher"]["num_classes"])
     method = place(create_method(cfg, student, head), runtime, device)
     steps, per_rank = epoch_steps(sum(counts.values()), cfg.loader.batch_size, world)
-    total = steps * cfg.epochs
-    optimizer = torch.optim.AdamW(method.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2[0]))
-    scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=steps * cfg.warmup_epochs,
-                                  warmup_lr_init=cfg.lr / 100, t_in_epochs=False)
     scaler = grad_scaler(runtime, device)
-    start_epoch, best = _resume(out, cfg, method, optimizer, scheduler, scaler, resume, world)
+    start_epoch, best, ckpt = _resume(out, cfg, method, resume, world)
+    if ckpt is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
     model = method
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
@@ -179,60 +195,81 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
                           "feature_norm": head.feature_norm, "preprocessing": store.manifest["preprocessing"]}}
     epochs = EpochLog(out, keep_through=start_epoch) if rank == 0 else None  # drops epochs past the checkpoint
     primary = "probe" if cfg.with_probe and cfg.unsupervised else method.primary
-    loader = train_pipeline(urls, store, student.data_config, cfg.loader, cfg.seed, start_epoch, counts,
-                            pin_memory=device.type == "cuda", soft_labels=not cfg.unsupervised)  # every epoch
+    phases = get_method(cfg.method).phases(cfg)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        loader.dataset.set_epoch(epoch)
-        batches = iter(loader)  # before seeding: starting an iterator draws from torch's generator
-        torch.manual_seed(_epoch_seed(cfg, epoch, rank))
-        sums: dict[str, torch.Tensor] = {}
-        begin = time.perf_counter()
-        with StepBar(f"epoch {epoch + 1}/{cfg.epochs} {cfg.method}", steps, progress and rank == 0) as bar:
-            for i, batch in enumerate(itertools.islice(batches, steps)):
-                batch = _on_device(batch, student.data_config, runtime, device)
-                with autocast(runtime, device):
-                    losses = model(batch, epoch)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses["loss"]).backward()
-                for group in optimizer.param_groups:
-                    group["betas"] = (group["betas"][0], _beta2(cfg, epoch * steps + i, total))
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step_update(epoch * steps + i + 1)
-                for k, v in losses.items():  # summed where they are: no host sync per step
-                    sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
-                bar.step(losses["loss"].detach())
-        seconds = time.perf_counter() - begin
-        if world > 1:  # each rank's last step moved its own BatchNorm statistics: score rank 0's, which it saves
-            for buffer in method.buffers():
-                dist.broadcast(buffer, 0)
-        val = evaluate(method, val_urls, cfg.loader.batch_size, probe_urls=urls if cfg.with_probe else None,
-                       num_workers=cfg.loader.num_workers, runtime=runtime)  # each rank its share; all the totals
-        if rank != 0:
+    end = 0
+    for phase in phases:
+        first, end = end, end + phase.epochs  # the phase's epochs: [first, end)
+        if start_epoch >= end:
             continue
-        line = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                "train": {k: float(v) / steps for k, v in sums.items()},
-                "images_per_s": steps * cfg.loader.batch_size / seconds, "train_seconds": seconds, "val": val}
-        epochs.append(line)
-        log.info("epoch %d/%d %s: loss %.4f, val top-1 %s, %.0f images/s", epoch + 1, cfg.epochs, cfg.method,
-                 line["train"]["loss"], ", ".join(f"{k} {v['top1']:.2f}" for k, v in val.items() if isinstance(v, dict)),
-                 line["images_per_s"])
-        improved = val[primary]["top1"] > best["top1"]
-        if improved:
-            best = {"top1": val[primary]["top1"], "epoch": epoch + 1}
-        save_checkpoint(os.path.join(out, LAST), {
-            "config": cfg.to_dict(), "epoch": epoch + 1, "state_dict": method.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "best": best, **record})
-        if improved:
-            shutil.copyfile(os.path.join(out, LAST), os.path.join(out, BEST))
+        optimizer, scheduler = phase_optimizer(method, phase, steps)
+        if start_epoch > first:  # killed inside this phase: its optimizer and schedule go on
+            if ckpt.get("phase", "train") != phase.name:
+                raise GenddError(f"{checkpoint_in(out, LAST)}: was saved in phase {ckpt.get('phase', 'train')!r}, "
+                                 f"not {phase.name!r} where epoch {start_epoch} falls; its settings differ")
+            optimizer.load_state_dict(ckpt["optimizer"])  # moved to the parameters' device, wherever it was saved
+            scheduler.load_state_dict(ckpt["scheduler"])
+        loader = train_pipeline(urls, store, student.data_config, cfg.loader, cfg.seed, max(first, start_epoch),
+                                counts, pin_memory=device.type == "cuda", soft_labels=not cfg.unsupervised,
+                                fresh_scale=phase.fresh_scale)  # every epoch of the phase
+        total = steps * phase.epochs
+        for epoch in range(max(first, start_epoch), end):
+            loader.dataset.set_epoch(epoch)
+            batches = iter(loader)  # before seeding: starting an iterator draws from torch's generator
+            torch.manual_seed(_epoch_seed(cfg, epoch, rank))
+            sums: dict[str, torch.Tensor] = {}
+            begin = time.perf_counter()
+            title = f"epoch {epoch + 1}/{cfg.epochs} {cfg.method}" + (f" {phase.name}" if len(phases) > 1 else "")
+            with StepBar(title, steps, progress and rank == 0) as bar:
+                for i, batch in enumerate(itertools.islice(batches, steps)):
+                    step = (epoch - first) * steps + i  # of the phase
+                    batch = _on_device(batch, student.data_config, runtime, device)
+                    with autocast(runtime, device):
+                        losses = model(batch, epoch)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(losses["loss"]).backward()
+                    for group in optimizer.param_groups:
+                        group["betas"] = (group["betas"][0], _beta2(phase.beta2, step, total))
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step_update(step + 1)
+                    for k, v in losses.items():  # summed where they are: no host sync per step
+                        sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
+                    bar.step(losses["loss"].detach())
+            seconds = time.perf_counter() - begin
+            del batches
+            if world > 1:  # each rank's last step moved its own BatchNorm statistics: score rank 0's, which it saves
+                for buffer in method.buffers():
+                    dist.broadcast(buffer, 0)
+            val = evaluate(method, val_urls, cfg.loader.batch_size, probe_urls=urls if cfg.with_probe else None,
+                           num_workers=cfg.loader.num_workers, runtime=runtime)  # each rank its share; all the totals
+            if rank != 0:
+                continue
+            line = {"epoch": epoch + 1, "phase": phase.name, "lr": optimizer.param_groups[0]["lr"],
+                    "train": {k: float(v) / steps for k, v in sums.items()},
+                    "images_per_s": steps * cfg.loader.batch_size / seconds, "train_seconds": seconds, "val": val}
+            epochs.append(line)
+            log.info("epoch %d/%d %s: loss %.4f, val top-1 %s, %.0f images/s", epoch + 1, cfg.epochs, cfg.method,
+                     line["train"]["loss"],
+                     ", ".join(f"{k} {v['top1']:.2f}" for k, v in val.items() if isinstance(v, dict)),
+                     line["images_per_s"])
+            improved = phase.selects_best and val[primary]["top1"] > best["top1"]
+            if improved:
+                best = {"top1": val[primary]["top1"], "epoch": epoch + 1}
+            save_checkpoint(os.path.join(out, LAST), {
+                "config": cfg.to_dict(), "epoch": epoch + 1, "phase": phase.name, "state_dict": method.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "best": best, **record})
+            if improved:
+                shutil.copyfile(os.path.join(out, LAST), os.path.join(out, BEST))
+        del loader  # its persistent workers end with it
     if epochs:
         epochs.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return summarize(out, primary) if rank == 0 else {}
+    chosen = [p.name for p in phases if p.selects_best]
+    return summarize(out, primary, chosen) if rank == 0 else {}
 
 
 def _on_device(batch: dict, data_config: dict, runtime, device: torch.device) -> dict:
@@ -242,10 +279,12 @@ def _on_device(batch: dict, data_config: dict, runtime, device: torch.device) ->
     return moved
 
 
-def summarize(out: str, primary: str) -> dict:
-    """Best and last epoch of a run from its metrics, written to ``summary.json``."""
+def summarize(out: str, primary: str, phases: list[str] | None = None) -> dict:
+    """Best and last epoch of a run from its metrics, written to ``summary.json``; the best among the epochs of
+    ``phases`` (None: every epoch)."""
     lines = read_epochs(out)
-    best = max(lines, key=lambda m: m["val"][primary]["top1"])
+    pool = [m for m in lines if phases is None or m.get("phase", "train") in phases] or lines
+    best = max(pool, key=lambda m: m["val"][primary]["top1"])
     pick = lambda m: {"epoch": m["epoch"], **{k: v for k, v in m["val"].items() if isinstance(v, dict)}}  # noqa: E731
     summary = {"primary": primary, "best": pick(best), "last": pick(lines[-1]),
                "images_per_s": sum(m["images_per_s"] for m in lines) / len(lines), "epochs": len(lines)}

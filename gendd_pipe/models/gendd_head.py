@@ -120,7 +120,7 @@ class SimpleMLPAdaLN(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
-        nn.init.normal_(self.pos_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed.weight, std=1.0)  # N(0, 1): nn.Embedding's own, as the official head has it
         # zero modulation and output: every block starts as the identity and the output as 0
         for linear in [*self._modulations(), self.final_linear]:
             nn.init.zeros_(linear.weight)

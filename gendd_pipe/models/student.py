@@ -5,7 +5,10 @@ same definition as the teacher's cached feature; the student's classifier is the
 model's own (``get_classifier()``), sized to the teacher's classes so that every
 method's logits live in the teacher's label space. Preprocessing (mean, std,
 interpolation, crop) is timm's resolved data config for the model, with an
-optional square input-size override.
+optional square input-size override and an optional eval transform (``eval``:
+resize the short edge, center-crop the input size, with one interpolation), for a
+student trained from scratch that has no reason to keep timm's pretrained
+crop_pct and interpolation.
 """
 
 from __future__ import annotations
@@ -14,16 +17,40 @@ import timm
 import torch
 from torch import nn
 
+from dataclasses import field
+from typing import Any, Literal
+
+from pydantic import model_validator
+
 from gendd_pipe.config import PositiveInt, configclass
+from gendd_pipe.errors import GenddError
 from gendd_pipe.models.hub import create_model
 
 
 @configclass
+class EvalTransform:
+    """How val images are made: resize the short edge to ``resize``, then center-crop the input size."""
+
+    resize: PositiveInt | None = None  # short edge before the crop; None: timm's (input size / the model's crop_pct)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None  # None: the model's timm default
+
+
+@configclass
 class StudentConfig:
-    """Which student to train and at what input size."""
+    """Which student to train, at what input size, and how its val images are made."""
 
     name: str = "resnet18"  # any name timm takes (its architecture; the student starts from random weights)
     input_size: PositiveInt | None = None  # square input override; None keeps timm's default
+    model_args: dict[str, Any] = field(default_factory=dict)  # timm.create_model keyword arguments of the
+    # architecture (zero_init_last: false, act_layer: relu)
+    eval: EvalTransform = field(default_factory=EvalTransform)  # the eval transform (None fields: timm's)
+
+    @model_validator(mode="after")
+    def _crop_fits(self):
+        if self.input_size and self.eval.resize and self.eval.resize < self.input_size:
+            raise ValueError(f"eval.resize {self.eval.resize} is smaller than the {self.input_size} px center crop "
+                             "(input_size) it is cut to")
+        return self
 
 
 class Student(nn.Module):
@@ -55,8 +82,20 @@ class Student(nn.Module):
 
 def create_student(cfg: StudentConfig, num_classes: int) -> Student:
     """A randomly initialised student with ``num_classes`` outputs (seed torch first for repeatable init)."""
-    model = create_model(cfg.name, "student", pretrained=False, num_classes=num_classes)
+    try:
+        model = create_model(cfg.name, "student", pretrained=False, num_classes=num_classes, **cfg.model_args)
+    except TypeError as exc:  # an argument the architecture does not take
+        raise GenddError(f"student.model_args: {cfg.name} does not take {sorted(cfg.model_args)} "
+                         f"({str(exc).splitlines()[0]})") from None
     data_config = timm.data.resolve_model_data_config(model)
     if cfg.input_size is not None:
         data_config["input_size"] = (3, cfg.input_size, cfg.input_size)
+    size = data_config["input_size"][1]
+    if cfg.eval.resize is not None:
+        if cfg.eval.resize < size:
+            raise GenddError(f"student.eval.resize: {cfg.eval.resize} is smaller than {cfg.name}'s {size} px center "
+                             "crop; use at least the input size")
+        data_config.update(crop_pct=size / cfg.eval.resize, crop_mode="center")
+    if cfg.eval.interpolation is not None:
+        data_config["interpolation"] = cfg.eval.interpolation
     return Student(model, cfg, data_config)

@@ -5,8 +5,8 @@ method is one module in this package, or in another package that names it in
 the entry-point group ``gendd_pipe.methods``.
 """
 
-from gendd_pipe.distill.methods.base import (ENTRY_POINTS, Method, TeacherHead, create_method, get_method,
-                                             load_error, method_names, register, sections)
+from gendd_pipe.distill.methods.base import (ENTRY_POINTS, Method, Phase, TeacherHead, create_method, get_method,
+                                             load_error, method_names, register, sections, train_phase)
 
-__all__ = ["ENTRY_POINTS", "Method", "TeacherHead", "create_method", "get_method", "load_error", "method_names",
-           "register", "sections"]
+__all__ = ["ENTRY_POINTS", "Method", "Phase", "TeacherHead", "create_method", "get_method", "load_error",
+           "method_names", "register", "sections", "train_phase"]

@@ -13,7 +13,9 @@ know nothing about it:
 - ``predictors`` and ``primary``: the logits it predicts with, and which of them
   picks the best epoch.
 - ``check(cfg)``: refuses settings it cannot run, before any data is read.
-- ``loss(batch, epoch)``, ``predict(features, options)``, ``param_groups(weight_decay)``.
+- ``loss(batch, epoch)``, ``predict(features, options)``, ``param_groups(weight_decay, phase)``.
+- ``phases(cfg)``: the run's training phases (`Phase`), each with its own optimizer and learning-rate
+  schedule; one phase (``train``) unless the method says otherwise (GenDD's stage 1).
 
 `register` adds a class; `get_method` finds one, loading the built-in methods
 (every module of this package) and those that other packages declare in the
@@ -42,6 +44,31 @@ ENTRY_POINTS = "gendd_pipe.methods"
 _REGISTRY: dict[str, type[Method]] = {}
 _BROKEN: dict[str, str] = {}  # entry points that failed to load: name -> why
 _loaded = False
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A span of a run's epochs trained with an optimizer and schedule of its own (AdamW, started afresh)."""
+
+    name: str  # recorded per epoch and in checkpoints: a run killed in a phase resumes in it
+    epochs: int
+    lr: float  # peak learning rate
+    min_lr: float  # the cosine's end
+    warmup_epochs: int  # linear warmup from lr / 100
+    weight_decay: float  # of the student (a method may keep parts of itself from it: `Method.param_groups`)
+    beta2: tuple[float, float]  # AdamW beta2 over the phase's steps, first to last (cosine); equal: constant
+    schedule: str = "cosine"  # cosine to min_lr, or step: lr x decay_rate at each of decay_epochs
+    decay_epochs: tuple[int, ...] = ()  # step schedule: epochs of the phase at which the lr drops
+    decay_rate: float = 0.1
+    fresh_scale: tuple[float, float] | None = None  # not None: random-resized crops of this scale drawn afresh
+    # every epoch from the images (the store's views and features are not read)
+    selects_best: bool = True  # its epochs compete for best.safetensors
+
+
+def train_phase(cfg, name: str = "train", epochs: int | None = None) -> Phase:
+    """The phase a `DistillConfig` describes: its optimizer and schedule settings over ``epochs`` (all of them)."""
+    return Phase(name, cfg.epochs if epochs is None else epochs, cfg.lr, cfg.min_lr, cfg.warmup_epochs,
+                 cfg.weight_decay, tuple(cfg.beta2), cfg.schedule, tuple(cfg.decay_epochs), cfg.decay_rate)
 
 
 @dataclass
@@ -92,8 +119,14 @@ class Method(nn.Module):
         settings."""
         return {"student": self.student.classify(features)}
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW parameter groups; the student's ``weight_decay`` applies unless the method says otherwise."""
+    @classmethod
+    def phases(cls, cfg) -> list[Phase]:
+        """The training phases of a run (a `DistillConfig`), in order; their epochs add up to ``cfg.epochs``."""
+        return [train_phase(cfg)]
+
+    def param_groups(self, weight_decay: float, phase: str = "train") -> list[dict]:
+        """AdamW parameter groups of ``phase``; the student's ``weight_decay`` applies unless the method says
+        otherwise."""
         return [{"params": list(self.parameters()), "weight_decay": weight_decay}]
 
 

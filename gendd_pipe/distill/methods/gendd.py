@@ -5,9 +5,16 @@ on the teacher's cached feature after Distribution Contraction
 (``(1 - s) * feature + s * W[y]``) and a Beta feature mixup of condition and
 target. The student's own linear head trains on detached features. Predictions:
 that head (``student``), and features sampled from the diffusion head read by
-the teacher's classifier (``gendd``, the primary predictor). The first
-``stage1_epochs`` train the student plus a linear projection into the frozen
-teacher classifier with cross-entropy (the official stage-1 warmup).
+the teacher's classifier (``gendd``, the primary predictor).
+
+With ``stage1_epochs``, the run begins with the official stage 1
+(``main_gendd_pretrain.py``) as a phase of its own: the student plus a
+projection (the identity when the student's and the teacher's feature widths
+match, else a linear map) into the frozen teacher classifier, trained with
+cross-entropy on random-resized crops drawn afresh each epoch (no cached
+feature is read), by its own AdamW (betas 0.9 / 0.999) on a cosine from the
+stage-1 lr to min_lr without warmup. Stage 2 then starts a fresh optimizer: the
+run's warmup, schedule and beta2 ramp over the stage-2 epochs alone.
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from gendd_pipe.config import NonNegativeFloat, NonNegativeInt, Probability, configclass
-from gendd_pipe.distill.methods.base import Method, TeacherHead, label_of, register
+from gendd_pipe.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, Probability, Range, configclass
+from gendd_pipe.distill.methods.base import Method, Phase, TeacherHead, label_of, register, train_phase
 from gendd_pipe.models.gendd_head import DiffusionHead, HeadConfig, SamplingConfig
 from gendd_pipe.models.student import Student
 
@@ -35,9 +42,14 @@ class GenddConfig:
     smooth: Probability = 0.9  # Distribution Contraction: weight of the class center (0 when unsupervised)
     centers: Literal["raw", "scaled"] = "raw"  # scaled: classifier rows rescaled to the mean feature norm
     mixup: NonNegativeFloat = 1.0  # Beta(mixup, mixup) feature-space mixup of condition and target; 0: off
-    stage1_epochs: NonNegativeInt = 0  # warmup epochs: student + projection into the frozen teacher classifier
+    stage1_epochs: NonNegativeInt = 0  # stage-1 epochs (of the run's epochs): student + projection into the frozen
+    # teacher classifier, a phase with its own optimizer and cosine schedule, on fresh crops
+    stage1_lr: PositiveFloat | None = None  # stage 1's peak learning rate; None: the run's lr
+    stage1_min_lr: NonNegativeFloat | None = None  # the end of stage 1's cosine; None: the run's min_lr
+    stage1_scale: Range = (0.08, 1.0)  # stage 1's random-resized-crop scale (official: torchvision's default)
     ce_weight: NonNegativeFloat = 1.0  # the student's own linear head, trained on detached features
-    head_weight_decay: NonNegativeFloat = 0.0  # AdamW weight decay of the head and its projector
+    head_weight_decay: NonNegativeFloat = 0.0  # AdamW weight decay of the diffusion head (its LayerNorm projector
+    # takes the student's, as the official parameter groups give it)
 
     @model_validator(mode="after")
     def _steps_fit(self):
@@ -63,6 +75,17 @@ class GenDD(Method):
             raise ValueError(f"gendd.stage1_epochs {cfg.options.stage1_epochs} leaves none of the {cfg.epochs} "
                              "epochs to the diffusion head")
 
+    @classmethod
+    def phases(cls, cfg) -> list[Phase]:
+        """Stage 1 (when ``stage1_epochs``), then stage 2 over the rest of the run's epochs."""
+        o = cfg.options
+        if not o.stage1_epochs:
+            return [train_phase(cfg)]
+        stage1 = Phase("stage1", o.stage1_epochs, o.stage1_lr or cfg.lr,
+                       cfg.min_lr if o.stage1_min_lr is None else o.stage1_min_lr, 0, cfg.weight_decay, (0.999, 0.999),
+                       fresh_scale=tuple(o.stage1_scale), selects_best=False)
+        return [stage1, train_phase(cfg, "stage2", cfg.epochs - o.stage1_epochs)]
+
     def __init__(self, student: Student, teacher: TeacherHead, cfg):
         super().__init__(student, teacher, cfg)
         o = self.options
@@ -77,7 +100,8 @@ class GenDD(Method):
         self.projector = nn.LayerNorm(student.num_features)
         self.diffusion = DiffusionHead(target_dim, student.num_features, o.head)
         # stage 1: student features mapped into the teacher's feature space, read by its classifier
-        self.stage1_proj = nn.Linear(student.num_features, target_dim)
+        same = student.num_features == target_dim
+        self.stage1_proj = nn.Identity() if same else nn.Linear(student.num_features, target_dim)
 
     def teacher_logits(self, features: torch.Tensor) -> torch.Tensor:
         return features @ self.head_weight.T + self.head_bias
@@ -116,10 +140,15 @@ class GenDD(Method):
         out["gendd"] = self.teacher_logits(draws.reshape(sampling.samples, features.shape[0], -1).mean(0))
         return out
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """The official code puts no weight decay on the diffusion head and its projector."""
-        head = [*self.diffusion.parameters(), *self.projector.parameters()]
-        ids = {id(p) for p in head}
-        rest = [p for p in self.parameters() if id(p) not in ids]
+    def param_groups(self, weight_decay: float, phase: str = "train") -> list[dict]:
+        """Stage 1: the student and the projection, all decayed (the official pretrain's one group). Otherwise
+        the student, its own head and the LayerNorm projector decayed, the diffusion head not (the official
+        groups exempt parameters named ``diffloss`` or ``ln``, which the projector, ``cls_projector``, is not)."""
+        if phase == "stage1":
+            return [{"params": [*self.student.parameters(), *self.stage1_proj.parameters()],
+                     "weight_decay": weight_decay}]
+        head = {id(p) for p in self.diffusion.parameters()}
+        stage1 = {id(p) for p in self.stage1_proj.parameters()}
+        rest = [p for p in self.parameters() if id(p) not in head and id(p) not in stage1]
         return [{"params": rest, "weight_decay": weight_decay},
-                {"params": head, "weight_decay": self.options.head_weight_decay}]
+                {"params": list(self.diffusion.parameters()), "weight_decay": self.options.head_weight_decay}]
