@@ -362,6 +362,14 @@ def distill(digit_store, out, *extra):
     (["--set", "distill.common.gendd.head.width=-3"], "distill.common.gendd.head.width: must be > 0"),
     (["--set", "distill.common.epoch=3"], "distill.common.epoch: unknown key (did you mean 'epochs'?"),
     (["--set", "distill.common.seed=many"], "distill.common.seed: must be an integer"),
+    (["--set", "distill.common.gendd.stage1_epochs=1"], "gendd.stage1_epochs 1 leaves none of the 1 epochs to the "
+                                                        "diffusion head"),
+    (["--epochs", "3", "--unsupervised", "--set", "distill.common.gendd.stage1_epochs=1"],
+     "gendd.stage1_epochs trains on labels; set it to 0 for an unsupervised run"),
+    (["--set", "distill.common.student.eval.resize=24"], "distill.runs.gendd.student: eval.resize 24 is smaller than the 32 "
+                                                         "px center crop (input_size)"),
+    (["--set", "distill.common.schedule=step"], "schedule step needs decay_epochs"),
+    (["--set", "distill.common.decay_epochs=[9, 3]"], "decay_epochs must rise, got [9, 3]"),
     (["--run", "../escape"], "--run '../escape': a run name is letters, digits, _ . -"),
     (["--set", "distill.runs={../escape: {method: kd}}"], "distill.runs.../escape: a run name is letters, digits, _ . - (it names a directory), got '../escape'"),
 ])

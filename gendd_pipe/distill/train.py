@@ -156,7 +156,8 @@ def phase_optimizer(method, phase: Phase, steps: int):
     warmup = steps * phase.warmup_epochs
     common = dict(warmup_t=warmup, warmup_lr_init=phase.lr / 100, t_in_epochs=False)
     if phase.schedule == "step":
-        scheduler = MultiStepLRScheduler(optimizer, decay_t=[steps * e for e in phase.decay_epochs],
+        # timm applies a milestone m from step m - 1 (its convention): + 1 makes epoch e's first step the first dropped
+        scheduler = MultiStepLRScheduler(optimizer, decay_t=[steps * e + 1 for e in phase.decay_epochs],
                                          decay_rate=phase.decay_rate, warmup_prefix=False, **common)
     else:
         scheduler = CosineLRScheduler(optimizer, t_initial=max(steps * phase.epochs - warmup, 1), lr_min=phase.min_lr,
