@@ -21,7 +21,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from gendd_pipe.config import OutputDir, configclass, to_dict  # noqa: E402
-from gendd_pipe.distill.methods import get_method  # noqa: E402
 from gendd_pipe.files import write_yaml  # noqa: E402
 from gendd_pipe.layout import config_beside, eval_result, run_dir, run_metrics  # noqa: E402
 from gendd_pipe.metrics import read_epochs  # noqa: E402
@@ -45,7 +44,7 @@ def collect(distill_out: str, eval_dir: str, names: list[str], teacher: str | No
         scored = [k for k, v in final.items() if isinstance(v, dict) and "top1" in v]
         # unsupervised: the probe, and the method's own predictor in the teacher's label space, trained on no label
         # (GenDD's sampled features read by the teacher's classifier, the KL student's logits; the paper's metric)
-        own = get_method(record["method"]).primary
+        own = record.get("predictor")  # the method's primary predictor (runs of earlier versions: none)
         used = [p for p in ("probe", own) if p in final] if record["unsupervised"] else scored
         out["runs"][name] = {
             "method": record["method"] + (" (unsupervised)" if record["unsupervised"] else ""),

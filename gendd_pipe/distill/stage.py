@@ -27,6 +27,7 @@ from pydantic import model_validator
 from gendd_pipe.config import ConfigError, OutputDir, RunName, Shards, configclass, merged, to_dict
 from gendd_pipe.distill.checkpoint import read_checkpoint
 from gendd_pipe.distill.config import DistillConfig, parse_run
+from gendd_pipe.distill.methods import get_method
 from gendd_pipe.distill.train import distill, on_rank0, run_differences
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import write_json, write_yaml
@@ -123,6 +124,6 @@ def run_stage(cfg: DistillStage, run: str, resume: bool | None = None, progress:
         return summary
     write_yaml(config_beside(directory), cfg.resolved(run))
     write_json(run_metrics(cfg.out, run), {"run": run, "method": config.method, "unsupervised": config.unsupervised,
-                                           **summary})
+                                           "predictor": get_method(config.method).primary, **summary})
     write_curve(directory, run_plot(cfg.out, run))
     return summary
