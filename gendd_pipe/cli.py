@@ -265,6 +265,9 @@ def extract_command(
                      Key("augment.mixup")] = None,
     cutmix: Annotated[Optional[float], typer.Option(help="CutMix alpha of the views (timm Mixup's); 0: off."),
                       Key("augment.cutmix")] = None,
+    color_jitter: Annotated[Optional[float], typer.Option(
+        help="ColorJitter(j, j, j) of the views before RandAugment (torchvision's); 0: off."),
+        Key("augment.color_jitter")] = None,
     logits: Annotated[Optional[str], typer.Option(
         help="auto | derived | full | topk:K (auto: derived, computed from the stored head, where the classifier "
              "is one linear layer)."), Key("logits")] = None,

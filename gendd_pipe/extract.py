@@ -30,8 +30,8 @@ from gendd_pipe.cluster import (dask_client, local_devices, report_progress, run
                                 this_worker_device)
 from gendd_pipe.config import (NonNegativeInt, OutputDir, OutputFile, PositiveInt, Shards, configclass, narrow,
                                to_dict)
-from gendd_pipe.data.augment import (MIX_FIELDS, NO_MIX, AugmentConfig, draw_mix, draw_randaugment, fill_color, no_randaugment,
-                                     parse_randaugment)
+from gendd_pipe.data.augment import (JITTER_FIELDS, MIX_FIELDS, NO_JITTER, NO_MIX, AugmentConfig, draw_jitter, draw_mix,
+                                     draw_randaugment, fill_color, no_randaugment, parse_randaugment)
 from gendd_pipe.data.render import create_renderer, normalize_pixels, prefetched
 from gendd_pipe.data.replay import Replay
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, expand_urls, shard_name
@@ -42,8 +42,8 @@ from gendd_pipe.layout import config_beside
 from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher, create_teacher
 from gendd_pipe.runtime import RuntimeConfig, resolve_device
 from gendd_pipe.storage import explain, storage_errors
-from gendd_pipe.store.format import (AUGMENTED_VERSION, FORMAT_VERSION, MANIFEST_ATTR, SHARDS, check_compatible, logits_spec,
-                                     parse_logits, recorded_source)
+from gendd_pipe.store.format import (MANIFEST_ATTR, SHARDS, check_compatible, format_version, logits_spec, parse_logits,
+                                     recorded_source)
 from gendd_pipe.store.reader import FeatureStore
 from gendd_pipe.store.lease import Leases
 from gendd_pipe.store.writer import ShardWriter, is_complete, open_root, write_root
@@ -92,29 +92,36 @@ class ExtractConfig:
                              "set views.count to 2 or more")
         if self.augment.randaugment and self.views.renderer != "pil":
             raise ValueError("augment.randaugment: timm's RandAugment ops run on Pillow images; use views.renderer pil")
+        if self.augment.color_jitter and self.views.renderer != "pil":
+            raise ValueError("augment.color_jitter: replayed with torchvision's functions on Pillow images; use "
+                             "views.renderer pil")
         return self
 
 
 def augment_section(teacher: Teacher, cfg: ExtractConfig) -> dict:
-    """The manifest's ``augment`` section of an augmented store (none for a plain one): the config, the fill of
-    geometric ops, and the RandAugment op names the stored op indices refer to."""
+    """The manifest's ``augment`` section of an augmented store (none for a plain one): the config (without
+    ``color_jitter`` when it is off, as version-3 stores were written), the fill of geometric ops, and the
+    RandAugment op names the stored op indices refer to."""
     if not cfg.augment.active:
         return {}
+    section = asdict(cfg.augment)
+    if not section["color_jitter"]:
+        del section["color_jitter"]
     fill = fill_color(teacher.data_config["mean"])
     ops, layers = [], 0
     if cfg.augment.randaugment:
         augment = parse_randaugment(cfg.augment.randaugment, teacher.input_hw, fill,
                                     teacher.data_config["interpolation"])
         ops, layers = [op.name for op in augment.ops], augment.num_layers
-    return {"augment": {**asdict(cfg.augment), "fill": list(fill), "ops": ops, "layers": layers}}
+    return {"augment": {**section, "fill": list(fill), "ops": ops, "layers": layers}}
 
 
 def requested_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
     """Everything that fixes the bytes of a store, plus an empty shard list. Augmented stores are format
-    version 3 (readers that do not replay augmentation refuse them); plain ones stay version 2."""
+    version 3, or 4 with color jitter (readers that do not replay them refuse them); plain ones stay version 2."""
     augment = augment_section(teacher, cfg)
     return {
-        "format_version": AUGMENTED_VERSION if augment else FORMAT_VERSION,
+        "format_version": format_version(augment.get("augment", {})),
         **augment,
         **teacher.manifest(),
         "views": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg.views).items()},
@@ -167,13 +174,18 @@ def _decodable(reader: ShardReader, threads: int) -> Iterator[Sample | Skipped]:
 
 
 def plan_rows(samples: list[Sample], teacher: Teacher, cfg: ExtractConfig, replay: Replay) -> dict[str, np.ndarray]:
-    """Every stored view of a shard's rows: ``views`` (n, V, 5), and ``augment`` (n, V, L, 3) (drawn from the
-    RandAugment that ``replay`` applies) and ``mix`` (n, V, 7) as configured, each drawn from (seed, key, view);
+    """Every stored view of a shard's rows: ``views`` (n, V, 5), and ``jitter`` (n, V, 6), ``augment`` (n, V, L, 3)
+    (drawn from the RandAugment that ``replay`` applies) and ``mix`` (n, V, 7) as configured, each drawn from
+    (seed, key, view);
     view 0 stays the plain eval view."""
     dc, size, v = teacher.data_config, teacher.input_hw, cfg.views.count
     views = np.stack([sample_views(s.key, *s.image.size, cfg.views, size, dc["crop_pct"], dc.get("crop_mode", "center"))
                       for s in samples])
     plan = {"views": views}
+    if cfg.augment.color_jitter > 0:
+        plan["jitter"] = np.stack([[NO_JITTER] + [draw_jitter(cfg.augment.color_jitter,
+                                                              view_rng(cfg.views.seed, f"jitter:{s.key}", k))
+                                                  for k in range(1, v)] for s in samples])
     augment = replay.randaugment
     if augment is not None:
         plan["augment"] = np.stack([[no_randaugment(augment.num_layers)] +
@@ -254,6 +266,8 @@ def _fields(teacher: Teacher, cfg: ExtractConfig, logits: dict) -> dict[str, tup
     v, c = cfg.views.count, teacher.num_classes
     fields = {"keys": ((), str), "labels": ((), np.int64), "views": ((v, 5), np.float32)}
     section = augment_section(teacher, cfg).get("augment", {})
+    if cfg.augment.color_jitter > 0:
+        fields["jitter"] = ((v, len(JITTER_FIELDS)), np.float32)
     if section.get("randaugment"):
         fields["augment"] = ((v, section["layers"], 3), np.float32)
     if cfg.augment.mixing:

@@ -1,4 +1,5 @@
-"""Replayable RandAugment and mix draws against timm's own RandAugment, level functions and Mixup."""
+"""Replayable color jitter, RandAugment and mix draws against torchvision's ColorJitter and timm's own
+RandAugment, level functions and Mixup."""
 
 import os
 import random
@@ -11,12 +12,13 @@ from PIL import Image
 from skimage import data as photos
 from timm.data.auto_augment import LEVEL_TO_ARG, NAME_TO_OP, AugmentOp
 from timm.data.mixup import Mixup
+from torchvision.transforms import ColorJitter
 from torchvision.transforms.functional import pil_to_tensor
 
 from gendd_pipe.config import ConfigError, parse
-from gendd_pipe.data.augment import (CUTMIX, MIXUP, NO_MIX, SKIPPED, UNREPLAYABLE, AugmentConfig, apply_randaugment,
-                                     draw_mix, draw_randaugment, is_mixed, level_args, mix_pixels, mixed_target,
-                                     parse_randaugment)
+from gendd_pipe.data.augment import (CUTMIX, MIXUP, NO_JITTER, NO_MIX, SKIPPED, UNREPLAYABLE, AugmentConfig,
+                                     apply_jitter, apply_randaugment, draw_jitter, draw_mix, draw_randaugment, is_mixed,
+                                     level_args, mix_pixels, mixed_target, parse_randaugment)
 from gendd_pipe.data.views import view_rng
 
 RECIPE = "rand-m9-mstd0.5-inc1"
@@ -49,6 +51,25 @@ def test_a_stored_randaugment_draw_replays_timm_ops_on_a_photo():
     assert np.array_equal(np.asarray(out), np.asarray(expected))
     assert not np.array_equal(np.asarray(out), np.asarray(image))
     assert draw_randaugment(augment, view_rng(3, "k", 1)).shape == (2, 3)
+
+
+def test_a_stored_color_jitter_is_torchvisions_color_jitter(monkeypatch):
+    """The official BEiT loader's ColorJitter(0.4, 0.4, 0.4, 0.0): a stored draw replays torchvision's transform
+    given the same parameters, and the draws spread as its get_params's do."""
+    image = Image.fromarray(photos.coffee()).resize((64, 48))
+    draws = np.stack([draw_jitter(0.4, view_rng(0, "k", v)) for v in range(1, 400)])
+    np.testing.assert_array_equal(draws[0], draw_jitter(0.4, view_rng(0, "k", 1)))  # from (seed, key, view)
+    assert {tuple(d[:3].astype(int)) for d in draws} == {(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1),
+                                                         (2, 1, 0)}  # every order of the three ops
+    assert draws[:, 3:].min() >= 0.6 and draws[:, 3:].max() <= 1.4 and abs(draws[:, 3:].mean() - 1) < 0.03
+    jitter = ColorJitter(0.4, 0.4, 0.4, 0.0)
+    for draw in draws[:12]:
+        order = [int(i) for i in draw[:3]]
+        fn_idx = torch.tensor(order[:1] + [3] + order[1:])  # torchvision's permutation of four, hue (3) skipped
+        monkeypatch.setattr(ColorJitter, "get_params", staticmethod(lambda *a, d=draw, f=fn_idx: (
+            f, float(d[3]), float(d[4]), float(d[5]), None)))
+        assert np.array_equal(np.asarray(apply_jitter(image, draw)), np.asarray(jitter(image)))
+    assert np.array_equal(np.asarray(apply_jitter(image, NO_JITTER)), np.asarray(image))
 
 
 @pytest.mark.parametrize("config", ["rand-m9-xyz", "augmix-m5", "rand-mX", "rand-m9-mstd0.5-tnone"])
@@ -134,11 +155,15 @@ def _augmented(**augment) -> ExtractConfig:
 
 
 @pytest.mark.parametrize("augment", [{"randaugment": RECIPE}, {"randaugment": RECIPE, "mixup": 0.2},
-                                     {"randaugment": RECIPE, "cutmix": 1.0}], ids=["randaugment", "mixup", "cutmix"])
+                                     {"randaugment": RECIPE, "cutmix": 1.0},
+                                     {"color_jitter": 0.4, "randaugment": RECIPE, "mixup": 0.2, "cutmix": 1.0}],
+                         ids=["randaugment", "mixup", "cutmix", "color jitter, randaugment and mixes"])
 def test_the_loader_renders_the_image_the_teacher_saw(tmp_path, photo_shard, augment):
     store_url = str(tmp_path / "aug.zarr")
     manifest = extract([photo_shard], store_url, _augmented(**augment), progress=False)
-    assert manifest["format_version"] == 3 and manifest["augment"]["randaugment"] == RECIPE
+    jittered = augment.get("color_jitter", 0) > 0
+    assert manifest["format_version"] == (4 if jittered else 3) and manifest["augment"]["randaugment"] == RECIPE
+    assert ("color_jitter" in manifest["augment"]) == jittered  # version-3 manifests are written as before
     store = FeatureStore.open(store_url)
     data = store.read_shard("photos-000000")
     keys = list(data["keys"])
@@ -162,10 +187,13 @@ def test_the_loader_renders_the_image_the_teacher_saw(tmp_path, photo_shard, aug
                 partner = int(data["labels"][int(data["mix"][row, v, 0])])
                 torch.testing.assert_close(batch["target"][i], mixed_target(int(data["labels"][row]), partner,
                                                                             float(data["mix"][row, v, 2]), 1000, 0.0))
-                if partner != data["labels"][row] and data["mix"][row, v, 2] < 1:  # never the unmixed label (Beta(0.2,
-                    # 0.2) often gives a lambda that rounds to 1 in float32: a view that is its own image)
+                if partner != data["labels"][row] and 1e-6 < data["mix"][row, v, 2] < 1 - 1e-6:  # never the unmixed
+                    # label (Beta(0.2, 0.2) often gives a lambda within float32's rounding of 0 or 1: a view that is
+                    # its own image or its partner's)
                     assert batch["target"][i].max() < 1
     assert "mix" not in data or seen
+    assert not jittered or (data["jitter"][:, 1:, 3:] != 1).all()  # every training view jittered, ...
+    assert not jittered or (data["jitter"][:, 0] == NO_JITTER).all()  # ... the eval view not
 
 
 def test_the_first_views_of_a_store_are_a_smaller_store_and_the_loader_can_train_on_them(tmp_path, photo_shard,
@@ -227,13 +255,16 @@ def test_augment_needs_a_second_view_and_randaugment_the_pil_renderer():
         parse(ExtractConfig, {"views": {"count": 1}, "augment": {"mixup": 0.2}}, "extract")
     with pytest.raises(ConfigError, match="renderer pil"):
         parse(ExtractConfig, {"views": {"renderer": "tensor"}, "augment": {"randaugment": RECIPE}}, "extract")
+    with pytest.raises(ConfigError, match="augment.color_jitter: replayed with torchvision's functions on Pillow"):
+        parse(ExtractConfig, {"views": {"renderer": "tensor"}, "augment": {"color_jitter": 0.4}}, "extract")
 
 
 def test_verify_recompute_replays_augmented_and_mixed_views(tmp_path, photo_shard):
     from gendd_pipe.store.audit import verify
 
     store_url = str(tmp_path / "aug.zarr")
-    extract([photo_shard], store_url, _augmented(randaugment=RECIPE, mixup=0.2, cutmix=1.0), progress=False)
+    extract([photo_shard], store_url, _augmented(color_jitter=0.4, randaugment=RECIPE, mixup=0.2, cutmix=1.0),
+            progress=False)
     report = verify(FeatureStore.open(store_url), recompute_count=4)
     assert report["ok"] and report["recomputed"] == 4 and report["cosine_min"] >= 0.999, report
 

@@ -75,8 +75,9 @@ READ_EPOCHS = textwrap.dedent("""
                    "crop_pct": 0.875, "crop_mode": "center"}
     seen = []
     for epoch in range(2):
-        loader = train_pipeline(shards, FeatureStore.open(store), data_config,
-                                LoaderConfig(batch_size=32, shuffle_buffer=50, num_workers=2), seed=0, epoch=epoch)
+        loader = train_pipeline(shards, FeatureStore.open(store), data_config,  # one view: train on the eval view
+                                LoaderConfig(batch_size=32, shuffle_buffer=50, num_workers=2, eval_view=True), seed=0,
+                                epoch=epoch)
         seen.append([list(batch["key"]) for batch in loader])
     with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
         json.dump(seen, f)

@@ -99,6 +99,7 @@ OFFICIAL = {
         (G + "loader.label_smoothing", 0.1, "A1:52 --smoothing 0.1"),
         (G + "student.name", "resnet50", "A1:33 -a resnet50"),
         (G + "student.model_args.zero_init_last", False, "models/resnet.py: torchvision's ResNet"),
+        ("extract.augment.color_jitter", 0.4, "SUP: rand_transform ColorJitter(0.4, 0.4, 0.4, 0.0) (--aug_type rand)"),
         ("extract.augment.randaugment", "rand-n2-m7-mstd0.5", "A1:53 --aug_type rand; SUP: --rand_n 2, --rand_m 7"),
         ("extract.augment.mixup", 0.2, "A1:50 --mixup 0.2"),
         ("extract.augment.cutmix", 1.0, "A1:51 --cutmix 1.0"),

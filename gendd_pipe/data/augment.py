@@ -8,6 +8,10 @@ generator seeded by ``(seed, key, view)`` (as crops are, `view_rng`) and kept
 beside the view, so that the student's loader renders the very image the teacher
 saw:
 
+- a color jitter, 6 numbers per view (`JITTER_FIELDS`): the order in which
+  brightness, contrast and saturation apply, and their factors, drawn as
+  torchvision's ``ColorJitter(j, j, j)`` draws them (the official BEiT loader's,
+  applied before RandAugment) and applied with torchvision's functions.
 - a RandAugment draw, (L, 3) per view: for each of the L layers the index of
   the op in timm's op list for the config string, its magnitude (-1 where the
   layer's probability skipped it) and whether its signed level is negated.
@@ -40,6 +44,7 @@ from pydantic import field_validator
 from timm.data.auto_augment import RandAugment, rand_augment_transform
 from timm.data.mixup import mixup_target
 from timm.data.transforms import str_to_pil_interp
+from torchvision.transforms import functional as TF
 
 from gendd_pipe.config import NonNegativeFloat, Probability, configclass
 
@@ -47,6 +52,10 @@ MIX_FIELDS = ("partner", "kind", "lam", "top", "left", "bottom", "right")
 MIXUP, CUTMIX = 0, 1
 NO_MIX = np.array([-1, MIXUP, 1, 0, 0, 0, 0], dtype=np.float32)
 SKIPPED = -1.0  # the magnitude of a RandAugment layer that its probability skipped
+JITTER_FIELDS = ("first", "second", "third", "brightness", "contrast", "saturation")  # the order (0 brightness,
+# 1 contrast, 2 saturation), then the three factors
+NO_JITTER = np.array([0, 1, 2, 1, 1, 1], dtype=np.float32)
+_JITTER_FNS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
 
 # Ops whose timm level function flips the sign of its value with probability 1/2 (`_randomly_negate`).
 SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"}
@@ -66,6 +75,8 @@ class AugmentConfig:
     cutmix: NonNegativeFloat = 0.0  # Beta(cutmix, cutmix) lambda of a cutmix; 0: no cutmix
     mix_prob: Probability = 1.0  # probability that a view is mixed at all (timm Mixup's prob)
     switch_prob: Probability = 0.5  # with both on: probability of cutmix rather than mixup (timm's switch_prob)
+    color_jitter: NonNegativeFloat = 0.0  # torchvision ColorJitter(j, j, j) before RandAugment (the official BEiT
+    # loader's 0.4): brightness, contrast and saturation factors in [max(0, 1 - j), 1 + j], in a random order; 0: off
 
     @field_validator("randaugment")
     @classmethod
@@ -80,7 +91,7 @@ class AugmentConfig:
 
     @property
     def active(self) -> bool:
-        return self.randaugment is not None or self.mixing
+        return self.randaugment is not None or self.mixing or self.color_jitter > 0
 
 
 def parse_randaugment(config: str, size: tuple[int, int] = (224, 224), fill: tuple[int, ...] = (124, 116, 104),
@@ -167,6 +178,22 @@ def apply_randaugment(image: Image.Image, draw: np.ndarray, augment: RandAugment
             continue
         op = augment.ops[int(index)]
         image = op.aug_fn(image, *level_args(op, magnitude, negate >= 0.5), **op.kwargs)
+    return image
+
+
+def draw_jitter(strength: float, rng: np.random.Generator) -> np.ndarray:
+    """One view's color jitter (`JITTER_FIELDS`), as torchvision's ``ColorJitter(j, j, j, 0).get_params`` draws
+    it: a random order of the three ops (its permutation of four, the absent hue left out) and each factor uniform
+    in [max(0, 1 - j), 1 + j]."""
+    order = rng.permutation(3)
+    factors = rng.uniform(max(0.0, 1 - strength), 1 + strength, 3)
+    return np.concatenate([order, factors]).astype(np.float32)
+
+
+def apply_jitter(image: Image.Image, jitter: np.ndarray) -> Image.Image:
+    """``image`` through one stored color jitter: torchvision's adjust functions in the stored order."""
+    for op in jitter[:3].astype(int).tolist():
+        image = _JITTER_FNS[op](image, float(jitter[3 + op]))
     return image
 
 

@@ -262,7 +262,7 @@ def _render_train(item: dict, replay: Replay, seed: int, epoch: int, targets: di
     sample: Sample = item["sample"]
     row = item["row"]
     count = views or len(row["views"])  # (train_pipeline refuses more views than the store has)
-    augmented = "augment" in row or "mix" in row  # views 1..V-1 carry the augmentation; view 0 is the eval view
+    augmented = any(k in row for k in ("jitter", "augment", "mix"))  # views 1..V-1 are augmented; 0 is the eval view
     first = 0 if with_eval_view and not augmented else 1
     v = first + view_choice(seed, epoch, sample.key, count - first)
     with _naming_the_sample(item):  # the image decoded at extraction, so these are other bytes

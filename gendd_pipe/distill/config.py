@@ -134,7 +134,13 @@ def upgrade(record: Mapping) -> dict:
         data["gendd"] = gendd
     for key, value in (("schedule", "cosine"), ("decay_epochs", []), ("decay_rate", 0.1)):
         data.setdefault(key, value)  # before the step schedule, every run was a cosine
+    student = data.get("student")
+    if isinstance(student, dict):  # before model arguments and the eval transform: timm's own
+        student.setdefault("model_args", {})
+        student.setdefault("eval", {"resize": None, "interpolation": None})
     loader = data.get("loader") or {}
     if "workers" in loader:
         loader["num_workers"] = loader.pop("workers")
+    if loader:
+        loader.setdefault("eval_view", True)  # earlier runs trained on every view of a plain store, view 0 too
     return data

@@ -1,7 +1,9 @@
-"""Feature store format versions 2 and 3: names, codecs, the manifest and what makes two stores compatible.
+"""Feature store format versions 2 to 4: names, codecs, the manifest and what makes two stores compatible.
 
 Version 3 is a version-2 store with an ``augment`` section: RandAugment draws and mixes stored per view
-(`gendd_pipe.data.augment`), which readers that do not replay them must refuse. Plain stores stay version 2.
+(`gendd_pipe.data.augment`), which readers that do not replay them must refuse. Version 4 is a version-3
+store whose views are color-jittered too (``jitter``), which a version-3 reader would not replay. Plain stores
+stay version 2, and augmented ones without color jitter version 3.
 
 Version 2 adds logits mode ``derived`` (no logits array: readers compute ``f @ W.T + b`` from the stored
 head), the manifest's ``compute`` section (the precision the teacher ran in), ``views.renderer`` (how
@@ -21,7 +23,8 @@ Layout (a Zarr v3 group; see README "The feature store")::
       teacher/head_weight (C, D) float32, teacher/head_bias (C,) float32
       shards/<name>/            attrs: source, source_sha256, count, skipped, checksums, complete
         keys (n,) str, labels (n,) int64, views (n, V, 5) float32,
-        augment (n, V, L, 3) float32 and/or mix (n, V, 7) float32 (version 3: `gendd_pipe.data.augment`),
+        jitter (n, V, 6) float32 (version 4), augment (n, V, L, 3) float32 and/or mix (n, V, 7) float32
+        (version 3: `gendd_pipe.data.augment`),
         features (n, V, D) float16, or int8 + feature_scales (ceil(n / chunk), D) float32 (codec int8)
         logits (n, V, C) float16 (mode full)
         or topk_values (n, V, k) float16 + topk_indices (n, V, k) int32 (mode topk)
@@ -42,16 +45,17 @@ from gendd_pipe.files import public_url
 
 FORMAT_VERSION = 2
 AUGMENTED_VERSION = 3  # a store with an ``augment`` section: RandAugment draws and mixes stored per view
-WRITTEN_VERSIONS = (FORMAT_VERSION, AUGMENTED_VERSION)  # what this code extends
-READABLE_VERSIONS = (1, 2, 3)  # what this code opens and distills
+JITTERED_VERSION = 4  # ... with color jitter too, which a version-3 reader would not replay
+WRITTEN_VERSIONS = (FORMAT_VERSION, AUGMENTED_VERSION, JITTERED_VERSION)  # what this code extends
+READABLE_VERSIONS = (1, 2, 3, 4)  # what this code opens and distills
 MANIFEST_ATTR = "gendd_pipe"
 SHARDS = "shards"
 HEAD_WEIGHT, HEAD_BIAS = "teacher/head_weight", "teacher/head_bias"
 COMPLETE, CHECKSUMS = "complete", "checksums"
-VIEW_ARRAYS = ("views", "augment", "mix")  # a row's arrays that make the pixels of its views
+VIEW_ARRAYS = ("views", "jitter", "augment", "mix")  # a row's arrays that make the pixels of its views
 
 # Fields that must agree before a store is extended or resumed: anything that changes the bytes.
-# (The format version follows from the augment section: 3 with one, 2 without.)
+# (The format version follows from the augment section: 4 with color jitter, 3 with another, 2 without.)
 COMPATIBLE_SECTIONS = ("teacher", "preprocessing", "views", "augment", "logits", "compute", "storage")
 COMPUTE_BEFORE_PRECISION = {"precision": "fp32"}  # what stores written before the compute section ran in
 RENDERER_BEFORE = "pil"  # how stores written before views.renderer made their pixels
@@ -76,11 +80,19 @@ def is_mixed_store(manifest: dict) -> bool:
 
 
 def augment_arrays(manifest: dict) -> list[str]:
-    """The arrays of an augmented store's shards beside ``views``: ``augment`` (n, V, L, 3) where RandAugment is
-    drawn, ``mix`` (n, V, 7) where views are mixed."""
+    """The arrays of an augmented store's shards beside ``views``: ``jitter`` (n, V, 6) where color jitter is
+    drawn, ``augment`` (n, V, L, 3) where RandAugment is, ``mix`` (n, V, 7) where views are mixed."""
     section = manifest.get("augment") or {}
     mixing = (section.get("mixup", 0) > 0 or section.get("cutmix", 0) > 0) and section.get("mix_prob", 0) > 0
-    return (["augment"] if section.get("randaugment") else []) + (["mix"] if mixing else [])
+    return ((["jitter"] if section.get("color_jitter", 0) > 0 else []) +
+            (["augment"] if section.get("randaugment") else []) + (["mix"] if mixing else []))
+
+
+def format_version(augment: dict) -> int:
+    """The version a store of this ``augment`` section (empty: none) is written as."""
+    if not augment:
+        return FORMAT_VERSION
+    return JITTERED_VERSION if augment.get("color_jitter", 0) > 0 else AUGMENTED_VERSION
 
 
 def is_int8(manifest: dict) -> bool:
@@ -159,7 +171,7 @@ def check_compatible(store: str, existing: dict, requested: dict) -> None:
     existing["views"] = {"renderer": RENDERER_BEFORE, **existing.get("views", {})}
     if existing.get("format_version") not in WRITTEN_VERSIONS:
         raise GenddError(f"{store}: format version {existing.get('format_version')} cannot be extended by this "
-                         f"version, which writes versions {FORMAT_VERSION} and {AUGMENTED_VERSION} (it still reads "
+                         f"version, which writes versions {', '.join(map(str, WRITTEN_VERSIONS))} (it still reads "
                          "it); use a new --out")
     for section in COMPATIBLE_SECTIONS:
         old, new = existing.get(section), requested.get(section)
