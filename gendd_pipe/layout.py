@@ -11,6 +11,7 @@ extract.out               the feature store (config.yaml at its root); extract.m
 probes.out                a JSON of reference probes (probes.out + .config.yaml beside it)
 distill.out/runs/RUN/     last.safetensors, best.safetensors, metrics.jsonl, metrics.csv, summary.json, config.yaml
 distill.out/metrics/RUN.json, distill.out/plots/RUN.csv
+distill.out/stage1/KEY.safetensors  GenDD stage 1, shared by the runs of the same stage-1 settings (a cache)
 evaluate.out/RUN.json     and RUN.config.yaml
 report.out/               results.md, results.json, accuracy.png, comparison.png, config.yaml
 ```
@@ -31,6 +32,11 @@ REPORT = ("results.md", "results.json", "accuracy.png", "comparison.png")
 def run_dir(distill_out: str, run: str) -> str:
     """A distill run's directory: checkpoints and per-epoch metrics."""
     return os.path.join(distill_out, "runs", run)
+
+
+def stage1_cache(distill_out: str) -> str:
+    """Finished GenDD stage-1 phases that runs with the same stage-1 settings share (one file per key)."""
+    return os.path.join(distill_out, "stage1")
 
 
 def run_metrics(distill_out: str, run: str) -> str:

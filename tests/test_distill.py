@@ -30,6 +30,7 @@ from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.models.gendd_head import HeadConfig, SamplingConfig
 from gendd_pipe.models.student import StudentConfig
 from gendd_pipe.models.teacher import TeacherConfig
+from gendd_pipe.report import collect, markdown
 from gendd_pipe.data.views import ViewConfig
 
 SMALL_GENDD = GenddConfig(head=HeadConfig(depth=1, width=64, diffusion_batch_mul=2),
@@ -167,7 +168,12 @@ def test_stages_write_their_metrics(digit_store, tmp_path):
     scoring = EvaluateStage(distill=str(tmp_path / "distill"), val_shards=digit_store["val"], out=str(tmp_path / "eval"))
     result = evaluate_stage(scoring, "kd-t2")
     assert result["student"]["top1"] == pytest.approx(summary["last"]["student"]["top1"])
+    assert result["best"]["student"]["top1"] == pytest.approx(summary["best"]["student"]["top1"])  # both scored
     assert json.load(open(tmp_path / "eval" / "kd-t2.json"))["run"] == "kd-t2"
+    data = collect(str(tmp_path / "distill"), str(tmp_path / "eval"), ["kd-t2"])
+    table = markdown(data)
+    best, last = result["best"]["student"]["top1"], result["student"]["top1"]
+    assert "student head top-1 (best / last)" in table and f"| {best:.2f} / {last:.2f} |" in table
     with pytest.raises(GenddError, match="distill.runs: no run 'dkd'"):
         distill_stage(section, "dkd")
 

@@ -27,6 +27,8 @@ from gendd_pipe.distill.checkpoint import read_checkpoint
 from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.distill.methods import TeacherHead, create_method, get_method
 from gendd_pipe.distill.methods.gendd import GenddConfig
+from gendd_pipe.distill.stage import DistillStage
+from gendd_pipe.distill.stage import run_stage as distill_stage
 from gendd_pipe.distill.train import _beta2, distill, phase_optimizer
 from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.models.gendd_head import HeadConfig, SamplingConfig
@@ -197,3 +199,31 @@ def test_a_store_of_one_view_leaves_nothing_to_train_on_but_its_eval_view(digit_
     batch = next(iter(train_pipeline(digit_store["train"][:1], store, data_config,
                                      LoaderConfig(batch_size=8, num_workers=0, eval_view=True), seed=0)))
     assert np.all(batch["view"].numpy() == 0)
+
+
+def test_runs_of_one_stage1_share_it_and_end_as_if_each_had_trained_it(digit_store, tmp_path, caplog):
+    """A sweep over stage-2 settings (head width, smooth) trains stage 1 once: the second run starts stage 2 from
+    the first one's, and ends with the weights it reaches when it trains stage 1 itself."""
+    gendd = {"head": {"depth": 1, "width": 64, "diffusion_batch_mul": 2}, "predict": {"sampling_steps": 4},
+             "stage1_epochs": 1}
+    common = {"method": "gendd", "epochs": 2, "warmup_epochs": 0, "student": {"name": "resnet10t", "input_size": 32},
+              "loader": {"batch_size": 16, "shuffle_buffer": 48}, "gendd": gendd}
+    runs = {"a": {}, "b": {"gendd": {"head": {"width": 32}, "smooth": 0.5}}, "c": {"seed": 1}}
+    section = lambda out, only: DistillStage(store=digit_store["store"], shards=digit_store["train"],  # noqa: E731
+                                             val_shards=digit_store["val"], out=str(out), common=common,
+                                             runs={k: runs[k] for k in only})
+    swept = section(tmp_path / "sweep", "abc")
+    distill_stage(swept, "a", progress=False)
+    cache = tmp_path / "sweep" / "stage1"
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    with caplog.at_level("INFO"):
+        distill_stage(swept, "b", progress=False)
+    assert "stage 1 taken from the cache (1 epochs)" in caplog.text
+    a, b = (_lines(tmp_path / "sweep" / "runs" / r) for r in "ab")
+    assert a[0] == b[0] and [m["phase"] for m in b] == ["stage1", "stage2"]  # b's curve holds the shared epoch
+    distill_stage(swept, "c", progress=False)  # another seed: another stage 1
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    distill_stage(section(tmp_path / "alone", "b"), "b", progress=False)  # b training its own stage 1
+    shared, own = (read_checkpoint(str(tmp_path / d / "runs" / "b" / "last.safetensors")) for d in ("sweep", "alone"))
+    assert all(torch.equal(shared["state_dict"][k], own["state_dict"][k]) for k in own["state_dict"])
+    assert {**_lines(tmp_path / "alone" / "runs" / "b")[1]["val"], "seconds": 0} == {**b[1]["val"], "seconds": 0}

@@ -5,7 +5,8 @@ then ``common`` settings and ``runs``: each run is ``common`` with the run's own
 keys laid over it, and its method defaults to the run's name. A run writes
 ``OUT/runs/RUN/`` (checkpoints, per-epoch metrics, config.yaml),
 ``OUT/metrics/RUN.json`` (best and last epoch, for ``dvc metrics``) and
-``OUT/plots/RUN.csv`` (val top-1 per epoch, for ``dvc plots``).
+``OUT/plots/RUN.csv`` (val top-1 per epoch, for ``dvc plots``). GenDD runs share their stage 1 through
+``OUT/stage1/`` (`gendd_pipe.distill.stage1`): a sweep over stage-2 settings trains it once.
 
 Under DVC the run directory is a ``persist: true`` output: a run killed midway
 resumes from its last checkpoint when its settings are unchanged; a finished run,
@@ -31,7 +32,7 @@ from gendd_pipe.distill.methods import get_method
 from gendd_pipe.distill.train import distill, on_rank0, run_differences
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import write_json, write_yaml
-from gendd_pipe.layout import LAST, checkpoint_in, config_beside, run_dir, run_metrics, run_plot
+from gendd_pipe.layout import LAST, checkpoint_in, config_beside, run_dir, run_metrics, run_plot, stage1_cache
 from gendd_pipe.metrics import read_epochs
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def run_stage(cfg: DistillStage, run: str, resume: bool | None = None, progress:
     if resume is None:  # decided (and a stale run cleared) by rank 0 alone under torchrun
         resume = on_rank0(lambda: _fresh_or_resume(directory, config))
     summary = distill(cfg.store, list(cfg.shards), list(cfg.val_shards), directory, config, resume=resume,
-                      progress=progress)
+                      progress=progress, stage1_cache=stage1_cache(cfg.out))
     if not summary:  # a torchrun process other than rank 0
         return summary
     write_yaml(config_beside(directory), cfg.resolved(run))

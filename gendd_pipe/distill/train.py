@@ -44,6 +44,7 @@ from gendd_pipe.distill.checkpoint import load_state, read_checkpoint, save_chec
 from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.distill.evaluate import evaluate
 from gendd_pipe.distill.methods import Phase, TeacherHead, create_method, get_method
+from gendd_pipe.distill.stage1 import cache_path, restore_stage1, save_stage1, stage1_key
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
 from gendd_pipe.models.student import create_student
@@ -166,8 +167,13 @@ def phase_optimizer(method, phase: Phase, steps: int):
 
 
 def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, cfg: DistillConfig,
-            resume: bool = False, progress: bool = True) -> dict:
-    """Train a student from the store; returns the summary (best and last epoch) also written to ``out``."""
+            resume: bool = False, progress: bool = True, stage1_cache: str | None = None) -> dict:
+    """Train a student from the store; returns the summary (best and last epoch) also written to ``out``.
+
+    Args:
+        stage1_cache: a directory of finished GenDD stage-1 phases (`gendd_pipe.distill.stage1`): a run starts
+            stage 2 from one trained with the same stage-1 settings, or trains stage 1 and keeps it there.
+    """
     store = FeatureStore.open(store_url)
     urls, val_urls = expand_urls(shards), expand_urls(val_shards)
     counts = check_shards(store, urls)
@@ -181,10 +187,15 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     student = create_student(cfg.student, store.manifest["teacher"]["num_classes"])
     method = place(create_method(cfg, student, head), runtime, device)
     steps, per_rank = epoch_steps(sum(counts.values()), cfg.loader.batch_size, world)
-    scaler = grad_scaler(runtime, device)
     start_epoch, best, ckpt = _resume(out, cfg, method, resume, world)
-    if ckpt is not None and "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
+    phases = get_method(cfg.method).phases(cfg)
+    shared, cached = None, []
+    if stage1_cache and phases[0].name == "stage1":
+        key = stage1_key(cfg, phases[0], store.manifest, urls, counts, world)
+        shared = cache_path(stage1_cache, key)
+        if start_epoch == 0 and on_rank0(lambda: os.path.exists(shared)):  # rank 0's weights reach every rank in DDP
+            start_epoch = phases[0].epochs
+            cached = restore_stage1(shared, method) if rank == 0 else []
     model = method
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
@@ -195,8 +206,9 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
               "teacher": {**store.manifest["teacher"], "head_shape": list(head.weight.shape),
                           "feature_norm": head.feature_norm, "preprocessing": store.manifest["preprocessing"]}}
     epochs = EpochLog(out, keep_through=start_epoch) if rank == 0 else None  # drops epochs past the checkpoint
+    for line in cached:  # a stage 1 from the cache: its epochs as this run's
+        epochs.append(line)
     primary = "probe" if cfg.with_probe and cfg.unsupervised else method.primary
-    phases = get_method(cfg.method).phases(cfg)
 
     end = 0
     for phase in phases:
@@ -204,12 +216,15 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
         if start_epoch >= end:
             continue
         optimizer, scheduler = phase_optimizer(method, phase, steps)
-        if start_epoch > first:  # killed inside this phase: its optimizer and schedule go on
+        scaler = grad_scaler(runtime, device)  # fresh each phase, as the optimizer
+        if start_epoch > first:  # killed inside this phase: its optimizer, schedule and scaler go on
             if ckpt.get("phase", "train") != phase.name:
                 raise GenddError(f"{checkpoint_in(out, LAST)}: was saved in phase {ckpt.get('phase', 'train')!r}, "
                                  f"not {phase.name!r} where epoch {start_epoch} falls; its settings differ")
             optimizer.load_state_dict(ckpt["optimizer"])  # moved to the parameters' device, wherever it was saved
             scheduler.load_state_dict(ckpt["scheduler"])
+            if "scaler" in ckpt:
+                scaler.load_state_dict(ckpt["scaler"])
         loader = train_pipeline(urls, store, student.data_config, cfg.loader, cfg.seed, max(first, start_epoch),
                                 counts, pin_memory=device.type == "cuda", soft_labels=not cfg.unsupervised,
                                 fresh_scale=phase.fresh_scale)  # every epoch of the phase
@@ -264,6 +279,8 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
             if improved:
                 shutil.copyfile(os.path.join(out, LAST), os.path.join(out, BEST))
         del loader  # its persistent workers end with it
+        if shared and phase.name == "stage1" and rank == 0 and not os.path.exists(shared):
+            save_stage1(shared, method.stage1_state(), [m for m in epochs.records if m["phase"] == "stage1"])
     if epochs:
         epochs.close()
     if world > 1:

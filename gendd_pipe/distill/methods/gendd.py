@@ -75,6 +75,10 @@ class GenDD(Method):
             raise ValueError(f"gendd.stage1_epochs {cfg.options.stage1_epochs} leaves none of the {cfg.epochs} "
                              "epochs to the diffusion head")
 
+    def stage1_state(self) -> dict[str, torch.Tensor]:
+        """What stage 1 trains: the student (and its BatchNorm statistics) and the projection."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(("student.", "stage1_proj."))}
+
     @classmethod
     def phases(cls, cfg) -> list[Phase]:
         """Stage 1 (when ``stage1_epochs``), then stage 2 over the rest of the run's epochs."""
@@ -97,11 +101,12 @@ class GenDD(Method):
         if o.centers == "scaled":
             centers = F.normalize(centers, dim=1) * teacher.feature_norm
         self.register_buffer("centers", centers.clone())  # (C, D) Distribution Contraction targets
-        self.projector = nn.LayerNorm(student.num_features)
-        self.diffusion = DiffusionHead(target_dim, student.num_features, o.head)
-        # stage 1: student features mapped into the teacher's feature space, read by its classifier
+        # stage 1: student features mapped into the teacher's feature space, read by its classifier; made first,
+        # so that its init (and so stage 1) depends on the seed and the student alone, never on the head
         same = student.num_features == target_dim
         self.stage1_proj = nn.Identity() if same else nn.Linear(student.num_features, target_dim)
+        self.projector = nn.LayerNorm(student.num_features)
+        self.diffusion = DiffusionHead(target_dim, student.num_features, o.head)
 
     def teacher_logits(self, features: torch.Tensor) -> torch.Tensor:
         return features @ self.head_weight.T + self.head_bias
