@@ -8,7 +8,6 @@ student trains on the store's random views (not the eval view) replayed with the
 teacher's interpolation, so its uint8 pixels are the teacher's.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -111,34 +110,43 @@ def test_stage1_reads_fresh_crops_and_the_run_records_its_phases(digit_store, tm
     assert read_checkpoint(str(tmp_path / "last.safetensors"))["phase"] == "stage2"
 
 
-@pytest.mark.parametrize("kill_in", ["stage1", "stage2"])
-def test_a_run_killed_in_either_phase_resumes_in_it(digit_store, tmp_path, kill_in):
-    """SIGKILL a real GenDD run (2 stage-1 epochs, then 2 of stage 2) in the second epoch of a phase: the
-    resumed run takes up that phase's optimizer and ends with the uninterrupted run's weights."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "gendd_pipe.cli"]
-    extra = ["--epochs", "4", "--set", "distill.common.gendd.stage1_epochs=2", "--num-workers", "1"]
-    whole = subprocess.run(cmd + _cli_args(digit_store, tmp_path / "whole", *extra), env=env, capture_output=True,
-                           text=True, timeout=600)
+KILLABLE = ["--epochs", "4", "--set", "distill.common.gendd.stage1_epochs=2", "--num-workers", "1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+CLI = [sys.executable, "-m", "gendd_pipe.cli"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digit_store, tmp_path_factory):
+    """A real GenDD run of 2 stage-1 epochs, then 2 of stage 2, never killed."""
+    out = tmp_path_factory.mktemp("whole")
+    whole = subprocess.run(CLI + _cli_args(digit_store, out, *KILLABLE), env=ENV, capture_output=True, text=True,
+                           timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    whole_run, killed_run = tmp_path / "whole" / "runs" / "gendd", tmp_path / "killed" / "runs" / "gendd"
+    return out / "runs" / "gendd"
+
+
+@pytest.mark.parametrize("kill_in", ["stage1", "stage2"])
+def test_a_run_killed_in_either_phase_resumes_in_it(digit_store, tmp_path, uninterrupted, kill_in):
+    """SIGKILL the same run in the second epoch of a phase: the resumed run takes up that phase's optimizer and
+    ends with the uninterrupted run's weights."""
+    killed_run = tmp_path / "killed" / "runs" / "gendd"
     done = 1 if kill_in == "stage1" else 3  # epochs logged before the kill
-    proc = subprocess.Popen(cmd + _cli_args(digit_store, tmp_path / "killed", *extra), env=env,
+    proc = subprocess.Popen(CLI + _cli_args(digit_store, tmp_path / "killed", *KILLABLE), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while (not (killed_run / "metrics.jsonl").exists() or len(_lines(killed_run)) < done) and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3 * _lines(whole_run)[done]["train_seconds"])  # a third into the next epoch
+    time.sleep(0.3 * _lines(uninterrupted)[done]["train_seconds"])  # a third into the next epoch
     _kill_tree(proc.pid)
     proc.wait()
     assert [m["epoch"] for m in _lines(killed_run)] == list(range(1, done + 1))
     assert read_checkpoint(str(killed_run / "last.safetensors"))["phase"] == kill_in
-    again = subprocess.run(cmd + _cli_args(digit_store, tmp_path / "killed", *extra, "--resume"), env=env,
+    again = subprocess.run(CLI + _cli_args(digit_store, tmp_path / "killed", *KILLABLE, "--resume"), env=ENV,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert [(m["epoch"], m["phase"]) for m in _lines(killed_run)] == [(1, "stage1"), (2, "stage1"), (3, "stage2"),
                                                                       (4, "stage2")]
-    a = read_checkpoint(str(whole_run / "last.safetensors"))
+    a = read_checkpoint(str(uninterrupted / "last.safetensors"))
     b = read_checkpoint(str(killed_run / "last.safetensors"))
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
