@@ -524,7 +524,7 @@ def test_store_of_another_teacher_or_version_or_none(digit_store, copy_store, tm
     assert (copy_store / "zarr.json").read_bytes() == before
     root = zarr.open_group(str(copy_store), mode="r+")
     root.attrs["gendd_pipe"] = {**root.attrs["gendd_pipe"], "format_version": 99}
-    one_line(invoke("info", copy_store), "format version 99 is not one this version of gendd-pipe reads (1, 2, 3)")
+    one_line(invoke("info", copy_store), "format version 99 is not one this version of gendd-pipe reads (1, 2, 3, 4)")
     (tmp_path / "plain").mkdir()
     one_line(invoke("info", tmp_path / "plain"), "no feature store here")
 

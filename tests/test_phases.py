@@ -8,6 +8,7 @@ student trains on the store's random views (not the eval view) replayed with the
 teacher's interpolation, so its uint8 pixels are the teacher's.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from gendd_pipe.distill.methods import TeacherHead, create_method, get_method
 from gendd_pipe.distill.methods.gendd import GenddConfig
 from gendd_pipe.distill.stage import DistillStage
 from gendd_pipe.distill.stage import run_stage as distill_stage
+from gendd_pipe.distill.stage1 import stage1_key
 from gendd_pipe.distill.train import _beta2, distill, phase_optimizer
 from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.models.gendd_head import HeadConfig, SamplingConfig
@@ -111,42 +113,39 @@ def test_stage1_reads_fresh_crops_and_the_run_records_its_phases(digit_store, tm
 
 
 KILLABLE = ["--epochs", "4", "--set", "distill.common.gendd.stage1_epochs=2", "--num-workers", "1"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-CLI = [sys.executable, "-m", "gendd_pipe.cli"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(digit_store, tmp_path_factory):
-    """A real GenDD run of 2 stage-1 epochs, then 2 of stage 2, never killed."""
-    out = tmp_path_factory.mktemp("whole")
-    whole = subprocess.run(CLI + _cli_args(digit_store, out, *KILLABLE), env=ENV, capture_output=True, text=True,
-                           timeout=600)
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    return out / "runs" / "gendd"
-
-
-@pytest.mark.parametrize("kill_in", ["stage1", "stage2"])
-def test_a_run_killed_in_either_phase_resumes_in_it(digit_store, tmp_path, uninterrupted, kill_in):
-    """SIGKILL the same run in the second epoch of a phase: the resumed run takes up that phase's optimizer and
-    ends with the uninterrupted run's weights."""
-    killed_run = tmp_path / "killed" / "runs" / "gendd"
-    done = 1 if kill_in == "stage1" else 3  # epochs logged before the kill
-    proc = subprocess.Popen(CLI + _cli_args(digit_store, tmp_path / "killed", *KILLABLE), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _kill_after(proc, run, done: int, epoch_seconds: float) -> None:
+    """SIGKILL ``proc`` a third into the epoch after ``done`` epochs of ``run`` are logged."""
     deadline = time.time() + 300
-    while (not (killed_run / "metrics.jsonl").exists() or len(_lines(killed_run)) < done) and time.time() < deadline:
+    while (not (run / "metrics.jsonl").exists() or len(_lines(run)) < done) and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3 * _lines(uninterrupted)[done]["train_seconds"])  # a third into the next epoch
+    time.sleep(0.3 * epoch_seconds)
     _kill_tree(proc.pid)
     proc.wait()
-    assert [m["epoch"] for m in _lines(killed_run)] == list(range(1, done + 1))
-    assert read_checkpoint(str(killed_run / "last.safetensors"))["phase"] == kill_in
-    again = subprocess.run(CLI + _cli_args(digit_store, tmp_path / "killed", *KILLABLE, "--resume"), env=ENV,
+
+
+def test_a_run_killed_in_either_phase_resumes_in_it(digit_store, tmp_path):
+    """SIGKILL a real GenDD run (2 stage-1 epochs, then 2 of stage 2) in its second epoch, resume it, SIGKILL it
+    again in its fourth: each resume takes up the phase it was killed in, with that phase's optimizer, and the
+    run ends with an uninterrupted run's weights."""
+    env, cli = {**os.environ, "OMP_NUM_THREADS": "1"}, [sys.executable, "-m", "gendd_pipe.cli"]
+    whole = subprocess.run(cli + _cli_args(digit_store, tmp_path / "whole", *KILLABLE), env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    whole_run, killed_run = tmp_path / "whole" / "runs" / "gendd", tmp_path / "killed" / "runs" / "gendd"
+    for done, phase, extra in ((1, "stage1", []), (3, "stage2", ["--resume"])):
+        proc = subprocess.Popen(cli + _cli_args(digit_store, tmp_path / "killed", *KILLABLE, *extra), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _kill_after(proc, killed_run, done, _lines(whole_run)[done]["train_seconds"])
+        assert [m["epoch"] for m in _lines(killed_run)] == list(range(1, done + 1))
+        assert read_checkpoint(str(killed_run / "last.safetensors"))["phase"] == phase
+    again = subprocess.run(cli + _cli_args(digit_store, tmp_path / "killed", *KILLABLE, "--resume"), env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert [(m["epoch"], m["phase"]) for m in _lines(killed_run)] == [(1, "stage1"), (2, "stage1"), (3, "stage2"),
                                                                       (4, "stage2")]
-    a = read_checkpoint(str(uninterrupted / "last.safetensors"))
+    a = read_checkpoint(str(whole_run / "last.safetensors"))
     b = read_checkpoint(str(killed_run / "last.safetensors"))
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
@@ -209,29 +208,32 @@ def test_a_store_of_one_view_leaves_nothing_to_train_on_but_its_eval_view(digit_
     assert np.all(batch["view"].numpy() == 0)
 
 
-def test_runs_of_one_stage1_share_it_and_end_as_if_each_had_trained_it(digit_store, tmp_path, caplog):
+def test_runs_of_one_stage1_share_it_and_end_as_if_each_had_trained_it(digit_store, tmp_path):
     """A sweep over stage-2 settings (head width, smooth) trains stage 1 once: the second run starts stage 2 from
     the first one's, and ends with the weights it reaches when it trains stage 1 itself."""
     gendd = {"head": {"depth": 1, "width": 64, "diffusion_batch_mul": 2}, "predict": {"sampling_steps": 4},
              "stage1_epochs": 1}
     common = {"method": "gendd", "epochs": 2, "warmup_epochs": 0, "student": {"name": "resnet10t", "input_size": 32},
               "loader": {"batch_size": 16, "shuffle_buffer": 48}, "gendd": gendd}
-    runs = {"a": {}, "b": {"gendd": {"head": {"width": 32}, "smooth": 0.5}}, "c": {"seed": 1}}
+    runs = {"a": {}, "b": {"gendd": {"head": {"width": 32}, "smooth": 0.5}}}
     section = lambda out, only: DistillStage(store=digit_store["store"], shards=digit_store["train"],  # noqa: E731
                                              val_shards=digit_store["val"], out=str(out), common=common,
                                              runs={k: runs[k] for k in only})
-    swept = section(tmp_path / "sweep", "abc")
+    swept = section(tmp_path / "sweep", "ab")
     distill_stage(swept, "a", progress=False)
     cache = tmp_path / "sweep" / "stage1"
     assert len(list(cache.glob("*.safetensors"))) == 1
-    with caplog.at_level("INFO"):
-        distill_stage(swept, "b", progress=False)
-    assert "stage 1 taken from the cache (1 epochs)" in caplog.text
+    distill_stage(swept, "b", progress=False)
     a, b = (_lines(tmp_path / "sweep" / "runs" / r) for r in "ab")
-    assert a[0] == b[0] and [m["phase"] for m in b] == ["stage1", "stage2"]  # b's curve holds the shared epoch
-    distill_stage(swept, "c", progress=False)  # another seed: another stage 1
-    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert a[0] == b[0] and [m["phase"] for m in b] == ["stage1", "stage2"]  # the shared epoch, its very timings
+    assert len(list(cache.glob("*.safetensors"))) == 1
     distill_stage(section(tmp_path / "alone", "b"), "b", progress=False)  # b training its own stage 1
     shared, own = (read_checkpoint(str(tmp_path / d / "runs" / "b" / "last.safetensors")) for d in ("sweep", "alone"))
     assert all(torch.equal(shared["state_dict"][k], own["state_dict"][k]) for k in own["state_dict"])
     assert {**_lines(tmp_path / "alone" / "runs" / "b")[1]["val"], "seconds": 0} == {**b[1]["val"], "seconds": 0}
+    cfg, store = swept.run("b"), FeatureStore.open(digit_store["store"])
+    key = lambda c: stage1_key(c, get_method("gendd").phases(c)[0], store.manifest, digit_store["train"],  # noqa: E731
+                               {"x": 1}, 1)
+    assert key(cfg) == key(swept.run("a"))  # nothing of stage 2 enters the key ...
+    assert key(cfg) != key(dataclasses.replace(cfg, seed=1))  # ... what stage 1 depends on does
+    assert key(cfg) != key(dataclasses.replace(cfg, student=StudentConfig("resnet10t", 16)))
