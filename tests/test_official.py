@@ -107,7 +107,10 @@ OFFICIAL = {
         ("extract.augment.switch_prob", 0.5, "SUP: --mixup_switch_prob default 0.5"),
         ("distill.runs.kd.epochs", 600, "A1:49"),
     ],
-    CC3M: [row for row in IMAGENET_GENDD if "stage1" not in row[0]] + [
+    CC3M: [row for row in IMAGENET_GENDD if "stage1" not in row[0] and "schedule" not in row[0]] + [
+        (G + "schedule", "step", "CC3M has no --cos: adjust_learning_rate (SUP's), epoch // 30 steps of x0.1"),
+        (G + "decay_epochs", [30, 60, 90], "SUP: adjust_learning_rate, lr * 0.1 ** (epoch // 30)"),
+        (G + "decay_rate", 0.1, "SUP: adjust_learning_rate"),
         (G + "epochs", 100, "CC3M:22 --epochs 100"),
         (G + "unsupervised", True, "CC3M:12 main_unsupervised_gendd.py"),
         (G + "gendd.stage1_epochs", 0, "CC3M: no pretrain"),
