@@ -233,7 +233,10 @@ def test_runs_of_one_stage1_share_it_and_end_as_if_each_had_trained_it(digit_sto
     assert {**_lines(tmp_path / "alone" / "runs" / "b")[1]["val"], "seconds": 0} == {**b[1]["val"], "seconds": 0}
     cfg, store = swept.run("b"), FeatureStore.open(digit_store["store"])
     key = lambda c: stage1_key(c, get_method("gendd").phases(c)[0], store.manifest, digit_store["train"],  # noqa: E731
-                               {"x": 1}, 1)
+                               {"x": 1}, digit_store["val"], 1)
     assert key(cfg) == key(swept.run("a"))  # nothing of stage 2 enters the key ...
     assert key(cfg) != key(dataclasses.replace(cfg, seed=1))  # ... what stage 1 depends on does
     assert key(cfg) != key(dataclasses.replace(cfg, student=StudentConfig("resnet10t", 16)))
+    scored_elsewhere = stage1_key(cfg, get_method("gendd").phases(cfg)[0], store.manifest, digit_store["train"],
+                                  {"x": 1}, digit_store["train"], 1)
+    assert key(cfg) != scored_elsewhere  # the kept metrics lines were scored on the val shards

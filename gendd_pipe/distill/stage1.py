@@ -7,7 +7,9 @@ weight decay, crop scale), and on nothing of stage 2 (the head, smooth, centers,
 the stage-2 schedule). So the runs of a sweep over stage-2 settings train stage 1
 once: the first to finish it writes ``KEY.safetensors`` under the cache directory
 (the student and the projection, and the phase's lines of metrics), and the others
-start stage 2 from it. A run that starts from the cache ends with the weights it
+start stage 2 from it. The kept metrics lines are the first run's: scored on the
+same val shards (they are in the key), with its prediction settings. A run that
+starts from the cache ends with the weights it
 would have had by training stage 1 itself (the method draws the projection's init
 before the head's, every epoch seeds itself, and stage 2 starts a fresh optimizer
 and gradient scaler either way; `tests/test_phases.py` checks it bit for bit).
@@ -33,10 +35,13 @@ log = logging.getLogger(__name__)
 FORMAT = "gendd-pipe/stage1-1"
 
 
-def stage1_key(cfg, phase: Phase, manifest: dict, urls: list[str], counts: dict[str, int], world: int) -> str:
-    """A digest of everything a stage-1 phase's result depends on."""
+def stage1_key(cfg, phase: Phase, manifest: dict, urls: list[str], counts: dict[str, int], val_urls: list[str],
+               world: int) -> str:
+    """A digest of everything a stage-1 phase's result depends on, and of the val shards its kept metrics lines
+    were scored on."""
     what = {"teacher": manifest["teacher"], "preprocessing": manifest["preprocessing"], "views": manifest["views"],
-            "shards": [public_url(u) for u in urls], "counts": counts, "student": to_dict(cfg.student),
+            "shards": [public_url(u) for u in urls], "counts": counts, "val": [public_url(u) for u in val_urls],
+            "student": to_dict(cfg.student),
             "seed": cfg.seed, "unsupervised": cfg.unsupervised, "amp": cfg.runtime.amp, "world": world,
             "loader": {k: getattr(cfg.loader, k) for k in ("batch_size", "shuffle_buffer", "label_smoothing")},
             "phase": {k: getattr(phase, k) for k in ("epochs", "lr", "min_lr", "weight_decay", "fresh_scale")}}

@@ -191,7 +191,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     phases = get_method(cfg.method).phases(cfg)
     shared, cached = None, []
     if stage1_cache and phases[0].name == "stage1":
-        key = stage1_key(cfg, phases[0], store.manifest, urls, counts, world)
+        key = stage1_key(cfg, phases[0], store.manifest, urls, counts, val_urls, world)
         shared = cache_path(stage1_cache, key)
         if start_epoch == 0 and on_rank0(lambda: os.path.exists(shared)):  # rank 0's weights reach every rank in DDP
             start_epoch = phases[0].epochs

@@ -152,8 +152,8 @@ class GenDD(Method):
         if phase == "stage1":
             return [{"params": [*self.student.parameters(), *self.stage1_proj.parameters()],
                      "weight_decay": weight_decay}]
-        head = {id(p) for p in self.diffusion.parameters()}
-        stage1 = {id(p) for p in self.stage1_proj.parameters()}
-        rest = [p for p in self.parameters() if id(p) not in head and id(p) not in stage1]
+        head = list(self.diffusion.parameters())
+        apart = {id(p) for p in [*head, *self.stage1_proj.parameters()]}  # stage 1's projection does not train here
+        rest = [p for p in self.parameters() if id(p) not in apart]
         return [{"params": rest, "weight_decay": weight_decay},
-                {"params": list(self.diffusion.parameters()), "weight_decay": self.options.head_weight_decay}]
+                {"params": head, "weight_decay": self.options.head_weight_decay}]
