@@ -195,6 +195,14 @@ def test_an_eval_transform_sets_the_val_crop_and_interpolation():
         create_student(StudentConfig("resnet18", eval=EvalTransform(200)), 10)  # timm's 224: checked on creation
 
 
+def test_model_args_reach_timm_and_one_it_does_not_take_is_one_line():
+    student = create_student(StudentConfig("mobilenetv1_100", 32, model_args={"act_layer": "relu"}), 10)
+    assert {type(m).__name__ for m in student.modules()} >= {"ReLU"} and "ReLU6" not in {
+        type(m).__name__ for m in student.modules()}
+    with pytest.raises(GenddError, match=r"student.model_args: resnet18 does not take \['colour'\]"):
+        create_student(StudentConfig("resnet18", 32, model_args={"colour": 1}), 10)
+
+
 def test_a_store_of_one_view_leaves_nothing_to_train_on_but_its_eval_view(digit_store, tmp_path):
     out = str(tmp_path / "one.zarr")
     extract(digit_store["train"][:1], out, ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=32),
