@@ -39,6 +39,7 @@ class RuntimeConfig:
     amp: Literal["off", "bf16", "fp16"] = "off"  # autocast precision; off runs float32
     channels_last: bool = True  # NHWC models and inputs (faster convolutions on CPUs and tensor cores)
     compile: bool = False  # torch.compile the model (minutes of warm-up; pays off on long GPU runs)
+    tf32: bool = True  # training on CUDA: TF32 matmuls and convolutions, cuDNN autotuning; false: IEEE float32
 
     @field_validator("device")
     @classmethod
@@ -72,11 +73,34 @@ def resolve_device(cfg: RuntimeConfig) -> torch.device:
 
 
 def rank_device(cfg: RuntimeConfig) -> torch.device:
-    """`resolve_device`, where a torchrun rank given ``auto`` or ``cuda`` takes the GPU of its ``LOCAL_RANK``."""
+    """The device of this process: `resolve_device`, where a torchrun rank given ``auto`` or ``cuda`` takes the GPU
+    of its ``LOCAL_RANK``. One rank per GPU: a ``LOCAL_RANK`` beyond the node's GPUs, or one ``cuda:N`` named for
+    several local ranks, is one line naming both numbers (a CPU device takes any number of ranks)."""
     device = resolve_device(cfg)
-    if device.type == "cuda" and cfg.device in ("auto", "cuda") and "LOCAL_RANK" in os.environ:
-        device = resolve_device(RuntimeConfig(device=f"cuda:{os.environ['LOCAL_RANK']}", amp=cfg.amp))
-    return device
+    if device.type != "cuda" or "LOCAL_RANK" not in os.environ:
+        return device
+    local, ranks = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if cfg.device not in ("auto", "cuda"):  # one GPU named
+        if ranks > 1:
+            raise GenddError(f"--device {cfg.device}: names one GPU for the {ranks} ranks of this node; pass "
+                             "--device cuda (each rank takes the GPU of its LOCAL_RANK) or --device cpu")
+        return device
+    count = torch.cuda.device_count()
+    if local >= count:
+        raise GenddError(f"LOCAL_RANK {local}: this node has {count} CUDA device(s) for its {ranks} ranks; start "
+                         f"at most {count} per node (--nproc-per-node {count}) or pass --device cpu")
+    return torch.device(f"cuda:{local}")
+
+
+def fast_math(cfg: RuntimeConfig, device: torch.device) -> None:
+    """A training loop's math on a CUDA device, with ``cfg.tf32``: TF32 matmuls and convolutions (float32 matmul
+    precision ``high``) and cuDNN's autotuner, the speed a GPU user expects; without it IEEE float32 throughout.
+    A no-op elsewhere. (Extraction keeps IEEE float32 unless ``amp`` says otherwise: the manifest's ``precision``
+    names what made the stored bytes.)"""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if cfg.tf32 else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if cfg.tf32 else "ieee"
+        torch.backends.cudnn.benchmark = cfg.tf32
 
 
 def place(model: torch.nn.Module, cfg: RuntimeConfig, device: torch.device) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from gendd_pipe.cluster import worker_devices
 from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.finetune import FinetuneConfig, finetune
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
-from gendd_pipe.runtime import RuntimeConfig, resolve_device
+from gendd_pipe.runtime import RuntimeConfig, rank_device, resolve_device
 from gendd_pipe.store.audit import verify
 from gendd_pipe.store.format import MANIFEST_ATTR
 from gendd_pipe.store.writer import open_root
@@ -68,6 +68,46 @@ def test_a_device_or_precision_this_machine_lacks_is_one_line(runtime, message):
 
 def test_auto_is_the_gpu_when_there_is_one():
     assert resolve_device(RuntimeConfig()).type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """A node of N GPUs as torch sees it, and this process as local rank R of W (torchrun's variables)."""
+
+    def node(count: int, local_rank: int | None = None, local_world: int = 1):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        for name, value in (("LOCAL_RANK", local_rank), ("LOCAL_WORLD_SIZE", local_world)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, str(value))
+
+    return node
+
+
+@pytest.mark.parametrize("count,local,ranks,device,expected", [
+    (1, None, 1, "auto", "cuda:0"),  # no torchrun
+    (4, 3, 4, "auto", "cuda:3"),  # a rank takes the GPU of its LOCAL_RANK
+    (4, 2, 4, "cuda", "cuda:2"),
+    (1, 1, 2, "cpu", "cpu"),  # CPU ranks: any number, whatever GPUs the node has
+    (0, 3, 4, "auto", "cpu"),
+    (2, 0, 1, "cuda:1", "cuda:1"),  # one rank on the node may name its GPU
+])
+def test_a_rank_takes_the_device_its_node_and_settings_give(gpus, count, local, ranks, device, expected):
+    gpus(count, local, ranks)
+    assert rank_device(RuntimeConfig(device=device)) == torch.device(expected)
+
+
+@pytest.mark.parametrize("count,local,ranks,device,message", [
+    (1, 1, 2, "auto", r"LOCAL_RANK 1: this node has 1 CUDA device\(s\) for its 2 ranks; start at most 1 per node"),
+    (2, 2, 3, "cuda", r"LOCAL_RANK 2: this node has 2 CUDA device\(s\) for its 3 ranks"),
+    (2, 1, 2, "cuda:0", "--device cuda:0: names one GPU for the 2 ranks of this node; pass --device cuda"),
+])
+def test_more_ranks_than_gpus_is_one_line_naming_both(gpus, count, local, ranks, device, message):
+    gpus(count, local, ranks)
+    with pytest.raises(GenddError, match=message):
+        rank_device(RuntimeConfig(device=device))
 
 
 def test_one_local_dask_worker_per_visible_gpu():

@@ -118,7 +118,7 @@ def run_stage(cfg: DistillStage, run: str, resume: bool | None = None, progress:
     config = cfg.run(run)
     directory = run_dir(cfg.out, run)
     if resume is None:  # decided (and a stale run cleared) by rank 0 alone under torchrun
-        resume = on_rank0(lambda: _fresh_or_resume(directory, config))
+        resume = on_rank0(lambda: _fresh_or_resume(directory, config), config.runtime)
     summary = distill(cfg.store, list(cfg.shards), list(cfg.val_shards), directory, config, resume=resume,
                       progress=progress, stage1_cache=stage1_cache(cfg.out))
     if not summary:  # a torchrun process other than rank 0

@@ -55,9 +55,14 @@ def save_stage1(path: str, state: dict[str, torch.Tensor], lines: list[dict]) ->
     log.info("%s: stage 1 kept for runs of the same stage-1 settings", path)
 
 
-def restore_stage1(path: str, method: torch.nn.Module) -> list[dict]:
-    """Load a finished stage 1 into ``method`` (the student and the projection); returns its metrics lines."""
-    cached = read_checkpoint(path, fmt=FORMAT)
+def read_stage1(path: str) -> dict | None:
+    """The finished stage 1 kept at ``path``, or None when there is none yet."""
+    return read_checkpoint(path, fmt=FORMAT) if os.path.exists(path) else None
+
+
+def restore_stage1(cached: dict, method: torch.nn.Module, path: str) -> list[dict]:
+    """Load a finished stage 1 (`read_stage1`) into ``method`` (the student and the projection); returns its
+    metrics lines."""
     own = method.state_dict()
     wrong = [k for k, v in cached["state_dict"].items() if k not in own or own[k].shape != v.shape]
     if wrong:

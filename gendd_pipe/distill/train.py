@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from timm.utils import distribute_bn
 
 from gendd_pipe.config import differences
 from gendd_pipe.distill.config import upgrade
@@ -44,14 +45,15 @@ from gendd_pipe.distill.checkpoint import load_state, read_checkpoint, save_chec
 from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.distill.evaluate import evaluate
 from gendd_pipe.distill.methods import Phase, TeacherHead, create_method, get_method
-from gendd_pipe.distill.stage1 import cache_path, restore_stage1, save_stage1, stage1_key
+from gendd_pipe.distill.stage1 import cache_path, read_stage1, restore_stage1, save_stage1, stage1_key
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
 from gendd_pipe.models.student import create_student
 from gendd_pipe.progress import StepBar
 from gendd_pipe.layout import BEST, LAST, SUMMARY, checkpoint_in
 from gendd_pipe.metrics import EpochLog, read_epochs
-from gendd_pipe.runtime import autocast, compiled, grad_scaler, network_input, place, rank_device
+from gendd_pipe.runtime import (RuntimeConfig, autocast, compiled, fast_math, grad_scaler, network_input, place,
+                                rank_device)
 from gendd_pipe.store.format import is_mixed_store
 from gendd_pipe.store.reader import FeatureStore
 
@@ -87,23 +89,34 @@ def teacher_head(store: FeatureStore, first_shard: str) -> TeacherHead:
     return TeacherHead(torch.from_numpy(weight), torch.from_numpy(bias), float(np.linalg.norm(features, axis=1).mean()))
 
 
-def join_world() -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when there is one (gloo for CPU tensors and
-    Python objects, nccl for CUDA tensors where there are GPUs)."""
+def join_world(runtime: RuntimeConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device); joins the torchrun process group when there is one: gloo for a CPU
+    device, and for a CUDA device NCCL bound to it (``device_id``; gloo beside it for CPU tensors and objects)."""
+    device = rank_device(runtime)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # collectives run on this rank's GPU
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # collectives and the current device are this rank's GPU
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
 
 
-def on_rank0(decide):
-    """``decide()`` run by rank 0 alone (it may change files), its result given to every torchrun rank."""
-    rank, world = join_world()
-    result = [decide() if rank == 0 else None]
+def on_rank0(decide, runtime: RuntimeConfig):
+    """``decide()`` run by rank 0 alone (it may read and change files only rank 0 sees, as on a node-local disk),
+    its result (or its `GenddError`) given to every torchrun rank."""
+    rank, world, _ = join_world(runtime)
+    result = [None, None]
+    if rank == 0:
+        try:
+            result[0] = decide()
+        except GenddError as exc:  # every rank stops with the one line, none waits for the others
+            result[1] = str(exc)
     if world > 1:
         dist.broadcast_object_list(result, src=0)
+    if result[1] is not None:
+        raise GenddError(result[1])
     return result[0]
 
 
@@ -120,12 +133,13 @@ def run_differences(cfg: DistillConfig, record: dict, ignore: tuple[str, ...] = 
     return differ + ([f"runtime.amp ({trained}, not {cfg.runtime.amp})"] if trained != cfg.runtime.amp else [])
 
 
-def _resume(out: str, cfg: DistillConfig, method, resume: bool, world: int) -> tuple[int, dict, dict | None]:
-    """Load the last checkpoint's weights into the method when resuming; returns (epochs done, best so far, the
-    checkpoint, whose optimizer state its phase takes up)."""
+def _resume(out: str, cfg: DistillConfig, resume: bool, world: int) -> dict | None:
+    """The last checkpoint of the run in ``out`` when resuming it (None for a fresh run), refusing one that
+    cannot continue as ``cfg``. Rank 0 reads it and gives it to every rank: nothing depends on a file that only
+    rank 0 wrote, so nodes without a shared filesystem resume alike."""
     path = checkpoint_in(out, LAST)
     if not os.path.exists(path):
-        return 0, {"top1": -1.0, "epoch": 0}, None
+        return None
     if not resume:
         raise GenddError(f"{out}: holds a run already ({LAST}); pass --resume to continue it or choose another --out")
     ckpt = read_checkpoint(path)
@@ -137,8 +151,7 @@ def _resume(out: str, cfg: DistillConfig, method, resume: bool, world: int) -> t
     if trained != world:
         raise GenddError(f"{path}: was trained on {trained} rank(s), not {world}; resume it with "
                          f"--nproc-per-node {trained} (the epochs' split depends on the world size)")
-    load_state(method, ckpt["state_dict"], path)
-    return ckpt["epoch"], ckpt["best"], ckpt
+    return ckpt
 
 
 def _beta2(beta2: tuple[float, float], step: int, total: int) -> float:
@@ -152,8 +165,11 @@ def phase_optimizer(method, phase: Phase, steps: int):
     """A phase's fresh AdamW and its per-step schedule (timm's): a linear warmup from lr / 100 over
     ``warmup_epochs``, then a cosine to ``min_lr`` over the rest of the phase, or steps of ``decay_rate`` at each of
     ``decay_epochs`` (counted from the phase's start, warmup included)."""
-    optimizer = torch.optim.AdamW(method.param_groups(phase.weight_decay, phase.name), lr=phase.lr,
-                                  betas=(0.9, phase.beta2[0]))
+    groups = method.param_groups(phase.weight_decay, phase.name)
+    trained = {id(p) for group in groups for p in group["params"]}
+    for p in method.parameters():  # what the phase does not train stays out of autograd (and of DDP)
+        p.requires_grad_(id(p) in trained)
+    optimizer = torch.optim.AdamW(groups, lr=phase.lr, betas=(0.9, phase.beta2[0]))
     warmup = steps * phase.warmup_epochs
     common = dict(warmup_t=warmup, warmup_lr_init=phase.lr / 100, t_in_epochs=False)
     if phase.schedule == "step":
@@ -178,35 +194,35 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     urls, val_urls = expand_urls(shards), expand_urls(val_shards)
     counts = check_shards(store, urls)
     check_method(store, cfg, counts)
-    rank, world = join_world()
     runtime = cfg.runtime
-    device = rank_device(runtime)
+    rank, world, device = join_world(runtime)
+    fast_math(runtime, device)
 
     torch.manual_seed(cfg.seed)
     head = teacher_head(store, shard_name(urls[0]))
     student = create_student(cfg.student, store.manifest["teacher"]["num_classes"])
     method = place(create_method(cfg, student, head), runtime, device)
     steps, per_rank = epoch_steps(sum(counts.values()), cfg.loader.batch_size, world)
-    start_epoch, best, ckpt = _resume(out, cfg, method, resume, world)
+    ckpt = on_rank0(lambda: _resume(out, cfg, resume, world), runtime)  # every rank holds rank 0's checkpoint
+    start_epoch, best = (ckpt["epoch"], ckpt["best"]) if ckpt else (0, {"top1": -1.0, "epoch": 0})
+    if ckpt:
+        load_state(method, ckpt["state_dict"], checkpoint_in(out, LAST))
     phases = get_method(cfg.method).phases(cfg)
     shared, cached = None, []
     if stage1_cache and phases[0].name == "stage1":
         key = stage1_key(cfg, phases[0], store.manifest, urls, counts, val_urls, world)
         shared = cache_path(stage1_cache, key)
-        if start_epoch == 0 and on_rank0(lambda: os.path.exists(shared)):  # rank 0's weights reach every rank in DDP
+        kept = on_rank0(lambda: read_stage1(shared), runtime) if start_epoch == 0 else None
+        if kept:
             start_epoch = phases[0].epochs
-            cached = restore_stage1(shared, method) if rank == 0 else []
-    model = method
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
-    model = compiled(model, runtime)
+            cached = restore_stage1(kept, method, shared)
     record = {"distributed": {"world_size": world, "rank_batch": per_rank, "batch_size": cfg.loader.batch_size},
               "store": public_url(store.url), "shards": [public_url(u) for u in urls],
               "val_shards": [public_url(u) for u in val_urls],
               "teacher": {**store.manifest["teacher"], "head_shape": list(head.weight.shape),
                           "feature_norm": head.feature_norm, "preprocessing": store.manifest["preprocessing"]}}
     epochs = EpochLog(out, keep_through=start_epoch) if rank == 0 else None  # drops epochs past the checkpoint
-    for line in cached:  # a stage 1 from the cache: its epochs as this run's
+    for line in cached if epochs else ():  # a stage 1 from the cache: its epochs as this run's
         epochs.append(line)
     primary = "probe" if cfg.with_probe and cfg.unsupervised else method.primary
 
@@ -216,6 +232,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
         if start_epoch >= end:
             continue
         optimizer, scheduler = phase_optimizer(method, phase, steps)
+        model = compiled(_data_parallel(method, device) if world > 1 else method, runtime)
         scaler = grad_scaler(runtime, device)  # fresh each phase, as the optimizer
         if start_epoch > first:  # killed inside this phase: its optimizer, schedule and scaler go on
             if ckpt.get("phase", "train") != phase.name:
@@ -254,9 +271,8 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
                     bar.step(losses["loss"].detach())
             seconds = time.perf_counter() - begin
             del batches
-            if world > 1:  # each rank's last step moved its own BatchNorm statistics: score rank 0's, which it saves
-                for buffer in method.buffers():
-                    dist.broadcast(buffer, 0)
+            if world > 1:  # each rank's steps moved its own BatchNorm statistics: score rank 0's, which it saves
+                distribute_bn(method, world, reduce=False)
             val = evaluate(method, val_urls, cfg.loader.batch_size, probe_urls=urls if cfg.with_probe else None,
                            num_workers=cfg.loader.num_workers, runtime=runtime)  # each rank its share; all the totals
             if rank != 0:
@@ -278,7 +294,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
                 "scaler": scaler.state_dict(), "best": best, **record})
             if improved:
                 shutil.copyfile(os.path.join(out, LAST), os.path.join(out, BEST))
-        del loader  # its persistent workers end with it
+        del loader, model  # the loader's persistent workers end with it
         if shared and phase.name == "stage1" and rank == 0 and not os.path.exists(shared):
             save_stage1(shared, method.stage1_state(), [m for m in epochs.records if m["phase"] == "stage1"])
     if epochs:
@@ -292,9 +308,19 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
 
 def _on_device(batch: dict, data_config: dict, runtime, device: torch.device) -> dict:
     """A loader's batch on ``device``: pixels normalized there, the other tensors copied without blocking."""
-    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    moved["image"] = network_input(batch["image"], data_config, runtime, device)
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "image" else v
+             for k, v in batch.items()}
+    moved["image"] = network_input(batch["image"], data_config, runtime, device)  # one copy, as uint8
     return moved
+
+
+def _data_parallel(method, device: torch.device) -> torch.nn.Module:
+    """``method`` in DDP for a phase: the parameters the phase trains (`phase_optimizer` left the others out of
+    autograd), unused ones searched for only where the method leaves some out of its loss, and no buffer
+    broadcast per step (the teacher's are constant; BatchNorm's are made rank 0's at each epoch's end)."""
+    return torch.nn.parallel.DistributedDataParallel(
+        method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        find_unused_parameters=method.unused_parameters)
 
 
 def summarize(out: str, primary: str, phases: list[str] | None = None) -> dict:

@@ -124,9 +124,15 @@ class Method(nn.Module):
         """The training phases of a run (a `DistillConfig`), in order; their epochs add up to ``cfg.epochs``."""
         return [train_phase(cfg)]
 
+    @property
+    def unused_parameters(self) -> bool:
+        """Whether a parameter of a phase's `param_groups` can be left out of its loss (DDP then searches for them
+        every step, at a cost); those outside the groups are no matter, the phase leaves them out of autograd."""
+        return False
+
     def param_groups(self, weight_decay: float, phase: str = "train") -> list[dict]:
         """AdamW parameter groups of ``phase``; the student's ``weight_decay`` applies unless the method says
-        otherwise."""
+        otherwise. Parameters in no group are frozen for the phase."""
         return [{"params": list(self.parameters()), "weight_decay": weight_decay}]
 
 

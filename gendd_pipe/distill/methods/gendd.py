@@ -145,15 +145,27 @@ class GenDD(Method):
         out["gendd"] = self.teacher_logits(draws.reshape(sampling.samples, features.shape[0], -1).mean(0))
         return out
 
+    @property
+    def unused_parameters(self) -> bool:
+        return not self.supervised  # the student's own head: its cross-entropy is zero without labels
+
     def param_groups(self, weight_decay: float, phase: str = "train") -> list[dict]:
-        """Stage 1: the student and the projection, all decayed (the official pretrain's one group). Otherwise
-        the student, its own head and the LayerNorm projector decayed, the diffusion head not (the official
-        groups exempt parameters named ``diffloss`` or ``ln``, which the projector, ``cls_projector``, is not)."""
+        """Stage 1: the student's backbone and the projection, all decayed (the official pretrain's one group).
+        Otherwise the student, its own head and the LayerNorm projector decayed, the diffusion head not (the
+        official groups exempt parameters named ``diffloss`` or ``ln``, which the projector, ``cls_projector``,
+        is not). A head no loss reaches (the student's in stage 1, and without labels) is left out: AdamW would
+        skip it all the same, having no gradient, and DDP need not search for it."""
+        own = list(self.student.model.get_classifier().parameters())
         if phase == "stage1":
-            return [{"params": [*self.student.parameters(), *self.stage1_proj.parameters()],
+            return [{"params": [*_without(self.student.parameters(), own), *self.stage1_proj.parameters()],
                      "weight_decay": weight_decay}]
         head = list(self.diffusion.parameters())
-        apart = {id(p) for p in [*head, *self.stage1_proj.parameters()]}  # stage 1's projection does not train here
-        rest = [p for p in self.parameters() if id(p) not in apart]
-        return [{"params": rest, "weight_decay": weight_decay},
+        apart = [*head, *self.stage1_proj.parameters(), *(own if not self.supervised else [])]  # stage 1's
+        # projection does not train here
+        return [{"params": _without(self.parameters(), apart), "weight_decay": weight_decay},
                 {"params": head, "weight_decay": self.options.head_weight_decay}]
+
+
+def _without(params, apart) -> list:
+    apart = {id(p) for p in apart}
+    return [p for p in params if id(p) not in apart]
