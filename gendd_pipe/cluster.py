@@ -4,14 +4,18 @@ to the driver while they run."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
-from gendd_pipe.runtime import RuntimeConfig
+from gendd_pipe.runtime import RuntimeConfig, resolve_device
+
+log = logging.getLogger(__name__)
 
 PROGRESS_TOPIC = "gendd-pipe-progress"
 
@@ -49,6 +53,28 @@ def this_worker_device(devices: tuple[str, ...]) -> str:
     from distributed import get_worker
 
     return devices[int(get_worker().name)]
+
+
+def task_runtime(runtime: RuntimeConfig, devices: tuple[str, ...]) -> RuntimeConfig:
+    """The runtime a task runs its network on, that device made the process's current one (``set_device``) before
+    any CUDA work, so that nothing opens a context on another GPU: a local cluster's GPU worker takes its own
+    device (``devices``, by worker name); elsewhere ``runtime``'s. A process that sees several GPUs and is told
+    ``auto`` or ``cuda`` uses the first, and says so once (give each worker of an external cluster one GPU through
+    ``CUDA_VISIBLE_DEVICES``)."""
+    if devices:
+        runtime = replace(runtime, device=this_worker_device(devices))
+    device = resolve_device(runtime)
+    if device.type == "cuda":
+        if not devices and runtime.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+            _say_once(f"this process sees {torch.cuda.device_count()} GPUs and runs on {device}; start one worker per "
+                      "GPU, each with CUDA_VISIBLE_DEVICES set to its GPU, to use them all")
+        torch.cuda.set_device(device)
+    return runtime
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    log.warning(message)
 
 
 def split_threads(threads: int | None, workers: int, scheduler: str | None) -> int | None:

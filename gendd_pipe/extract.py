@@ -27,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from gendd_pipe import __version__
 from gendd_pipe.cluster import (dask_client, local_devices, report_progress, run_per_shard, split_threads,
-                                this_worker_device)
+                                task_runtime)
 from gendd_pipe.config import (NonNegativeInt, OutputDir, OutputFile, PositiveInt, Shards, configclass, narrow,
                                to_dict)
 from gendd_pipe.data.augment import (JITTER_FIELDS, MIX_FIELDS, NO_JITTER, NO_MIX, AugmentConfig, draw_jitter, draw_mix,
@@ -144,7 +144,6 @@ def _rendered(reader: ShardReader, teacher: Teacher, cfg: ExtractConfig) -> Iter
         return _rendered_augmented(reader, teacher, cfg, threads, ahead)
     dc, size = teacher.data_config, teacher.input_hw
     render = create_renderer(cfg.views.renderer)
-    device = teacher.device if cfg.views.renderer == "tensor" else torch.device("cpu")
     on_cpu = teacher.device.type == "cpu"  # then these threads normalize too; a GPU gets bytes, normalized there
 
     def one(item: Sample | Skipped):
@@ -152,7 +151,8 @@ def _rendered(reader: ShardReader, teacher: Teacher, cfg: ExtractConfig) -> Iter
             return item
         views = sample_views(item.key, *item.image.size, cfg.views, size, dc["crop_pct"], dc.get("crop_mode", "center"))
         try:
-            pixels = render(item, views, size, dc["interpolation"], device)  # (V, 3, H, W) uint8
+            pixels = render(item, views, size, dc["interpolation"])  # (V, 3, H, W) uint8, on the CPU (as the
+            # student's loader renders them)
         except ValueError as exc:  # the image fails to decode: the reader's rule (fail, or skip and record)
             return reader.skip(item.key, str(exc))
         return item, {"views": views}, normalize_pixels(pixels, dc["mean"], dc["std"]) if on_cpu else pixels
@@ -302,10 +302,7 @@ def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[in
     if is_complete(root, name):  # run again by Dask because the worker holding its result was lost: committed
         log.debug("feature shard %s: complete already, left as it is", name)
         return _entry(name, dict(root[f"{SHARDS}/{name}"].attrs))
-    runtime = cfg.runtime
-    if devices:
-        runtime = replace(runtime, device=this_worker_device(devices))
-    teacher = cached_teacher(cfg.teacher, runtime, cfg.threads)
+    teacher = cached_teacher(cfg.teacher, task_runtime(cfg.runtime, devices), cfg.threads)
     logits, int8 = parse_logits(cfg.logits), cfg.features_dtype == "int8"
     reader = ShardReader(url, cfg.on_error, teacher.num_classes, decode=False)
     skipped: list[dict] = []

@@ -9,6 +9,7 @@ warnings only (``--quiet``).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from datetime import timedelta
@@ -39,19 +40,37 @@ class _Ticker:
         return str(timedelta(seconds=int(time.perf_counter() - self.start)))
 
 
-def gpu_status(gpus: tuple[int, ...]) -> str:
-    """``cuda:0 87% 10.2/139.8 GiB`` for each GPU index given (device-wide, so it sees Dask workers' use too);
-    utilisation where the NVIDIA management library is installed, memory always; empty for none."""
-    import torch
+def _nvml_handle(pynvml, index: int):
+    """The NVML handle of CUDA device ``index`` as this process numbers it (through ``CUDA_VISIBLE_DEVICES``,
+    by index or UUID)."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if "CUDA_VISIBLE_DEVICES" in os.environ and index < len(visible):
+        entry = visible[index]
+        if not entry.isdigit():
+            return pynvml.nvmlDeviceGetHandleByUUID(entry)
+        index = int(entry)
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
 
+
+def gpu_status(gpus: tuple[int, ...]) -> str:
+    """``cuda:0 87% 10.2/139.8 GiB`` for each GPU index given: utilisation and memory device-wide (so the Dask
+    workers' use is seen too), read through NVML, which opens no CUDA context in this process; empty without
+    NVML (``nvidia-ml-py``) or a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no library, no driver: no GPU status
+        return ""
     parts = []
     for index in gpus:
-        free, total = torch.cuda.mem_get_info(index)
         try:
-            busy = f" {torch.cuda.utilization(index)}%"
-        except Exception:  # noqa: BLE001 - without pynvml (or amdsmi) there is memory alone
-            busy = ""
-        parts.append(f"cuda:{index}{busy} {(total - free) / 2**30:.1f}/{total / 2**30:.1f} GiB")
+            handle = _nvml_handle(pynvml, index)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            busy = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+        except Exception:  # noqa: BLE001 - a device NVML cannot read (a MIG slice, a lost GPU)
+            continue
+        parts.append(f"cuda:{index} {busy}% {memory.used / 2**30:.1f}/{memory.total / 2**30:.1f} GiB")
     return ", ".join(parts)
 
 
@@ -72,7 +91,7 @@ class ExtractProgress:
 
     def _gpus(self) -> str:
         """The GPU status, refreshed at most once a second."""
-        if self.gpus and time.perf_counter() - self._gpu_at >= 1.0:
+        if self.gpus and (self._ticker.live or self._ticker.lines) and time.perf_counter() - self._gpu_at >= 1.0:
             self._gpu, self._gpu_at = gpu_status(self.gpus), time.perf_counter()
         return self._gpu
 

@@ -27,6 +27,43 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_unless_marked_cuda():
+    """On any machine, tests run on the CPU unless marked ``cuda``: ``auto`` finds no GPU in this process, and the
+    processes tests start (torchrun ranks, Dask workers, the CLI) see none. CUDA is initialised first where there is
+    a GPU, so that the ``cuda`` tests (`_gpu_for_cuda_tests`) still find it in this process."""
+    import torch
+
+    real = {"is_available": torch.cuda.is_available, "device_count": torch.cuda.device_count,
+            "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if real["is_available"]():
+        torch.cuda.init()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setattr(torch.cuda, "device_count", lambda: 0)
+        _REAL_CUDA.update(real)
+        yield
+
+
+_REAL_CUDA: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _gpu_for_cuda_tests(request, monkeypatch):
+    """A ``cuda`` test sees the machine's GPUs, in this process and in those it starts."""
+    if "cuda" in request.keywords and _REAL_CUDA:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", _REAL_CUDA["is_available"])
+        monkeypatch.setattr(torch.cuda, "device_count", _REAL_CUDA["device_count"])
+        if _REAL_CUDA["visible"] is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", _REAL_CUDA["visible"])
+    yield
+
+
 PHOTOS = {"chelsea": 281, "coffee": 967, "astronaut": 0, "rocket": 0}  # ImageNet-style labels for the tests
 
 

@@ -1,6 +1,7 @@
 """Real short distillations from a real store: every method, the CLI, evaluate, resume after SIGKILL."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -211,9 +212,25 @@ def test_a_checkpoint_moves_between_the_gpu_and_the_cpu(digit_store, tmp_path):
         _run(digit_store, out, _cfg("gendd", epochs=1, runtime=RuntimeConfig(device=first, amp="bf16")))
         _run(digit_store, out, _cfg("gendd", epochs=2, runtime=RuntimeConfig(device=then, amp="bf16")), resume=True)
         assert [m["epoch"] for m in _lines(out)] == [1, 2]
+
+
+@pytest.mark.cuda
+def test_fp16_training_keeps_its_scaler_state_in_the_checkpoint(digit_store, tmp_path):
+    """The gradient scaler of an fp16 run is active (a scale, a growth tracker) and its state is what the next
+    epoch goes on from; a bf16 run's is the disabled scaler's empty state."""
     fp16 = tmp_path / "fp16"
     _run(digit_store, fp16, _cfg("kd", epochs=1, runtime=RuntimeConfig(device="cuda", amp="fp16")))
-    assert "scaler" in read_checkpoint(str(fp16 / "last.safetensors"))
+    scaler = read_checkpoint(str(fp16 / "last.safetensors"))["scaler"]
+    steps = 96 // 16  # of an epoch; each halves the scale (a skipped step, the tracker reset) or counts one more
+    skipped = round(math.log2(65536.0 / scaler["scale"]))
+    assert scaler["scale"] == 65536.0 * 2.0 ** -skipped and 0 <= skipped <= steps
+    assert scaler["_growth_tracker"] + skipped <= steps and scaler["_growth_tracker"] + skipped >= 1
+    _run(digit_store, fp16, _cfg("kd", epochs=2, runtime=RuntimeConfig(device="cuda", amp="fp16")), resume=True)
+    again = read_checkpoint(str(fp16 / "last.safetensors"))["scaler"]  # went on from epoch 1's state
+    assert again["scale"] < scaler["scale"] or again["_growth_tracker"] == scaler["_growth_tracker"] + steps
+    bf16 = tmp_path / "bf16"
+    _run(digit_store, bf16, _cfg("kd", epochs=1, runtime=RuntimeConfig(device="cuda", amp="bf16")))
+    assert read_checkpoint(str(bf16 / "last.safetensors"))["scaler"] == {}
 
 
 def _launcher(ranks: int) -> list[str]:

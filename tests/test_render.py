@@ -111,6 +111,34 @@ def test_the_student_loader_renders_with_the_store_renderer(photo_shard, tmp_pat
         assert not torch.allclose(image, model_input("pil", samples[key], data["views"][rows[key], view][None], dc))
 
 
+@pytest.mark.parametrize("renderer", sorted(RENDERERS))
+def test_the_loader_replays_the_extractions_pixels_byte_for_byte(photo_shard, tmp_path, monkeypatch, renderer):
+    """One renderer, one set of pixels: the uint8 views the teacher was given at extraction are those the student's
+    loader makes (at the teacher's size and interpolation), whatever device either runs on."""
+    given = {}
+    render = RENDERERS[renderer]
+
+    def recording(sample, views, *args, **kwargs):
+        pixels = render(sample, views, *args, **kwargs)
+        given[sample.key] = pixels.cpu().clone()
+        return pixels
+
+    monkeypatch.setitem(RENDERERS, renderer, recording)
+    extract([photo_shard], str(tmp_path / "s.zarr"), _cfg(views=ViewConfig(count=3, renderer=renderer)), progress=False)
+    monkeypatch.setitem(RENDERERS, renderer, render)
+    store = FeatureStore.open(str(tmp_path / "s.zarr"))
+    dc = create_teacher(TEACHER).data_config
+    seen = 0
+    for epoch in range(3):
+        cfg = LoaderConfig(batch_size=1, shuffle_buffer=1, eval_view=True, num_workers=0)
+        loader = train_pipeline([photo_shard], store, dc, cfg, seed=0, epoch=epoch)
+        for batch in loader:
+            key, view = batch["key"][0], int(batch["view"][0])
+            assert torch.equal(batch["image"][0], given[key][view]), (renderer, key, view)
+            seen += 1
+    assert seen == 3 * len(given) == 12
+
+
 def test_a_store_naming_an_unknown_renderer_is_refused_in_one_line(photo_shard, tmp_path):
     extract([photo_shard], str(tmp_path / "s.zarr"), _cfg(), progress=False)
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="a")
@@ -229,7 +257,8 @@ def test_gpu_rendered_views_replay(photo_shard, tmp_path, renderer):
     manifest = extract([photo_shard], str(tmp_path / "g.zarr"),
                        _cfg(views=ViewConfig(count=3, renderer=renderer), runtime=_gpu()), progress=False)
     assert manifest["views"]["renderer"] == renderer
-    store, teacher = FeatureStore.open(str(tmp_path / "g.zarr")), create_teacher(TEACHER)  # CPU fp32, CPU decode
+    store = FeatureStore.open(str(tmp_path / "g.zarr"))
+    teacher = create_teacher(TEACHER, RuntimeConfig(device="cpu"))  # the reference: CPU fp32
     data = store.read_shard("photos-000000")
     for row, sample in enumerate(_samples(photo_shard)):
         features = teacher(model_input(renderer, sample, data["views"][row], teacher.data_config))[0].numpy()

@@ -110,6 +110,39 @@ def test_more_ranks_than_gpus_is_one_line_naming_both(gpus, count, local, ranks,
         rank_device(RuntimeConfig(device=device))
 
 
+def test_a_task_pins_its_gpu_before_any_cuda_work_and_says_when_it_sees_several(gpus, monkeypatch, caplog):
+    from gendd_pipe.cluster import task_runtime
+
+    pinned = []
+    monkeypatch.setattr(torch.cuda, "set_device", pinned.append)
+    gpus(2)
+    assert task_runtime(RuntimeConfig(device="cuda:1"), ()).device == "cuda:1" and caplog.records == []
+    task_runtime(RuntimeConfig(device="auto"), ())
+    assert pinned == [torch.device("cuda:1"), torch.device("cuda:0")]
+    assert "this process sees 2 GPUs and runs on cuda:0; start one worker per GPU" in caplog.text
+    gpus(0)
+    assert task_runtime(RuntimeConfig(), ()).device == "auto" and len(pinned) == 2  # the CPU: nothing pinned
+
+
+def test_gpu_status_comes_from_nvml_by_visible_index_and_not_at_all_when_progress_is_off(monkeypatch):
+    from gendd_pipe import progress
+
+    class Nvml:  # the two NVML look-ups, by index and by UUID
+        nvmlDeviceGetHandleByIndex = staticmethod(lambda i: ("index", i))
+        nvmlDeviceGetHandleByUUID = staticmethod(lambda u: ("uuid", u))
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,GPU-5e1f")
+    assert progress._nvml_handle(Nvml, 0) == ("index", 3) and progress._nvml_handle(Nvml, 1) == ("uuid", "GPU-5e1f")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert progress._nvml_handle(Nvml, 2) == ("index", 2)
+    asked = []
+    monkeypatch.setattr(progress, "gpu_status", lambda gpus: asked.append(gpus) or "cuda:0 1% 1.0/80.0 GiB")
+    with progress.ExtractProgress(2, 0, enabled=False, gpus=(0,)) as bar:
+        bar.add_images(8)
+        bar.shard_done()
+    assert asked == []
+
+
 def test_one_local_dask_worker_per_visible_gpu():
     assert worker_devices(RuntimeConfig(), 0) == () and worker_devices(RuntimeConfig(device="cpu"), 4) == ()
     assert worker_devices(RuntimeConfig(), 3) == worker_devices(RuntimeConfig(device="cuda"), 3) == (

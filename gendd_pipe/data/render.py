@@ -7,10 +7,15 @@ bytes cross to a GPU. Two are registered:
 
 - ``pil``: Pillow decodes, and resamples each view's exact (fractional) box straight
   from the source (`render_view`). The default; view 0 equals timm's eval transform.
-- ``tensor``: torchvision decodes JPEGs (with nvjpeg on the device when that is a
-  GPU) and cuts every view from the one decoded tensor with ``resized_crop``
-  (antialiased), the box rounded to whole source pixels; other formats are decoded
-  by Pillow. On a GPU this keeps decoding and resizing off the host.
+- ``tensor``: torchvision decodes JPEGs (libjpeg-turbo) and cuts every view from the
+  one decoded tensor with ``resized_crop`` (antialiased), the box rounded to whole
+  source pixels; other formats are decoded by Pillow. It decodes once per image
+  however many views it cuts.
+
+Both render on the CPU, whatever device the network runs on, and move only the
+finished uint8 views there: the student's loader and ``verify`` render on the CPU,
+and a GPU decoder (nvjpeg) or GPU resize would give the teacher other pixels than
+the student's (rounding in the IDCT and in the resampling).
 
 The manifest records the renderer a store was extracted with (``views.renderer``)
 and the student's loader renders with the same one, so the student sees the
@@ -46,26 +51,25 @@ def render_pil(sample: Sample, views: np.ndarray, size: tuple[int, int], interpo
     return pixels.to(device)
 
 
-def decode_tensor(sample: Sample, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The sample's image as uint8 (3, H, W) on ``device``: torchvision's JPEG decoder (nvjpeg on a GPU) for
-    8-bit RGB and grey JPEGs, Pillow for everything else."""
+def decode_tensor(sample: Sample) -> torch.Tensor:
+    """The sample's image as uint8 (3, H, W) on the CPU: torchvision's JPEG decoder for 8-bit RGB and grey JPEGs,
+    Pillow for everything else."""
     image = sample.image
     if sample.data is not None and image.format == "JPEG" and image.mode in ("RGB", "L"):
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(sample.data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                               device=device)
+            return decode_jpeg(torch.frombuffer(bytearray(sample.data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError as exc:
             raise ValueError(f"unreadable {sample.ext} image ({str(exc).splitlines()[0]})") from exc
-    return pil_to_tensor(sample.rgb()).to(device)
+    return pil_to_tensor(sample.rgb())
 
 
 def render_tensor(sample: Sample, views: np.ndarray, size: tuple[int, int], interpolation: str,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Views (V, 5) of ``sample`` by torchvision on ``device`` -> uint8 (V, 3, H, W) there."""
+    """Views (V, 5) of ``sample`` by torchvision on the CPU -> uint8 (V, 3, H, W) on ``device``."""
     if interpolation not in TENSOR_INTERPOLATIONS:
         raise GenddError(f"renderer tensor: interpolation {interpolation!r} is not one torchvision resizes tensors "
                          f"with ({', '.join(TENSOR_INTERPOLATIONS)}); use the pil renderer")
-    pixels = decode_tensor(sample, device)  # (3, H, W)
+    pixels = decode_tensor(sample)  # (3, H, W)
     h, w = pixels.shape[1:]
     out = []
     for top, left, height, width, flip in views.tolist():
@@ -73,7 +77,7 @@ def render_tensor(sample: Sample, views: np.ndarray, size: tuple[int, int], inte
         crop = TF.resized_crop(pixels, y, x, max(1, min(round(height * h), h - y)), max(1, min(round(width * w), w - x)),
                                list(size), interpolation=TF.InterpolationMode(interpolation), antialias=True)
         out.append(TF.horizontal_flip(crop) if flip >= 0.5 else crop)
-    return torch.stack(out)  # (V, 3, H, W)
+    return torch.stack(out).to(device)  # (V, 3, H, W)
 
 
 RENDERERS: dict[str, Callable[..., torch.Tensor]] = {"pil": render_pil, "tensor": render_tensor}
