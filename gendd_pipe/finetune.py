@@ -43,7 +43,8 @@ from gendd_pipe.layout import LAST, METRICS, MODEL, checkpoint_in, config_beside
 from gendd_pipe.metrics import EpochLog, topk_hits
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.progress import StepBar
-from gendd_pipe.runtime import RuntimeConfig, autocast, compiled, grad_scaler, network_input, place, resolve_device
+from gendd_pipe.runtime import (RuntimeConfig, autocast, compiled, fast_math, grad_scaler, network_input, place,
+                               precision_change, resolve_device)
 
 FORMAT = "gendd-pipe/teacher-1"
 log = logging.getLogger(__name__)
@@ -111,19 +112,29 @@ def _upgrade(record: dict) -> dict:
     return {("num_workers" if k == "workers" else k): v for k, v in record.items()}
 
 
-def _resume(out: str, cfg: FinetuneConfig, model, optimizer, scheduler, resume: bool) -> tuple[int, list]:
+def _differences(cfg: FinetuneConfig, record: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The settings where a checkpoint's recorded config and ``cfg`` disagree so that it cannot continue as ``cfg``:
+    every key but the runtime's placement (device, channels_last, compile, tf32), which a resume may change."""
+    record = _upgrade(record)
+    return differences(to_dict(cfg), record, ignore=(*ignore, "runtime")) + precision_change(record, cfg.runtime)
+
+
+def _resume(out: str, cfg: FinetuneConfig, model, optimizer, scheduler, scaler, resume: bool) -> tuple[int, list]:
     path = checkpoint_in(out, LAST)
     if not os.path.exists(path):
         return 0, []
     if not resume:
         raise GenddError(f"{out}: holds a fine-tune already ({LAST}); pass --resume to continue it or choose another --out")
     ckpt = read_checkpoint(path, FORMAT)
-    differ = differences(to_dict(cfg), _upgrade(ckpt["config"]), ignore=("epochs", "runtime"))
+    differ = _differences(cfg, ckpt["config"], ignore=("epochs",))
     if differ:
-        raise GenddError(f"{path}: was trained with other settings ({', '.join(differ)}); use another --out")
+        raise GenddError(f"{path}: was trained with other settings ({', '.join(differ)}); resume it with the same "
+                         "settings or use another --out")
     model.load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):  # an fp16 fine-tune's loss scale goes on where it was
+        scaler.load_state_dict(ckpt["scaler"])
     return ckpt["epoch"], ckpt["history"]
 
 
@@ -134,6 +145,7 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
     torch.manual_seed(cfg.views.seed)
     teacher = create_teacher(cfg.teacher, cfg.runtime)
     model, data_config, runtime, device = teacher.model, teacher.data_config, cfg.runtime, teacher.device
+    fast_math(runtime, device)
     if cfg.epochs == 0:
         val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.num_workers, runtime)
         return _write(out, cfg, model, None, [{"epoch": 0, "val": val}])
@@ -151,7 +163,7 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
     total = steps * cfg.epochs
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=cfg.warmup_steps,
                                   warmup_lr_init=cfg.lr / 100, t_in_epochs=False)
-    start, history = _resume(out, cfg, model, optimizer, scheduler, resume)
+    start, history = _resume(out, cfg, model, optimizer, scheduler, scaler, resume)
     epochs = EpochLog(out, keep_through=start)
     loader = augmented_pipeline(urls, counts, data_config, cfg.views, cfg.batch_size, start, cfg.shuffle_buffer,
                                 cfg.num_workers, device.type == "cuda")
@@ -187,7 +199,8 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
                  history[-1]["loss"], val["top1"], history[-1]["images_per_s"])
         save_checkpoint(os.path.join(out, LAST), {
             "config": to_dict(cfg), "epoch": epoch + 1, "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history}, FORMAT)
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "history": history}, FORMAT)
 
     epochs.close()
     metrics = _write(out, cfg, model, count, history)
@@ -226,7 +239,7 @@ def run_stage(cfg: TeacherStage, resume: bool | None = None, progress: bool = Tr
     core = narrow(cfg, FinetuneConfig)
     last = checkpoint_in(cfg.out, LAST)
     if resume is None:
-        resume = os.path.exists(last) and not differences(to_dict(core), _upgrade(read_checkpoint(last, FORMAT)["config"]))
+        resume = os.path.exists(last) and not _differences(core, read_checkpoint(last, FORMAT)["config"])
         if os.path.exists(last) and not resume:
             log.info("%s: a fine-tune with other settings; starting afresh", last)
             os.remove(last)

@@ -92,6 +92,14 @@ def rank_device(cfg: RuntimeConfig) -> torch.device:
     return torch.device(f"cuda:{local}")
 
 
+def precision_change(record: dict, cfg: RuntimeConfig) -> list[str]:
+    """``["runtime.amp (TRAINED, not NOW)"]`` when a checkpoint's recorded config (``record``) was trained at
+    another precision than ``cfg``'s: its optimizer and gradient-scaler state belong to that one, so a resume
+    must keep it (its device, memory format and compilation may change)."""
+    trained = record.get("runtime", {}).get("amp", "off")
+    return [f"runtime.amp ({trained}, not {cfg.amp})"] if trained != cfg.amp else []
+
+
 def fast_math(cfg: RuntimeConfig, device: torch.device) -> None:
     """A training loop's math on a CUDA device, with ``cfg.tf32``: TF32 matmuls and convolutions (float32 matmul
     precision ``high``) and cuDNN's autotuner, the speed a GPU user expects; without it IEEE float32 throughout.

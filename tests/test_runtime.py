@@ -181,6 +181,35 @@ def test_a_store_written_before_precision_was_recorded_resumes_at_fp32(digit_sto
         _extract(digit_store["val"], store, amp="bf16")
 
 
+def _unfinished_finetune(digit_store, out, monkeypatch, epochs: int, amp: str, resume: bool = False) -> dict:
+    """A fine-tune that keeps its last checkpoint, as one killed after its last epoch would."""
+    monkeypatch.setattr("gendd_pipe.finetune.os.remove", lambda path: None)
+    cfg = FinetuneConfig(teacher=TeacherConfig("resnet10t", "none", input_size=32), views=ViewConfig(hflip=0.0),
+                         epochs=epochs, batch_size=32, warmup_steps=1, runtime=RuntimeConfig(amp=amp))
+    finetune(digit_store["train"], digit_store["val"], str(out), cfg, resume=resume, progress=False)
+    from gendd_pipe.distill.checkpoint import read_checkpoint
+    from gendd_pipe.finetune import FORMAT
+
+    return read_checkpoint(str(out / "last.safetensors"), FORMAT)
+
+
+def test_a_fine_tune_keeps_its_scaler_and_resumes_at_its_own_precision_only(digit_store, tmp_path, monkeypatch):
+    ckpt = _unfinished_finetune(digit_store, tmp_path, monkeypatch, 1, "bf16")
+    assert ckpt["scaler"] == {}  # bf16 needs no loss scale: the disabled scaler's state
+    with pytest.raises(GenddError, match=r"was trained with other settings \(runtime.amp \(bf16, not off\)\)"):
+        _unfinished_finetune(digit_store, tmp_path, monkeypatch, 2, "off", resume=True)
+    assert _unfinished_finetune(digit_store, tmp_path, monkeypatch, 2, "bf16", resume=True)["epoch"] == 2
+
+
+@cuda
+def test_an_fp16_fine_tune_resumes_with_its_loss_scale(digit_store, tmp_path, monkeypatch):
+    first = _unfinished_finetune(digit_store, tmp_path, monkeypatch, 1, "fp16")["scaler"]
+    assert first["scale"] > 0 and first["growth_interval"] == 2000
+    then = _unfinished_finetune(digit_store, tmp_path, monkeypatch, 2, "fp16", resume=True)["scaler"]
+    steps = 96 // 32
+    assert then["scale"] < first["scale"] or then["_growth_tracker"] == first["_growth_tracker"] + steps
+
+
 def test_fine_tune_trains_under_bf16_autocast(digit_store, tmp_path):
     cfg = FinetuneConfig(teacher=TeacherConfig("resnet10t", "none", input_size=32), views=ViewConfig(hflip=0.0),
                          epochs=1, batch_size=32, warmup_steps=1, runtime=RuntimeConfig(amp="bf16"))

@@ -53,7 +53,7 @@ from gendd_pipe.progress import StepBar
 from gendd_pipe.layout import BEST, LAST, SUMMARY, checkpoint_in
 from gendd_pipe.metrics import EpochLog, read_epochs
 from gendd_pipe.runtime import (RuntimeConfig, autocast, compiled, fast_math, grad_scaler, network_input, place,
-                                rank_device)
+                                precision_change, rank_device)
 from gendd_pipe.store.format import is_mixed_store
 from gendd_pipe.store.reader import FeatureStore
 
@@ -128,9 +128,7 @@ def run_differences(cfg: DistillConfig, record: dict, ignore: tuple[str, ...] = 
     """The settings where a checkpoint's recorded config and ``cfg`` disagree so that it cannot continue as
     ``cfg``: every key but the runtime's placement (device, channels_last, compile), which a resume may change."""
     record = upgrade(record)
-    trained = record.get("runtime", {}).get("amp", "off")
-    differ = differences(cfg.to_dict(), record, ignore=(*ignore, "runtime"))
-    return differ + ([f"runtime.amp ({trained}, not {cfg.runtime.amp})"] if trained != cfg.runtime.amp else [])
+    return differences(cfg.to_dict(), record, ignore=(*ignore, "runtime")) + precision_change(record, cfg.runtime)
 
 
 def _resume(out: str, cfg: DistillConfig, resume: bool, world: int) -> dict | None:
