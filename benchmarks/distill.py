@@ -12,6 +12,10 @@ each teacher; every timing then trains the same student on the same batches:
   speedup over its bound ``(t_teacher + t_student) / t_student``, the three times
   measured in the same run.
 - loader headroom: samples/s of the loader alone over the samples/s the step consumes.
+- loader against its peer: samples/s of one worker of the training loader (as it feeds
+  a GPU) over one of the loader a timm user writes (webdataset, PIL decode, timm's
+  RandomResizedCropAndInterpolation, flip, uint8), on the same photo-sized JPEG shards
+  at ``--input-size``, on a quiet machine and with one core kept busy beside them.
 - GenDD cost: a GenDD step over a KD step, at the official head (width 1024, depth 3,
   mul 10, 64-dim tokens) and at the embedded default's (params.yaml); on the CPU in
   float32 and under bf16 autocast.
@@ -131,6 +135,101 @@ def loader_rate(loader, steps: int, batch_size: int) -> float:
     return n * batch_size / (time.perf_counter() - start)
 
 
+def photo_shards(root: str, images: int) -> list[str]:
+    """Two shards of ``images`` photo-sized JPEGs (scikit-image's photos, 300 to 640 px, quality 90, each a
+    different crop so that no two are alike) with ImageNet-style labels."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+    from skimage import data as skdata
+
+    photos = [getattr(skdata, name)() for name in ("chelsea", "coffee", "astronaut", "rocket")]
+    rng = np.random.default_rng(0)
+    urls = []
+    for shard in range(2):
+        url = f"{root}/photos-{shard:06d}.tar"
+        with wds.TarWriter(url, mtime=0.0) as sink:
+            for i in range(shard * images // 2, (shard + 1) * images // 2):
+                photo = photos[i % len(photos)]
+                h, w = photo.shape[:2]
+                top, left = rng.integers(0, h // 8), rng.integers(0, w // 8)
+                buf = io.BytesIO()
+                Image.fromarray(photo[top:, left:]).convert("RGB").save(buf, format="JPEG", quality=90)
+                sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "cls": i % 1000})
+        urls.append(url)
+    return urls
+
+
+def peer_loader(urls: list[str], size: int, interpolation: str, batch_size: int, num_workers: int):
+    """The loader a timm user writes: webdataset, PIL decode, timm's RandomResizedCropAndInterpolation (at the
+    training loader's interpolation), flip, uint8 out."""
+    import webdataset as wds
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms
+
+    transform = transforms.Compose([RandomResizedCropAndInterpolation(size, interpolation=interpolation),
+                                    transforms.RandomHorizontalFlip(),
+                                    transforms.PILToTensor()])
+    dataset = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("jpg", "cls")
+               .map_tuple(transform, int))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+
+
+def samples_per_s(loader, batch_size: int, batches: int) -> float:
+    """Samples/s of a loader over ``batches`` batches after its first (the workers' start)."""
+    it = iter(loader)
+    next(it)
+    start = time.perf_counter()
+    n = sum(1 for _ in itertools.islice(it, batches))
+    return n * batch_size / (time.perf_counter() - start)
+
+
+def peer_rows(args, tmp: str) -> dict:
+    """The training loader (as it feeds a GPU: workers at the loop's priority) against `peer_loader`, one worker
+    each, on the same photo shards at ``--input-size``, alternated ``--repeats`` times, on a quiet machine and with
+    one core kept busy beside them by a process spinning at normal priority (as a GPU rank's loop spins)."""
+    import subprocess
+    import sys
+
+    urls = photo_shards(tmp, args.peer_images)
+    store = f"{tmp}/photos.zarr"
+    extract(urls, store, ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=args.input_size),
+                                       views=ViewConfig(count=2), dask_workers=0), progress=False)
+    data_config = create_student(StudentConfig(args.student, args.input_size), 1000).data_config
+    interpolation = FeatureStore.open(store).manifest["preprocessing"]["interpolation"]  # what replay resamples with
+    cfg = LoaderConfig(args.batch_size, shuffle_buffer=args.batch_size, num_workers=1)
+    batches = args.peer_images // args.batch_size - 2
+    rows = {}
+    for load in ("quiet", "one core busy"):
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load != "quiet" else None
+        try:
+            ours, theirs = [], []
+            for _ in range(args.repeats):
+                loader = train_pipeline(urls, FeatureStore.open(store), data_config, cfg, 0, cuda=True)
+                ours.append(samples_per_s(loader, args.batch_size, batches))
+                del loader
+                peer = peer_loader(urls, args.input_size, interpolation, args.batch_size, 1)
+                theirs.append(samples_per_s(peer, args.batch_size, batches))
+        finally:
+            if spinner:
+                spinner.kill()
+                spinner.wait()
+        ours_rate, peer_rate = statistics.median(ours), statistics.median(theirs)
+        rows[load] = {"ours": ours_rate, "peer": peer_rate, "ratio": ours_rate / peer_rate}
+    return rows
+
+
+def peer_table(rows: dict, args) -> str:
+    lines = [f"### loader against the plain webdataset + timm loader (1 worker each, {args.peer_images} photos, "
+             f"{args.input_size} px, batch {args.batch_size})", "", "| machine | ours samples/s | peer samples/s | "
+             "ratio |", "|---|---:|---:|---:|"]
+    for load, r in rows.items():
+        lines.append(f"| {load} | {r['ours']:.0f} | {r['peer']:.0f} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def embedded_head() -> HeadConfig:
     with open(os.path.join(ROOT, "params.yaml")) as f:
         params = yaml.safe_load(f)
@@ -148,7 +247,7 @@ def bench_device(args, device: torch.device, stores: dict, shards: list[str]) ->
     for role, name in (("light", args.light), ("heavy", args.heavy)):
         store = FeatureStore.open(stores[name])
         loader = train_pipeline(shards, store, create_student(student, 1000).data_config, loader_cfg, 0,
-                                pin_memory=device.type == "cuda")
+                                cuda=device.type == "cuda")
         trainer = Trainer(DistillConfig(method="kd", student=student), store, shard_name(shards[0]),
                           runtime, device)
         batches = [_on_device(b, trainer.data_config, runtime, device) for b in itertools.islice(loader, args.steps)]
@@ -242,9 +341,16 @@ def main() -> None:
     parser.add_argument("--val-shards", default=os.path.join(ROOT, "data/shards/val-*.tar"))
     parser.add_argument("--samples", type=int, default=4, help="sampled features per image in the sampling rows")
     parser.add_argument("--devices", nargs="*", help="default: cpu, and cuda when there is one")
+    parser.add_argument("--peer-images", type=int, default=320, help="photos of the loader-against-peer rows")
+    parser.add_argument("--peer-only", action="store_true", help="the loader-against-peer rows alone")
     args = parser.parse_args()
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     with tempfile.TemporaryDirectory() as tmp:
+        rows = peer_rows(args, tmp)
+        print(peer_table(rows, args), flush=True)
+        print(json.dumps({"loader_peer": rows}), flush=True)
+        if args.peer_only:
+            return
         records = mnist5k_records()[0][: args.images]
         shards = write_shards(records, f"{tmp}/shards", "bench", (len(records) + 1) // 2)
         stores = {}

@@ -13,7 +13,9 @@ from gendd_pipe.data.loader import (WORKER_NICENESS, LoaderConfig, check_shards,
                                     workers)
 from gendd_pipe.data.shards import ShardReader
 from gendd_pipe.data.views import render_view, to_tensor
+from gendd_pipe.distill.train import _on_device
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
+from gendd_pipe.runtime import RuntimeConfig
 from tests.conftest import write_tar
 
 STUDENT_DC = {"input_size": (3, 24, 24), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.25,) * 3,
@@ -34,13 +36,18 @@ def test_join_gives_each_image_its_own_feature_under_shuffling(digit_store):
     keys = [k for b in batches for k in b["key"]]
     assert sorted(keys) == sorted(rows) and len(keys) == 96  # every sample once
     assert keys != [str(k) for b in blocks.values() for k in b["keys"]]  # shuffled
+    weight, bias = store.head()
+    head = torch.from_numpy(weight), torch.from_numpy(bias)
     for batch in batches:
+        assert "logits" not in batch  # a derived store's: made in batch where the student trains
+        derived = _on_device(batch, STUDENT_DC, RuntimeConfig(), torch.device("cpu"), head)
         for j, key in enumerate(batch["key"]):
             name, i = rows[key]
             v = int(batch["view"][j])
             assert v == 1 + view_choice(3, 0, key, 2)  # a training view: 1 or 2, never the eval view 0
             assert torch.equal(batch["feature"][j], torch.from_numpy(blocks[name]["features"][i, v].astype(np.float32)))
-            torch.testing.assert_close(batch["logits"][j], torch.from_numpy(logits[name][i, v]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(derived["logits"][j], torch.from_numpy(logits[name][i, v]), rtol=1e-5,
+                                       atol=1e-5)
             assert int(batch["label"][j]) == int(blocks[name]["labels"][i])
 
 
@@ -127,6 +134,27 @@ def test_loader_workers_default_to_the_cores_a_rank_may_use(monkeypatch):
     assert 1 <= workers(None) <= 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "512")  # more ranks than cores on the node: one worker each
     assert workers(None) == 1
+
+
+class _WorkerState(torch.utils.data.IterableDataset):
+    """What a loader worker runs with: its niceness, its largest native thread pool, Blosc's threads."""
+
+    def __iter__(self):
+        from numcodecs import blosc
+        from threadpoolctl import threadpool_info
+
+        yield {"nice": os.getpriority(os.PRIO_PROCESS, 0), "blosc": blosc.get_nthreads(),
+               "pool": max((pool["num_threads"] for pool in threadpool_info()), default=1)}
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu loop", "gpu loop"])
+def test_loader_workers_run_one_thread_per_pool_below_a_cpu_loop_only(cuda):
+    from gendd_pipe.data.loader import _loader
+
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    state = next(iter(_loader(_WorkerState(), 1, 1, cuda)))
+    assert int(state["pool"]) == 1 and int(state["blosc"]) == 1
+    assert int(state["nice"]) == ours + (0 if cuda else WORKER_NICENESS)
 
 
 def test_loader_workers_run_below_the_loop_they_feed(digit_store):

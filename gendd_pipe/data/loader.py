@@ -45,7 +45,9 @@ import fsspec
 import numpy as np
 import torch
 import webdataset as wds
+from numcodecs import blosc
 from pydantic import Field
+from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -57,7 +59,7 @@ from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
 from gendd_pipe.data.views import ViewConfig, eval_view, random_view, render_view, view_rng
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
-from gendd_pipe.store.format import VIEW_ARRAYS, derive_logits, is_int8, is_mixed_store, renderer_of
+from gendd_pipe.store.format import VIEW_ARRAYS, is_int8, is_mixed_store, renderer_of
 from gendd_pipe.store.reader import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -101,23 +103,31 @@ class EpochStream(IterableDataset):
         return iter(self.pipeline(self._epoch.value))
 
 
-WORKER_NICENESS = 10  # loader workers yield the cores to the loop they feed
+WORKER_NICENESS = 10  # loader workers of a CPU loop yield the cores to it
 
 
-def _lower_priority(_worker_id: int) -> None:
-    """A loader worker's start: it runs at `WORKER_NICENESS`. The loop's OpenMP team waits at every barrier for
-    a thread that a worker has preempted; at a lower priority the workers take the cores the team leaves idle
-    (waiting for a batch, between kernels). On 2 cores a resnet10t step at 32 px from a worker at priority 0
-    took 3.6x the bare step, at niceness 10 1.5x (`benchmarks/distill.py`: cache efficiency)."""
-    os.nice(WORKER_NICENESS)
+def _worker_start(_worker_id: int, niceness: int) -> None:
+    """A loader worker's start: every thread pool in it (numpy's BLAS and OpenMP, Blosc; torch's is one thread
+    in workers already) at one thread, since the workers are the parallelism and a pool's threads would contend
+    with the other workers and the loop; then, feeding a loop on the CPU, a lower priority. That loop's OpenMP
+    team waits at every barrier for a thread that a worker has preempted; at niceness `WORKER_NICENESS` the
+    workers take the cores the team leaves idle (on 2 cores a resnet10t step at 32 px from a worker at priority
+    0 took 3.6x the bare step, at niceness 10 1.5x: `benchmarks/distill.py`, cache efficiency). A loop on a GPU
+    spins on a core of its own: its workers keep their priority, or a spinning loop would starve them."""
+    threadpool_limits(1)
+    blosc.set_nthreads(1)
+    blosc.use_threads = False
+    if niceness:
+        os.nice(niceness)
 
 
-def _loader(dataset, batch_size: int, num_workers: int | None, pin_memory: bool, **kwargs) -> DataLoader:
-    """A DataLoader of ``dataset`` whose workers persist between the epochs of an `EpochStream`."""
+def _loader(dataset, batch_size: int, num_workers: int | None, cuda: bool, **kwargs) -> DataLoader:
+    """A DataLoader of ``dataset`` whose workers persist between the epochs of an `EpochStream`; ``cuda``: it feeds
+    a CUDA device (batches pinned, workers at the loop's priority), else a loop on the CPU."""
     n = workers(num_workers)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=n, pin_memory=pin_memory,
-                      persistent_workers=n > 0 and isinstance(dataset, EpochStream), worker_init_fn=_lower_priority,
-                      **kwargs)
+    start = partial(_worker_start, niceness=0 if cuda else WORKER_NICENESS)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=n, pin_memory=cuda,
+                      persistent_workers=n > 0 and isinstance(dataset, EpochStream), worker_init_fn=start, **kwargs)
 
 
 def check_shards(store: FeatureStore, urls: list[str]) -> dict[str, int]:
@@ -221,7 +231,6 @@ def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = T
         mixed = "mix" in block
         whole = mixed or end == len(block["keys"])  # read to its end: the shard's bytes are checked too
         source = store.shard(name).attrs.get("source_sha256") if verify and whole else None
-        derived = {"head": store.head()} if store.logits_mode == "derived" else {}  # the chosen view's, later
         joined = join_shard(url, block, skipped.get(name, set()), source)
         if mixed:
             partners = [sample for sample, _ in joined]
@@ -233,7 +242,7 @@ def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = T
                 yield {"url": url, "sample": sample, "row": {k: block[k][row] for k in VIEW_ARRAYS if k in block},
                        "features": block["features"][row],
                        **({"partners": partners, "rows": block} if mixed else {}),
-                       **({"logits": block["logits"][row]} if "logits" in block else derived)}
+                       **({"logits": block["logits"][row]} if "logits" in block else {})}
 
 
 def _each(src, fn):
@@ -274,10 +283,8 @@ def _render_train(item: dict, replay: Replay, seed: int, epoch: int, targets: di
         partner = item["partners"][int(mix[0])].label if is_mixed(mix) else sample.label
         out["target"] = mixed_target(sample.label, partner, float(mix[2]), targets["num_classes"],
                                      targets["smoothing"])
-    if "logits" in item:
+    if "logits" in item:  # a store of full logits (a derived store's are made in batch where the student trains)
         out["logits"] = torch.from_numpy(item["logits"][v].astype(np.float32))
-    elif "head" in item:  # logits mode derived: f @ W.T + b of this view alone
-        out["logits"] = torch.from_numpy(derive_logits(item["features"][v], *item["head"]))
     return out
 
 
@@ -331,10 +338,11 @@ def _train_epoch(epoch: int, urls: list[str], counts: dict[str, int], batch_size
 
 
 def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg: LoaderConfig, seed: int,
-                   epoch: int = 0, counts: dict[str, int] | None = None, pin_memory: bool = False,
+                   epoch: int = 0, counts: dict[str, int] | None = None, cuda: bool = False,
                    soft_labels: bool = False, fresh_scale: tuple[float, float] | None = None) -> DataLoader:
     """This rank's training batches (``epoch_steps`` per epoch, of ``batch_size / world`` samples): ``key``,
-    ``image`` (uint8), ``label``, ``view``, ``feature`` and (full or derived stores) ``logits``. It serves
+    ``image`` (uint8), ``label``, ``view``, ``feature`` and (stores of full logits) ``logits``; a derived store's
+    logits are one matmul of the batch's features where the student trains (`gendd_pipe.distill.train`). It serves
     ``epoch`` until ``loader.dataset.set_epoch`` selects another. ``counts`` are the shards' sample counts
     (`check_shards`, which runs when they are not given).
 
@@ -369,7 +377,7 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
                                  world=world, store_url=store.url, skipped=_skipped_keys(store),
                                  data_config=data_config, manifest=store.manifest, seed=seed, cfg=cfg,
                                  targets=targets, fresh=fresh), epoch)
-    return _loader(stream, batch, cfg.num_workers, pin_memory, drop_last=True)
+    return _loader(stream, batch, cfg.num_workers, cuda, drop_last=True)
 
 
 def _held_per_worker(urls: list[str], store: FeatureStore, counts: dict[str, int]) -> str:
@@ -407,7 +415,7 @@ def _render_eval(item: dict, data_config: dict) -> dict:
 
 
 def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, num_workers: int | None = None,
-                  pin_memory: bool = False) -> DataLoader:
+                  cuda: bool = False) -> DataLoader:
     """Batches of ``image`` (uint8, the eval view: resize + center crop) and ``label``, in shard order; under
     torchrun, this rank's share of every shard (each sample on exactly one rank)."""
     pipeline = wds.DataPipeline(
@@ -416,7 +424,7 @@ def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, num_worke
         partial(_images, by_rank=True),
         partial(_each, fn=partial(_render_eval, data_config=data_config)),
     )
-    return _loader(pipeline, batch_size, num_workers, pin_memory)
+    return _loader(pipeline, batch_size, num_workers, cuda)
 
 
 def _render_augmented(item: dict, data_config: dict, views: ViewConfig, epoch: int) -> dict:
@@ -439,10 +447,10 @@ def _augmented_epoch(epoch: int, urls: list[str], counts: dict[str, int], batch_
 
 def augmented_pipeline(urls: list[str], counts: dict[str, int], data_config: dict, views: ViewConfig,
                        batch_size: int, epoch: int = 0, shuffle_buffer: int = 1000, num_workers: int | None = None,
-                       pin_memory: bool = False) -> DataLoader:
+                       cuda: bool = False) -> DataLoader:
     """Batches of ``image`` (uint8, a random-resized crop drawn from (views.seed, epoch, key)) and ``label``,
     shards and samples shuffled from (views.seed, epoch), each epoch's first ``steps x batch_size`` samples once
     (``counts``: samples per shard URL). It serves ``epoch`` until ``loader.dataset.set_epoch`` selects another."""
     stream = EpochStream(partial(_augmented_epoch, urls=list(urls), counts=counts, batch_size=batch_size,
                                  data_config=data_config, views=views, shuffle_buffer=shuffle_buffer), epoch)
-    return _loader(stream, batch_size, num_workers, pin_memory, drop_last=True)
+    return _loader(stream, batch_size, num_workers, cuda, drop_last=True)

@@ -47,7 +47,8 @@ def render_pil(sample: Sample, views: np.ndarray, size: tuple[int, int], interpo
                device: torch.device | str = "cpu") -> torch.Tensor:
     """Views (V, 5) of ``sample`` by Pillow -> uint8 (V, 3, H, W) on ``device``."""
     image = sample.rgb()
-    pixels = torch.stack([pil_to_tensor(render_view(image, view, size, interpolation)) for view in views])
+    views = [pil_to_tensor(render_view(image, view, size, interpolation)) for view in views]
+    pixels = views[0][None] if len(views) == 1 else torch.stack(views)  # one view (the loader's): no copy
     return pixels.to(device)
 
 

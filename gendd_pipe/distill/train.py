@@ -200,6 +200,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     head = teacher_head(store, shard_name(urls[0]))
     student = create_student(cfg.student, store.manifest["teacher"]["num_classes"])
     method = place(create_method(cfg, student, head), runtime, device)
+    derived = derived_head(store, head, cfg.method, device)
     steps, per_rank = epoch_steps(sum(counts.values()), cfg.loader.batch_size, world)
     ckpt = on_rank0(lambda: _resume(out, cfg, resume, world), runtime)  # every rank holds rank 0's checkpoint
     start_epoch, best = (ckpt["epoch"], ckpt["best"]) if ckpt else (0, {"top1": -1.0, "epoch": 0})
@@ -241,7 +242,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
             if "scaler" in ckpt:
                 scaler.load_state_dict(ckpt["scaler"])
         loader = train_pipeline(urls, store, student.data_config, cfg.loader, cfg.seed, max(first, start_epoch),
-                                counts, pin_memory=device.type == "cuda", soft_labels=not cfg.unsupervised,
+                                counts, cuda=device.type == "cuda", soft_labels=not cfg.unsupervised,
                                 fresh_scale=phase.fresh_scale)  # every epoch of the phase
         total = steps * phase.epochs
         for epoch in range(max(first, start_epoch), end):
@@ -254,7 +255,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
             with StepBar(title, steps, progress and rank == 0) as bar:
                 for i, batch in enumerate(itertools.islice(batches, steps)):
                     step = (epoch - first) * steps + i  # of the phase
-                    batch = _on_device(batch, student.data_config, runtime, device)
+                    batch = _on_device(batch, student.data_config, runtime, device, derived)
                     with autocast(runtime, device):
                         losses = model(batch, epoch)
                     optimizer.zero_grad(set_to_none=True)
@@ -304,12 +305,25 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     return summarize(out, primary, chosen) if rank == 0 else {}
 
 
-def _on_device(batch: dict, data_config: dict, runtime, device: torch.device) -> dict:
-    """A loader's batch on ``device``: pixels normalized there, the other tensors copied without blocking."""
+def _on_device(batch: dict, data_config: dict, runtime, device: torch.device,
+               head: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """A loader's batch on ``device``: pixels normalized there, the other tensors copied without blocking, and
+    with ``head`` (the teacher's classifier on ``device``; a store of derived logits) the teacher logits of the
+    batch's features, ``feature @ W.T + b`` in one matmul."""
     moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "image" else v
              for k, v in batch.items()}
     moved["image"] = network_input(batch["image"], data_config, runtime, device)  # one copy, as uint8
+    if head is not None and "logits" not in moved:
+        moved["logits"] = torch.addmm(head[1], moved["feature"], head[0].T)  # (B, C) float32
     return moved
+
+
+def derived_head(store: FeatureStore, head: TeacherHead, method_name: str, device: torch.device):
+    """The teacher classifier on ``device`` when the method reads teacher logits that the store derives from its
+    features (`_on_device` makes them per batch); None otherwise."""
+    if store.logits_mode != "derived" or not get_method(method_name).needs_logits:
+        return None
+    return head.weight.to(device), head.bias.to(device)
 
 
 def _data_parallel(method, device: torch.device) -> torch.nn.Module:
