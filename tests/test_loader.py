@@ -166,3 +166,19 @@ def test_loader_workers_run_below_the_loop_they_feed(digit_store):
     started = {p.pid: p.nice() for p in psutil.Process().children()}
     del batches
     assert sorted(started.values())[-2:] == [ours + WORKER_NICENESS] * 2, started
+
+
+def test_val_shards_split_by_whole_shards_among_ranks_when_there_are_enough(digit_shards, monkeypatch):
+    """Three shards on two ranks: each shard read by one rank only; on four ranks, every fourth sample of each."""
+    from gendd_pipe.data.loader import eval_pipeline
+
+    labels = [[s.label for s in ShardReader(url)] for url in digit_shards]
+
+    def rank_labels(rank: int, world: int) -> list[int]:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        return [int(x) for batch in eval_pipeline(digit_shards, STUDENT_DC, 16, num_workers=0) for x in batch["label"]]
+
+    assert rank_labels(0, 2) == labels[0] + labels[2] and rank_labels(1, 2) == labels[1]
+    for rank in range(4):
+        assert rank_labels(rank, 4) == [x for shard in labels for x in shard[rank::4]]

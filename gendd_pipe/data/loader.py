@@ -417,11 +417,14 @@ def _render_eval(item: dict, data_config: dict) -> dict:
 def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, num_workers: int | None = None,
                   cuda: bool = False) -> DataLoader:
     """Batches of ``image`` (uint8, the eval view: resize + center crop) and ``label``, in shard order; under
-    torchrun, this rank's share of every shard (each sample on exactly one rank)."""
+    torchrun, this rank's share (each sample on exactly one rank): whole shards where there are at least as many
+    as ranks (each shard read by one rank only), else every world-th sample of every shard."""
+    rank, world = wds.utils.pytorch_worker_info()[:2]
+    whole = len(urls) >= world
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(list(urls)),
+        wds.SimpleShardList(list(urls)[rank::world] if whole else list(urls)),
         wds.split_by_worker,
-        partial(_images, by_rank=True),
+        partial(_images, by_rank=not whole),
         partial(_each, fn=partial(_render_eval, data_config=data_config)),
     )
     return _loader(pipeline, batch_size, num_workers, cuda)

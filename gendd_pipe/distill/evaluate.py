@@ -73,7 +73,23 @@ def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, predict
                 val_x.append(features.float().cpu())
                 val_y.append(labels)
             n += int(keep.sum())
-    parts = _gathered((hits, n, val_x, val_y))  # under torchrun each rank scored its share of the samples
+    parts = _gathered((hits, n, val_x, val_y))  # under torchrun each rank scored its share: rank 0 holds them all
+    train = student_features(method.student, probe_urls, batch_size, num_workers, runtime) if probe_urls else None
+    train = _gathered(train) if probe_urls else None
+    result = None
+    if parts is not None:
+        try:
+            result = _scored(parts, train, val_urls, probe_urls, device, start)
+        except GenddError as exc:  # every rank stops with the one line
+            result = exc
+    method.train(was_training)
+    return _from_rank0(result)
+
+
+def _scored(parts: list, train: list | None, val_urls: list[str], probe_urls: list[str] | None,
+            device: torch.device, start: float) -> dict:
+    """Every rank's (hits, count, val features, val labels) summed into top-1/top-5 per predictor, and the probe
+    fitted once on ``device`` from every rank's train features (``train``)."""
     hits = {}
     for part in parts:
         for name, counts in part[0].items():
@@ -84,21 +100,35 @@ def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, predict
     result = {name: as_percent(h, n) for name, h in hits.items()}
     result["images"], result["seconds"] = n, time.perf_counter() - start
     if probe_urls:
-        train = student_features(method.student, probe_urls, batch_size, num_workers, runtime)
-        train = tuple(torch.cat(t) for t in zip(*_gathered(train)))
+        train = tuple(torch.cat(t) for t in zip(*train))
         val = tuple(torch.cat([t for part in parts for t in part[i]]) for i in (2, 3))
-        result["probe"] = probe_score(train, val, probe_urls[0])
-    method.train(was_training)
+        result["probe"] = probe_score(train, val, probe_urls[0], device)
     return result
 
 
-def _gathered(part) -> list:
-    """``part`` of every torchrun rank, in rank order (``[part]`` outside torchrun)."""
-    if not (dist.is_available() and dist.is_initialized()):
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _gathered(part) -> list | None:
+    """``part`` of every torchrun rank, in rank order, on rank 0 (None on the others; ``[part]`` outside
+    torchrun)."""
+    if not _distributed():
         return [part]
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(part, parts, dst=0)
     return parts
+
+
+def _from_rank0(result: dict | GenddError | None) -> dict:
+    """Rank 0's result on every torchrun rank, or its error raised on every rank."""
+    if _distributed():
+        box = [str(result) if isinstance(result, GenddError) else result]
+        dist.broadcast_object_list(box, src=0)
+        result = GenddError(box[0]) if isinstance(box[0], str) else box[0]
+    if isinstance(result, GenddError):
+        raise result
+    return result
 
 
 def load_method(path: str):
