@@ -261,3 +261,37 @@ def test_the_cli_refuses_in_one_line_before_any_work(digit_store, tmp_path, opti
             "--input-size", "32", "--dask-workers", "0", "-q", *options]
     one_line(invoke(*args), message)
     assert not (tmp_path / "s.zarr" / "shards").exists()
+
+
+@pytest.mark.parametrize("method,extra,graphs", [
+    ("kd", {}, [1, 1, 1, 1]),
+    ("gendd", {"gendd": {"stage1_epochs": 1, "head": {"width": 64, "depth": 1, "diffusion_batch_mul": 2}}},
+     [1, 2, 2, 2]),  # stage 1's graph, then stage 2's: one per phase
+    ("dkd", {"logit": {"warmup_epochs": 3}}, [1, 2, 2, 2]),  # the epoch int turns symbolic at its first change
+])
+def test_a_compiled_step_has_no_graph_break_and_compiles_once_per_phase(method, extra, graphs):
+    """torch.compile's tracing (dynamo, with a backend that counts the graphs it is given) over the epochs of a
+    run: no graph break in a step (GenDD's Beta draw stays a tensor), no graph per epoch, the same losses as eager."""
+    from torch._dynamo.utils import counters
+
+    from gendd_pipe.distill.config import parse_run
+    from gendd_pipe.distill.methods import TeacherHead, create_method
+    from gendd_pipe.models.student import create_student
+
+    cfg = parse_run({"method": method, "epochs": 4, "student": {"name": "resnet10t", "input_size": 32}, **extra}, "x")
+    torch.manual_seed(0)
+    model = create_method(cfg, create_student(cfg.student, 10), TeacherHead(torch.randn(10, 64), torch.randn(10), 5.0))
+    batch = {"image": torch.randn(8, 3, 32, 32), "label": torch.randint(0, 10, (8,)), "feature": torch.randn(8, 64),
+             "logits": torch.randn(8, 10)}
+    torch._dynamo.reset()
+    counters.clear()
+    given = []
+    step = torch.compile(model, backend=lambda gm, inputs: given.append(gm) or gm.forward)
+    seen = []
+    for epoch in range(4):
+        torch.manual_seed(epoch)
+        loss = step(batch, epoch)["loss"].detach()
+        torch.manual_seed(epoch)
+        torch.testing.assert_close(loss, model(batch, epoch)["loss"].detach())
+        seen.append(len(given))
+    assert seen == graphs and not counters["graph_break"], dict(counters["graph_break"])

@@ -127,7 +127,8 @@ class GenDD(Method):
         cond = self.projector(features)  # (B, Ds)
         target = self.contract(batch["feature"], label_of(batch))  # (B, D)
         if self.options.mixup > 0:
-            m = float(torch.distributions.Beta(self.options.mixup, self.options.mixup).sample())
+            m = torch.distributions.Beta(self.options.mixup, self.options.mixup).sample()  # 0-d, on the CPU (the
+            # generator the draws have always come from); a tensor, so a compiled step neither syncs nor breaks
             perm = torch.randperm(cond.shape[0], device=cond.device)
             cond = m * cond + (1 - m) * cond[perm]  # (B, Ds)
             target = m * target + (1 - m) * target[perm]  # (B, D)
