@@ -95,8 +95,9 @@ def accuracy(model: torch.nn.Module, urls: list[str], data_config: dict, batch_s
     hits, n, device = {}, 0, resolve_device(runtime)
     for batch in eval_pipeline(urls, data_config, batch_size, num_workers, device.type == "cuda"):
         keep = batch["label"] >= 0
+        images = network_input(batch["image"], data_config, runtime, device)  # the pinned batch, copied once
         with autocast(runtime, device):
-            logits = model(network_input(batch["image"][keep], data_config, runtime, device)).float().cpu()
+            logits = model(images if keep.all() else images[keep.to(device)]).float().cpu()
         if (batch["label"][keep] >= logits.shape[1]).any():
             n = 0
             break

@@ -64,8 +64,11 @@ def evaluate(method: Method, val_urls: list[str], batch_size: int = 128, predict
             if not keep.any():
                 continue
             labels = batch["label"][keep]
+            images = network_input(batch["image"], data_config, runtime, device)  # the pinned batch, copied once
+            if not keep.all():
+                images = images[keep.to(device)]
             with autocast(runtime, device):
-                features = method.student.features(network_input(batch["image"][keep], data_config, runtime, device))
+                features = method.student.features(images)
                 predictions = method.predict(features, predict)
             for name, logits in predictions.items():
                 hits.setdefault(name, Counter()).update(topk_hits(logits.float().cpu(), labels))
