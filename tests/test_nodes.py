@@ -80,3 +80,22 @@ def test_two_nodes_without_shared_storage_resume_together(digit_store, tmp_path)
     b = read_checkpoint(str(run / "last.safetensors"))
     assert b["distributed"]["world_size"] == 2
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+@pytest.mark.slow
+def test_a_refusal_only_rank_0_can_see_stops_every_rank(digit_store, tmp_path):
+    """Rank 0's node holds a run in its --out, node 1's disk does not: both ranks stop with rank 0's one line,
+    instead of node 1 training on and waiting for rank 0 until the timeout."""
+    roots = [tmp_path / "node0", tmp_path / "node1"]
+    run = roots[0] / "out" / "runs" / "gendd"
+    run.mkdir(parents=True)
+    (run / "last.safetensors").write_bytes(b"")
+    procs = _nodes(digit_store, roots)
+    for proc in procs:
+        try:
+            output, _ = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                _kill_tree(p.pid)
+            raise AssertionError("a rank went on without rank 0 (killed after the timeout)") from None
+        assert proc.returncode != 0 and "holds a run already" in output, output[-3000:]
