@@ -3,7 +3,8 @@
 The recipe's own settings are kept (models, input sizes, head size, views, logits,
 output paths); only what scales with the data or the compute is cut down (epochs,
 batch size, workers, view count, GenDD's sampling steps, samples and
-``diffusion_batch_mul``), weights become ``none`` (random init, no download), and
+``diffusion_batch_mul``; bf16 autocast, a GPU's speed-up that a CPU without bf16
+units emulates), weights become ``none`` (random init, no download), and
 the image shards are a tiny ImageFolder of MNIST digits written on the fly. Every
 recipe as written is validated by ``tests/test_config.py``. Each recipe runs once
 stage by stage through ``gendd-pipe ... --config`` and once through ``dvc repro``
@@ -79,6 +80,8 @@ def localize(params: dict, folder: str) -> tuple[dict, dict | None]:
             gendd["stage1_epochs"] = 1
     params["distill"]["common"].update(warmup_epochs=0, loader={"batch_size": 4, "num_workers": 0})
     params["evaluate"]["batch_size"] = 8
+    for section in (params["distill"]["common"], params["evaluate"]):  # bf16 autocast is a GPU's speed-up: on
+        section.get("runtime", {}).pop("amp", None)  # this CPU it costs time (`tests/test_distill.py` trains bf16)
     if "prepare" in params:
         return {**params, "prepare": prepare}, None
     return params, prepare
