@@ -57,9 +57,9 @@ def _finish(procs) -> None:
 
 @pytest.mark.slow
 def test_two_nodes_without_shared_storage_resume_together(digit_store, tmp_path):
-    """SIGKILL both nodes after epoch 1 and start both again with --resume: rank 0 (node 0) decides and gives its
-    checkpoint to node 1, which has none; the run ends with the uninterrupted run's weights, and rank 0's metrics
-    hold each epoch once. Node 1 writes nothing."""
+    """SIGKILL both nodes (agents, ranks and loader workers) in epoch 2 and start both again with --resume: rank 0
+    (node 0) decides and gives its checkpoint to node 1, which has none; the run ends with the uninterrupted run's
+    weights, and rank 0's metrics hold each epoch once. Node 1 writes nothing."""
     whole = [tmp_path / "whole0", tmp_path / "whole1"]
     _finish(_nodes(digit_store, whole))
     killed = [tmp_path / "node0", tmp_path / "node1"]
@@ -69,6 +69,7 @@ def test_two_nodes_without_shared_storage_resume_together(digit_store, tmp_path)
     while not ((run / "last.safetensors").exists() and run.joinpath("metrics.jsonl").exists()):
         assert time.time() < deadline and all(p.poll() is None for p in procs), "epoch 1 did not end"
         time.sleep(0.05)
+    time.sleep(0.3 * _lines(whole[0] / "out" / "runs" / "gendd")[1]["train_seconds"])  # into epoch 2's steps
     for proc in procs:
         _kill_tree(proc.pid)
         proc.wait()
