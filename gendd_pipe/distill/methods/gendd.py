@@ -146,10 +146,6 @@ class GenDD(Method):
         out["gendd"] = self.teacher_logits(draws.reshape(sampling.samples, features.shape[0], -1).mean(0))
         return out
 
-    @property
-    def unused_parameters(self) -> bool:
-        return not self.supervised  # the student's own head: its cross-entropy is zero without labels
-
     def param_groups(self, weight_decay: float, phase: str = "train") -> list[dict]:
         """Stage 1: the student's backbone and the projection, all decayed (the official pretrain's one group).
         Otherwise the student, its own head and the LayerNorm projector decayed, the diffusion head not (the
