@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data as skdata  # noqa: E402
 
-from gendd_pipe.data.render import normalize_pixels  # noqa: E402
+from gendd_pipe.runtime import normalize_pixels  # noqa: E402
 from gendd_pipe.data.shards import ShardReader  # noqa: E402
 from gendd_pipe.data.views import ViewConfig  # noqa: E402
 from gendd_pipe.extract import ExtractConfig, _rendered, extract  # noqa: E402

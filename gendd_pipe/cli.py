@@ -41,7 +41,8 @@ from gendd_pipe import report as report_stage
 from gendd_pipe.recipe import SECTIONS, load_params, section, section_class
 from gendd_pipe.runtime import RuntimeConfig
 from gendd_pipe.storage import configure, parse_options, urls_in
-from gendd_pipe.store.audit import summarize, verify
+from gendd_pipe.store.audit import summarize
+from gendd_pipe.verify import verify
 from gendd_pipe.store.format import logits_spec, renderer_of
 from gendd_pipe.store.reader import FeatureStore
 

@@ -32,7 +32,7 @@ from gendd_pipe.config import (NonNegativeInt, OutputDir, OutputFile, PositiveIn
                                to_dict)
 from gendd_pipe.data.augment import (JITTER_FIELDS, MIX_FIELDS, NO_JITTER, NO_MIX, AugmentConfig, draw_jitter, draw_mix,
                                      draw_randaugment, fill_color, no_randaugment, parse_randaugment)
-from gendd_pipe.data.render import create_renderer, normalize_pixels, prefetched
+from gendd_pipe.data.render import create_renderer, prefetched
 from gendd_pipe.data.replay import Replay
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, expand_urls, shard_name
 from gendd_pipe.data.views import ViewConfig, sample_views, view_rng
@@ -40,7 +40,7 @@ from gendd_pipe.errors import GenddError
 from gendd_pipe.files import file_sha256, public_url, write_json, write_yaml
 from gendd_pipe.layout import config_beside
 from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher, create_teacher
-from gendd_pipe.runtime import RuntimeConfig, resolve_device
+from gendd_pipe.runtime import RuntimeConfig, normalize_pixels, resolve_device
 from gendd_pipe.storage import explain, storage_errors
 from gendd_pipe.store.format import (MANIFEST_ATTR, SHARDS, check_compatible, format_version, logits_spec, parse_logits,
                                      recorded_source)

@@ -23,9 +23,9 @@ from typing import Literal
 
 import torch
 from pydantic import field_validator
+from torchvision.transforms.functional import normalize
 
 from gendd_pipe.config import configclass
-from gendd_pipe.data.render import normalize_pixels
 from gendd_pipe.errors import GenddError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -125,6 +125,12 @@ def to_device(images: torch.Tensor, cfg: RuntimeConfig, device: torch.device) ->
     """A batch of images moved to ``device`` (without blocking when it is pinned) in the configured format."""
     images = images.to(device, non_blocking=images.is_pinned())
     return images.contiguous(memory_format=torch.channels_last) if cfg.channels_last and images.ndim == 4 else images
+
+
+def normalize_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) -> the float input timm's eval transform makes, on their device and in their
+    memory format."""
+    return normalize(pixels.float().div_(255), mean, std)
 
 
 def network_input(pixels: torch.Tensor, data_config: dict, cfg: RuntimeConfig, device: torch.device) -> torch.Tensor:

@@ -138,7 +138,7 @@ def test_mix_probability_and_switch_follow_the_config():
 
 from gendd_pipe import FeatureStore, GenddError  # noqa: E402
 from gendd_pipe.data.loader import LoaderConfig, train_pipeline  # noqa: E402
-from gendd_pipe.data.render import normalize_pixels  # noqa: E402
+from gendd_pipe.runtime import normalize_pixels  # noqa: E402
 from gendd_pipe.data.views import ViewConfig  # noqa: E402
 from gendd_pipe.distill.config import DistillConfig  # noqa: E402
 from gendd_pipe.distill.train import distill  # noqa: E402
@@ -260,7 +260,7 @@ def test_augment_needs_a_second_view_and_randaugment_the_pil_renderer():
 
 
 def test_verify_recompute_replays_augmented_and_mixed_views(tmp_path, photo_shard):
-    from gendd_pipe.store.audit import verify
+    from gendd_pipe.verify import verify
 
     store_url = str(tmp_path / "aug.zarr")
     extract([photo_shard], store_url, _augmented(color_jitter=0.4, randaugment=RECIPE, mixup=0.2, cutmix=1.0),

@@ -12,7 +12,9 @@ from PIL import Image
 
 from gendd_pipe import FeatureStore, GenddError
 from gendd_pipe.data.shards import ShardReader
-from gendd_pipe.data.views import ViewConfig, render_view, to_tensor
+from gendd_pipe.data.render import render_view
+from gendd_pipe.data.views import ViewConfig
+from tests.helpers import to_tensor
 from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from tests.conftest import jpeg, write_tar

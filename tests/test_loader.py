@@ -12,7 +12,8 @@ from gendd_pipe import FeatureStore, GenddError
 from gendd_pipe.data.loader import (WORKER_NICENESS, LoaderConfig, check_shards, train_pipeline, view_choice,
                                     workers)
 from gendd_pipe.data.shards import ShardReader
-from gendd_pipe.data.views import render_view, to_tensor
+from gendd_pipe.data.render import render_view
+from tests.helpers import to_tensor
 from gendd_pipe.distill.train import _on_device
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.runtime import RuntimeConfig

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gendd_pipe.losses import dkd_loss, gdkd_loss, kd_loss, standardize, topk_mask
+from gendd_pipe.distill.methods.losses import dkd_loss, gdkd_loss, kd_loss, standardize, topk_mask
 
 
 def softmax(xs):

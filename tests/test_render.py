@@ -10,13 +10,14 @@ import zarr
 
 from gendd_pipe import FeatureStore, GenddError
 from gendd_pipe.data.loader import LoaderConfig, train_pipeline
-from gendd_pipe.data.render import RENDERERS, decode_tensor, model_input, prefetched, render_pil, render_tensor
+from gendd_pipe.data.render import RENDERERS, decode_tensor, prefetched, render_pil, render_tensor
 from gendd_pipe.data.shards import ShardReader
 from gendd_pipe.data.views import ViewConfig
 from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.store.format import MANIFEST_ATTR, dequantize_int8, quantize_int8
-from gendd_pipe.store.writer import open_root, write_shard
+from gendd_pipe.store.writer import open_root
+from tests.helpers import model_input, write_shard
 from gendd_pipe.runtime import RuntimeConfig, network_input
 from tests.conftest import write_tar
 

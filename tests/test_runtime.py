@@ -20,7 +20,7 @@ from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.finetune import FinetuneConfig, finetune
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.runtime import RuntimeConfig, rank_device, resolve_device
-from gendd_pipe.store.audit import verify
+from gendd_pipe.verify import verify
 from gendd_pipe.store.format import MANIFEST_ATTR
 from gendd_pipe.store.writer import open_root
 

@@ -17,7 +17,7 @@ import pytest
 
 from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.distill.train import distill
-from gendd_pipe.store.audit import verify
+from gendd_pipe.verify import verify
 from gendd_pipe.models.student import StudentConfig
 from gendd_pipe.data.loader import LoaderConfig
 from gendd_pipe.store.reader import FeatureStore

@@ -3,7 +3,9 @@ import pytest
 import timm
 from PIL import Image
 
-from gendd_pipe.data.views import ViewConfig, eval_view, random_view, render_view, sample_views, to_tensor, view_rng
+from gendd_pipe.data.render import render_view
+from gendd_pipe.data.views import ViewConfig, eval_view, random_view, sample_views, view_rng
+from tests.helpers import to_tensor
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 

@@ -53,10 +53,10 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
 from gendd_pipe.data.augment import NO_MIX, is_mixed, mixed_target
-from gendd_pipe.data.render import create_renderer, render_pixels
+from gendd_pipe.data.render import create_renderer, render_pixels, render_view
 from gendd_pipe.data.replay import Replay
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
-from gendd_pipe.data.views import ViewConfig, eval_view, random_view, render_view, view_rng
+from gendd_pipe.data.views import ViewConfig, eval_view, random_view, view_rng
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
 from gendd_pipe.store.format import VIEW_ARRAYS, is_int8, is_mixed_store, renderer_of

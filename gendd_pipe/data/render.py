@@ -2,8 +2,8 @@
 
 A renderer takes a `Sample` (decoded, or opened with its encoded bytes), its views
 (V, 5) and an output size, and returns uint8 pixels (V, 3, H, W) on a device;
-`normalize_pixels` turns them into the network's input where they are, so only
-bytes cross to a GPU. Two are registered:
+`gendd_pipe.runtime.normalize_pixels` turns them into the network's input where
+they are, so only bytes cross to a GPU. Two are registered:
 
 - ``pil``: Pillow decodes, and resamples each view's exact (fractional) box straight
   from the source (`render_view`). The default; view 0 equals timm's eval transform.
@@ -33,14 +33,26 @@ from queue import Empty, Queue
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.functional import normalize, pil_to_tensor
+from PIL import Image
+from timm.data.transforms import str_to_pil_interp
+from torchvision.transforms.functional import pil_to_tensor
 from torchvision.transforms.v2 import functional as TF
 
 from gendd_pipe.data.shards import Sample
-from gendd_pipe.data.views import render_view
 from gendd_pipe.errors import GenddError
 
 TENSOR_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+def render_view(image: Image.Image, view: np.ndarray, size: tuple[int, int], interpolation: str) -> Image.Image:
+    """Cut a view's box from ``image`` and resample it to ``size`` (height, width). Pillow resamples the
+    fractional box straight from the source (``Image.resize(box=...)``), so a view replays exactly at any output
+    size, and view 0 matches timm's resize-then-crop to float precision."""
+    top, left, height, width, flip = (float(v) for v in view)
+    w, h = image.size
+    box = (left * w, top * h, (left + width) * w, (top + height) * h)
+    out = image.resize((size[1], size[0]), resample=str_to_pil_interp(interpolation), box=box)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip >= 0.5 else out
 
 
 def render_pil(sample: Sample, views: np.ndarray, size: tuple[int, int], interpolation: str,
@@ -92,26 +104,12 @@ def create_renderer(name: str) -> Callable[..., torch.Tensor]:
     return RENDERERS[name]
 
 
-def normalize_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 pixels (..., 3, H, W) -> the float input timm's eval transform makes, on their device and in their
-    memory format."""
-    return normalize(pixels.float().div_(255), mean, std)
-
-
 def render_pixels(renderer: str, sample: Sample, views: np.ndarray, data_config: dict,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """Views (V, 5) of ``sample`` as uint8 pixels (V, 3, H, W), rendered by ``renderer`` at the data config's
     size and interpolation."""
     return create_renderer(renderer)(sample, views, tuple(data_config["input_size"][1:]), data_config["interpolation"],
                                      device)
-
-
-def model_input(renderer: str, sample: Sample, views: np.ndarray, data_config: dict,
-                device: torch.device | str = "cpu") -> torch.Tensor:
-    """Views (V, 5) of ``sample`` as a network's float input (V, 3, H, W): `render_pixels`, normalized with
-    the data config's mean and std."""
-    return normalize_pixels(render_pixels(renderer, sample, views, data_config, device), data_config["mean"],
-                            data_config["std"])
 
 
 def prefetched(fn: Callable, items: Iterable, threads: int, ahead: int) -> Iterator:

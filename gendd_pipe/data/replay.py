@@ -15,9 +15,8 @@ import torch
 from torchvision.transforms.functional import pil_to_tensor
 
 from gendd_pipe.data.augment import apply_jitter, apply_randaugment, is_mixed, mix_pixels, parse_randaugment
-from gendd_pipe.data.render import create_renderer
+from gendd_pipe.data.render import create_renderer, render_view
 from gendd_pipe.data.shards import Sample
-from gendd_pipe.data.views import render_view
 
 
 class Replay:

@@ -7,11 +7,7 @@ cuts from the source. Views ``1..V-1`` follow torchvision's RandomResizedCrop
 sampling plus a horizontal flip, drawn from a generator seeded by
 ``(seed, key, view)`` so that re-runs and resumes write identical views.
 
-`render_view` is how the ``pil`` renderer (`gendd_pipe.data.render`) makes pixels
-from a view, for the teacher at extraction and for the student at training time:
-PIL resamples the box straight from the source (``Image.resize(box=...)``), so a
-view replays exactly at any output size, and view 0 matches resize-then-crop to
-float precision.
+How a view becomes pixels is the renderers' part (`gendd_pipe.data.render`).
 """
 
 from __future__ import annotations
@@ -19,13 +15,10 @@ from __future__ import annotations
 import hashlib
 import math
 import numpy as np
-import torch
-from PIL import Image
 from pydantic import field_validator
-from timm.data.transforms import str_to_pil_interp
-from torchvision.transforms.functional import normalize, pil_to_tensor
 
 from gendd_pipe.config import NonNegativeInt, PositiveInt, Probability, Range, configclass
+from gendd_pipe.data.render import RENDERERS
 
 VIEW_FIELDS = ("top", "left", "height", "width", "hflip")
 
@@ -39,13 +32,11 @@ class ViewConfig:
     ratio: Range = (3 / 4, 4 / 3)  # random-resized-crop aspect range
     hflip: Probability = 0.5  # probability of a horizontal flip in views 1..count-1
     seed: NonNegativeInt = 0  # with (key, view) this fixes every view
-    renderer: str = "pil"  # how pixels are cut from a view: pil | tensor (torchvision, on the GPU when there is one)
+    renderer: str = "pil"  # how pixels are cut from a view: pil | tensor (torchvision, one decode per image)
 
     @field_validator("renderer")
     @classmethod
     def _renderer(cls, value: str) -> str:
-        from gendd_pipe.data.render import RENDERERS
-
         if value not in RENDERERS:
             raise ValueError(f"must be one of {', '.join(RENDERERS)}")
         return value
@@ -119,17 +110,3 @@ def sample_views(
     views = [eval_view(width, height, size, crop_pct, crop_mode)]
     views += [random_view(width, height, cfg, view_rng(cfg.seed, key, v)) for v in range(1, cfg.count)]
     return np.stack(views)
-
-
-def render_view(image: Image.Image, view: np.ndarray, size: tuple[int, int], interpolation: str) -> Image.Image:
-    """Cut a view's box from ``image`` and resample it to ``size`` (height, width)."""
-    top, left, height, width, flip = (float(v) for v in view)
-    w, h = image.size
-    box = (left * w, top * h, (left + width) * w, (top + height) * h)
-    out = image.resize((size[1], size[0]), resample=str_to_pil_interp(interpolation), box=box)
-    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip >= 0.5 else out
-
-
-def to_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """PIL RGB image -> normalized float tensor (3, H, W), as timm's eval transform ends."""
-    return normalize(pil_to_tensor(image).float().div_(255), mean, std)

@@ -35,12 +35,12 @@ import torch
 from timm.models import load_state_dict, remap_state_dict
 
 from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
-from gendd_pipe.data.render import normalize_pixels
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import file_sha256, public_url
 from gendd_pipe.models.hub import architecture, create_model
 from gendd_pipe.storage import nothing_at, storage_errors
-from gendd_pipe.runtime import RuntimeConfig, autocast, compiled, place, resolve_device, to_device
+from gendd_pipe.runtime import (RuntimeConfig, autocast, compiled, normalize_pixels, place, resolve_device,
+                                to_device)
 
 BUNDLED = {"bundled:efficientnet-lite0": "tf_efficientnet_lite0"}
 WEIGHTS_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gendd-pipe", "weights")

@@ -38,29 +38,6 @@ def is_complete(root: zarr.Group, name: str) -> bool:
     return group is not None and bool(group.attrs.get(COMPLETE, False))
 
 
-def write_shard(store: str, name: str, arrays: dict[str, np.ndarray], attrs: dict, chunk: int, clevel: int,
-                int8_floor: float | None = None) -> dict:
-    """Write one feature shard's arrays at once (a `ShardWriter` handed all rows), then its attrs, then
-    ``complete``.
-
-    Args:
-        store: The store's path or URL (its root written by `write_root`).
-        name: Feature-shard name (the input shard's file name without ``.tar``).
-        arrays: ``keys``, ``labels``, ``views``, ``features`` and the logits arrays, all of length n.
-        attrs: Shard attributes (source, source_sha256, count, skipped).
-        chunk: Samples per chunk.
-        clevel: Blosc compression level.
-        int8_floor: See `ShardWriter`.
-    """
-    fields = {key: (data.shape[1:], str if data.dtype.kind in "OUT" else data.dtype) for key, data in arrays.items()}
-    writer = ShardWriter(store, name, fields, chunk, clevel, int8_floor)
-    try:
-        writer.append(arrays)
-        return writer.commit(attrs)
-    finally:
-        writer.close()
-
-
 class ShardWriter:
     """Write one feature shard block by block as its rows arrive: each full chunk of rows is compressed and
     stored on a thread of its own while the caller goes on; `commit` writes the rest, waits, then writes the

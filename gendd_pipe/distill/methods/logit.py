@@ -13,7 +13,7 @@ import torch
 from gendd_pipe.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, configclass
 from gendd_pipe.distill.methods.base import Method, TeacherHead, register
 from gendd_pipe.errors import GenddError
-from gendd_pipe.losses import dkd_loss, gdkd_loss, kd_loss, standardize
+from gendd_pipe.distill.methods.losses import dkd_loss, gdkd_loss, kd_loss, standardize
 from gendd_pipe.models.student import Student
 
 

@@ -1,0 +1,36 @@
+"""Small conveniences of the tests: the float input of one rendered view, and a feature shard written at once."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+from gendd_pipe.data.render import render_pixels
+from gendd_pipe.data.shards import Sample
+from gendd_pipe.runtime import normalize_pixels
+from gendd_pipe.store.writer import ShardWriter
+
+
+def to_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """PIL RGB image -> normalized float tensor (3, H, W), as timm's eval transform ends."""
+    return normalize_pixels(pil_to_tensor(image), mean, std)
+
+
+def model_input(renderer: str, sample: Sample, views: np.ndarray, data_config: dict) -> torch.Tensor:
+    """Views (V, 5) of ``sample`` as a network's float input (V, 3, H, W), on the CPU."""
+    return normalize_pixels(render_pixels(renderer, sample, views, data_config), data_config["mean"],
+                            data_config["std"])
+
+
+def write_shard(store: str, name: str, arrays: dict[str, np.ndarray], attrs: dict, chunk: int, clevel: int,
+                int8_floor: float | None = None) -> dict:
+    """One feature shard's arrays written at once by a `ShardWriter`; returns the attrs it committed."""
+    fields = {key: (data.shape[1:], str if data.dtype.kind in "OUT" else data.dtype) for key, data in arrays.items()}
+    writer = ShardWriter(store, name, fields, chunk, clevel, int8_floor)
+    try:
+        writer.append(arrays)
+        return writer.commit(attrs)
+    finally:
+        writer.close()
