@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -46,7 +47,9 @@ from skimage import data as skdata  # noqa: E402
 from gendd_pipe.runtime import normalize_pixels  # noqa: E402
 from gendd_pipe.data.shards import ShardReader  # noqa: E402
 from gendd_pipe.data.views import ViewConfig  # noqa: E402
-from gendd_pipe.extract import ExtractConfig, _rendered, extract  # noqa: E402
+from gendd_pipe.config import narrow  # noqa: E402
+from gendd_pipe.extract import ExtractConfig, extract, requested_manifest  # noqa: E402
+from gendd_pipe.shard_task import ShardConfig, _rendered  # noqa: E402
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher  # noqa: E402
 from gendd_pipe.runtime import RuntimeConfig  # noqa: E402
 from gendd_pipe.store.audit import summarize  # noqa: E402
@@ -90,7 +93,8 @@ def input_side(urls: list[str], teacher, cfg: ExtractConfig) -> tuple[float, lis
     threads); returns the rendered views too, normalized, in teacher batches."""
     pixels, start = [], time.perf_counter()
     for url in urls:
-        for item in _rendered(ShardReader(url, decode=False), teacher, cfg):
+        manifest = requested_manifest(teacher, replace(cfg, logits="full"))  # (logits play no part in rendering)
+        for item in _rendered(ShardReader(url, decode=False), teacher, narrow(cfg, ShardConfig), manifest):
             pixels.append(item[2])
     seconds = time.perf_counter() - start
     dc, views = teacher.data_config, torch.cat(pixels).cpu()

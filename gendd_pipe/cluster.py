@@ -7,12 +7,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
+from gendd_pipe.errors import GenddError
 from gendd_pipe.runtime import RuntimeConfig, resolve_device
 
 log = logging.getLogger(__name__)
@@ -108,16 +109,37 @@ def dask_client(scheduler: str | None, workers: int, threads: int | None, device
         yield client
 
 
-def run_per_shard(task: Callable, shards: dict[str, str], args: tuple, client, bar, devices: tuple[str, ...] = (),
-                  claim: Callable[[str], bool] = lambda name: True, done: Callable[[str], None] = lambda name: None,
-                  extra: dict[str, dict] | None = None):
-    """``task(url, *args, devices=devices, **extra[name])`` for every ``{name: url}`` of ``shards`` that
-    ``claim(name)`` grants,
-    as one Dask task each (on a GPU worker where ``devices`` are given), the bar counting images as tasks
-    report them (a task retried on another worker counts from zero again, the lost attempt's images taken
-    back). Shards are claimed as workers free up (two tasks queued per worker), so that a writer beside
-    this one takes its share; ``done(name)`` follows each finished task. A task's exception is raised here;
-    the scheduler retries a task whose worker was lost on another worker."""
+@dataclass(frozen=True)
+class TaskFailure:
+    """A task that stopped on an error the user can act on: its one line, returned as the task's result so that
+    no worker logs it with a traceback; the driver raises it."""
+
+    message: str
+
+
+def as_result(task: Callable, *args, **kwargs):
+    """``task(*args, **kwargs)``, a `GenddError` it raises returned as a `TaskFailure`."""
+    try:
+        return task(*args, **kwargs)
+    except GenddError as exc:
+        return TaskFailure(str(exc))
+
+
+def run_in_process(task: Callable, shards: Iterable[tuple[str, str]], args: tuple,
+                   extra: dict[str, dict] | None = None) -> Iterator[tuple[str, object]]:
+    """(name, ``task(url, *args, **extra[name])``) for each (name, url) of ``shards``, one after another here."""
+    for name, url in shards:
+        yield name, as_result(task, url, *args, **(extra or {}).get(name, {}))
+
+
+def run_per_shard(task: Callable, shards: Iterable[tuple[str, str]], args: tuple, client, bar,
+                  devices: tuple[str, ...] = (), extra: dict[str, dict] | None = None) -> Iterator[tuple[str, object]]:
+    """(name, result) of ``task(url, *args, devices=devices, **extra[name])`` for each (name, url) of ``shards``,
+    as one Dask task each (on a GPU worker where ``devices`` are given), in the order they finish; a
+    `GenddError` is a `TaskFailure` result. Shards are drawn from ``shards`` as workers free up (two tasks
+    queued per worker), so that a writer beside this one takes its share. ``bar`` counts images as tasks report
+    them (a task retried on another worker counts from zero again, the lost attempt's images taken back); the
+    scheduler retries a task whose worker was lost on another worker."""
     from distributed import as_completed
 
     attempts: dict[str, list] = {}  # task key -> [the worker running it, the images it reported]
@@ -133,21 +155,20 @@ def run_per_shard(task: Callable, shards: dict[str, str], args: tuple, client, b
 
     client.subscribe_topic(PROGRESS_TOPIC, on_progress)
     gpu = {"resources": {"GPU": 1}} if devices else {}
-    queue, names, running = iter(shards.items()), {}, as_completed()
+    queue, names, running = iter(shards), {}, as_completed()
 
     def submit_next() -> None:
         for name, url in queue:
-            if claim(name):
-                future = client.submit(task, url, *args, devices=devices, **(extra or {}).get(name, {}),
-                                       key=f"{task.__name__}-{name}", pure=False, **gpu)
-                names[future.key] = name
-                running.add(future)
-                return
+            future = client.submit(as_result, task, url, *args, devices=devices, **(extra or {}).get(name, {}),
+                                   key=f"{task.__name__}-{name}", pure=False, **gpu)
+            names[future.key] = name
+            running.add(future)
+            return
 
     for _ in range(2 * max(1, len(client.nthreads()))):
         submit_next()
     for future in running:
-        future.result()
+        result = future.result()
         future.release()  # its worker may go now without the scheduler running it again for its result
-        done(names.pop(future.key))
+        yield names.pop(future.key), result
         submit_next()

@@ -1,14 +1,14 @@
 """Extraction: run a teacher once over image shards and write a feature store.
 
-One Dask task per input shard (`gendd_pipe.cluster`) builds the teacher once
-per worker, streams the shard, renders every view of every image with the
-configured renderer (`gendd_pipe.data.render`) on threads ahead of the forward,
-and writes one feature shard, chunk by chunk on a writer thread, whose
-``complete`` attribute is the commit. The driver writes the manifest and the
-teacher head first, skips shards that are already complete (resume), and
-finally records the shard list and skipped samples in the manifest.
-Everything written derives from the inputs and the config, so a resumed run
-writes the same bytes as an uninterrupted one.
+The driver (`extract`) writes the manifest and the teacher head first, then
+extracts every input shard whose feature shard is not complete: one task per
+shard (`gendd_pipe.shard_task.extract_shard`), run as a Dask task
+(`gendd_pipe.cluster`) or here, each shard claimed through its lease
+(`gendd_pipe.store.lease.Claims`) so that two extractions on one store share the
+work, and a task's failure comes back as its result, raised here as one line.
+Last, the shard list and skipped samples go into the manifest. Everything
+written derives from the inputs and the config, so a resumed run writes the
+same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,37 +16,33 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, field, replace
 from typing import Annotated, Literal
 
-import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
 from gendd_pipe import __version__
-from gendd_pipe.cluster import (dask_client, local_devices, report_progress, run_per_shard, split_threads,
-                                task_runtime)
+from gendd_pipe.cluster import (TaskFailure, dask_client, local_devices, run_in_process, run_per_shard,
+                                split_threads)
 from gendd_pipe.config import (NonNegativeInt, OutputDir, OutputFile, PositiveInt, Shards, configclass, narrow,
                                to_dict)
-from gendd_pipe.data.augment import (JITTER_FIELDS, MIX_FIELDS, NO_JITTER, NO_MIX, AugmentConfig, draw_jitter, draw_mix,
-                                     draw_randaugment, fill_color, no_randaugment, parse_randaugment)
-from gendd_pipe.data.render import create_renderer, prefetched
-from gendd_pipe.data.replay import Replay
-from gendd_pipe.data.shards import Sample, ShardReader, Skipped, expand_urls, shard_name
-from gendd_pipe.data.views import ViewConfig, sample_views, view_rng
+from gendd_pipe.data.augment import AugmentConfig, fill_color, parse_randaugment
+from gendd_pipe.data.shards import expand_urls, shard_name
+from gendd_pipe.data.views import ViewConfig
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import file_sha256, public_url, write_json, write_yaml
 from gendd_pipe.layout import config_beside
 from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher, create_teacher
-from gendd_pipe.runtime import RuntimeConfig, normalize_pixels, resolve_device
-from gendd_pipe.storage import explain, storage_errors
+from gendd_pipe.runtime import RuntimeConfig, resolve_device
+from gendd_pipe.shard_task import ShardConfig, extract_shard
+from gendd_pipe.storage import storage_errors
 from gendd_pipe.store.format import (MANIFEST_ATTR, SHARDS, check_compatible, format_version, logits_spec, parse_logits,
                                      recorded_source)
+from gendd_pipe.store.lease import Claims, Leases
 from gendd_pipe.store.reader import FeatureStore
-from gendd_pipe.store.lease import Leases
-from gendd_pipe.store.writer import ShardWriter, is_complete, open_root, write_root
+from gendd_pipe.store.writer import RESUME, is_complete, open_root, write_root
 
 log = logging.getLogger(__name__)
 
@@ -135,203 +131,6 @@ def requested_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
     }
 
 
-def _rendered(reader: ShardReader, teacher: Teacher, cfg: ExtractConfig) -> Iterator:
-    """Each sample of ``reader`` with its views (V, 5) and their pixels (V, 3, H, W), or its `Skipped` record,
-    rendered on ``cfg.render_threads`` threads ahead of the forward: normalized floats for a CPU teacher,
-    uint8 for a GPU one (normalized on the device)."""
-    threads, ahead = cfg.render_threads or cfg.threads or 1, 2 * _images_per_batch(cfg)
-    if cfg.augment.active:
-        return _rendered_augmented(reader, teacher, cfg, threads, ahead)
-    dc, size = teacher.data_config, teacher.input_hw
-    render = create_renderer(cfg.views.renderer)
-    on_cpu = teacher.device.type == "cpu"  # then these threads normalize too; a GPU gets bytes, normalized there
-
-    def one(item: Sample | Skipped):
-        if not isinstance(item, Sample):
-            return item
-        views = sample_views(item.key, *item.image.size, cfg.views, size, dc["crop_pct"], dc.get("crop_mode", "center"))
-        try:
-            pixels = render(item, views, size, dc["interpolation"])  # (V, 3, H, W) uint8, on the CPU (as the
-            # student's loader renders them)
-        except ValueError as exc:  # the image fails to decode: the reader's rule (fail, or skip and record)
-            return reader.skip(item.key, str(exc))
-        return item, {"views": views}, normalize_pixels(pixels, dc["mean"], dc["std"]) if on_cpu else pixels
-
-    return prefetched(one, reader, threads, ahead)
-
-
-def _decodable(reader: ShardReader, threads: int) -> Iterator[Sample | Skipped]:
-    """The samples of ``reader`` whose images decode (checked on threads), and the `Skipped` records of the rest."""
-    def check(item: Sample | Skipped):
-        if isinstance(item, Sample):
-            try:
-                item.rgb()
-            except ValueError as exc:
-                return reader.skip(item.key, str(exc))
-        return item
-
-    return prefetched(check, reader, threads, 4 * threads)
-
-
-def plan_rows(samples: list[Sample], teacher: Teacher, cfg: ExtractConfig, replay: Replay) -> dict[str, np.ndarray]:
-    """Every stored view of a shard's rows: ``views`` (n, V, 5), and ``jitter`` (n, V, 6), ``augment`` (n, V, L, 3)
-    (drawn from the RandAugment that ``replay`` applies) and ``mix`` (n, V, 7) as configured, each drawn from
-    (seed, key, view);
-    view 0 stays the plain eval view."""
-    dc, size, v = teacher.data_config, teacher.input_hw, cfg.views.count
-    views = np.stack([sample_views(s.key, *s.image.size, cfg.views, size, dc["crop_pct"], dc.get("crop_mode", "center"))
-                      for s in samples])
-    plan = {"views": views}
-    if cfg.augment.color_jitter > 0:
-        plan["jitter"] = np.stack([[NO_JITTER] + [draw_jitter(cfg.augment.color_jitter,
-                                                              view_rng(cfg.views.seed, f"jitter:{s.key}", k))
-                                                  for k in range(1, v)] for s in samples])
-    augment = replay.randaugment
-    if augment is not None:
-        plan["augment"] = np.stack([[no_randaugment(augment.num_layers)] +
-                                    [draw_randaugment(augment, view_rng(cfg.views.seed, f"randaugment:{s.key}", k))
-                                     for k in range(1, v)] for s in samples])
-    if cfg.augment.mixing:
-        plan["mix"] = np.stack([[NO_MIX] + [draw_mix(cfg.augment, view_rng(cfg.views.seed, f"mix:{s.key}", k), i,
-                                                     len(samples), size) for k in range(1, v)]
-                                for i, s in enumerate(samples)])
-    return plan
-
-
-def _rendered_augmented(reader: ShardReader, teacher: Teacher, cfg: ExtractConfig, threads: int, ahead: int):
-    """`_rendered` for an augmented store: the shard is read whole first (its decodable samples are the rows that
-    partners are drawn among), then each row's views are replayed (`Replay`) with their partners'."""
-    skipped, samples = [], []
-    for item in _decodable(reader, threads):
-        (samples if isinstance(item, Sample) else skipped).append(item)
-    if cfg.augment.mixing and len(samples) < 2:
-        raise GenddError(f"{public_url(reader.url)}: {len(samples)} readable sample(s); a mixed view needs a partner "
-                         "from the same shard (put more samples in each shard, or set augment.mixup and "
-                         "augment.cutmix to 0)")
-    replay = Replay({"views": asdict(cfg.views), **augment_section(teacher, cfg)}, teacher.data_config)
-    plan = plan_rows(samples, teacher, cfg, replay)
-    dc, on_cpu = teacher.data_config, teacher.device.type == "cpu"
-
-    def one(i: int):
-        row = {k: a[i] for k, a in plan.items()}
-        pixels = replay.views(samples[i], row, samples, plan)
-        return samples[i], row, normalize_pixels(pixels, dc["mean"], dc["std"]) if on_cpu else pixels
-
-    yield from skipped
-    yield from prefetched(one, range(len(samples)), threads, ahead)
-
-
-def _images_per_batch(cfg: ExtractConfig) -> int:
-    return max(1, cfg.batch_size // cfg.views.count)
-
-
-def _batches(rendered: Iterator, cfg: ExtractConfig, on_skip: Callable) -> Iterator[list]:
-    """Rendered samples grouped into teacher batches of whole images; skipped ones go to ``on_skip``."""
-    pending = []
-    for item in rendered:
-        if isinstance(item, Skipped):
-            on_skip(item)
-            continue
-        pending.append(item)
-        if len(pending) == _images_per_batch(cfg):
-            yield pending
-            pending = []
-    if pending:
-        yield pending
-
-
-def _forward(teacher: Teacher, batch: list, logits: dict, int8: bool) -> dict[str, np.ndarray]:
-    """One batch through the teacher -> the shard's rows: keys, labels, views, features and logits arrays."""
-    pixels = torch.cat([p for _, _, p in batch])  # (B*V, 3, H, W)
-    if teacher.device.type == "cuda" and pixels.device.type == "cpu":
-        pixels = pixels.pin_memory()  # so the copy to the device does not block
-    features, out = teacher(pixels)  # (B*V, D), (B*V, C) float32
-    n, v = len(batch), len(batch[0][1]["views"])
-    features = features.reshape(n, v, -1).numpy()
-    rows = {"keys": np.array([s.key for s, _, _ in batch], dtype=str),
-            "labels": np.array([s.label for s, _, _ in batch], dtype=np.int64),
-            **{key: np.stack([arrays[key] for _, arrays, _ in batch]) for key in batch[0][1]},  # views, augment, mix
-            "features": features if int8 else features.astype(np.float16)}  # int8: quantized per chunk
-    out = out.reshape(n, v, -1)
-    if logits["mode"] == "full":
-        rows["logits"] = out.numpy().astype(np.float16)
-    elif logits["mode"] == "topk":
-        values, indices = out.topk(logits["k"], dim=-1)
-        rows["topk_values"], rows["topk_indices"] = values.numpy().astype(np.float16), indices.numpy().astype(np.int32)
-    return rows
-
-
-def _fields(teacher: Teacher, cfg: ExtractConfig, logits: dict) -> dict[str, tuple[tuple, object]]:
-    """Row shape and dtype of every array of a feature shard."""
-    v, c = cfg.views.count, teacher.num_classes
-    fields = {"keys": ((), str), "labels": ((), np.int64), "views": ((v, 5), np.float32)}
-    section = augment_section(teacher, cfg).get("augment", {})
-    if cfg.augment.color_jitter > 0:
-        fields["jitter"] = ((v, len(JITTER_FIELDS)), np.float32)
-    if section.get("randaugment"):
-        fields["augment"] = ((v, section["layers"], 3), np.float32)
-    if cfg.augment.mixing:
-        fields["mix"] = ((v, len(MIX_FIELDS)), np.float32)
-    fields["features"] = ((v, teacher.num_features), np.float16)
-    if logits["mode"] == "full":
-        fields["logits"] = ((v, c), np.float16)
-    elif logits["mode"] == "topk":
-        fields["topk_values"], fields["topk_indices"] = ((v, logits["k"]), np.float16), ((v, logits["k"]), np.int32)
-    return fields
-
-
-def extract_shard(url: str, store: str, cfg: ExtractConfig, report: Callable[[int], None] = report_progress,
-                  devices: tuple[str, ...] = (), source: str | None = None) -> dict:
-    """Extract one input shard into the feature shard of the same name. Runs as one Dask task.
-
-    Reading, decoding and rendering run on threads ahead of the forward (`_rendered`), and each chunk of rows
-    is compressed and written on a thread of its own (`ShardWriter`) while the next batches run.
-
-    Args:
-        devices: The devices of a local cluster's workers, by worker name (`worker_devices`); empty runs on
-            ``cfg.runtime.device``.
-        source: The input shard as the store records it (`recorded_source` in the driver's directory; default:
-            in this process's).
-
-    Returns:
-        The shard's manifest entry plus its skipped samples.
-    """
-    name = shard_name(url)
-    with _writing(store, f"feature shard {name}"):
-        root = open_root(store)
-    if is_complete(root, name):  # run again by Dask because the worker holding its result was lost: committed
-        log.debug("feature shard %s: complete already, left as it is", name)
-        return _entry(name, dict(root[f"{SHARDS}/{name}"].attrs))
-    teacher = cached_teacher(cfg.teacher, task_runtime(cfg.runtime, devices), cfg.threads)
-    logits, int8 = parse_logits(cfg.logits), cfg.features_dtype == "int8"
-    reader = ShardReader(url, cfg.on_error, teacher.num_classes, decode=False)
-    skipped: list[dict] = []
-    with _writing(store, f"feature shard {name}"):
-        writer = ShardWriter(store, name, _fields(teacher, cfg, logits), cfg.chunk_size, cfg.clevel,
-                             cfg.int8_floor if int8 else None)
-    try:
-        n = 0
-        for batch in _batches(_rendered(reader, teacher, cfg), cfg, lambda s: skipped.append(s.record())):
-            rows = _forward(teacher, batch, logits, int8)
-            with _writing(store, f"feature shard {name}"):
-                writer.append(rows)
-            n += len(batch)
-            report(len(batch))
-        attrs = {"source": source or recorded_source(url), "source_sha256": reader.sha256, "count": n, "skipped": skipped}
-        with _writing(store, f"feature shard {name}"):
-            attrs = writer.commit(attrs)
-    finally:
-        writer.close()
-    log.debug("feature shard %s: %d samples, %d skipped, from %s", name, n, len(skipped), public_url(url))
-    return _entry(name, attrs)
-
-
-def _entry(name: str, attrs: dict) -> dict:
-    """A feature shard's manifest entry plus its skipped samples, from its attrs."""
-    return {"name": name, "source": attrs["source"], "count": int(attrs["count"]), "skipped": list(attrs["skipped"]),
-            **({"int8_cosine": attrs["int8_cosine"]} if "int8_cosine" in attrs else {})}
-
-
 def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool = True) -> dict:
     """Extract every input shard into ``store``, resuming where a previous run stopped.
 
@@ -368,7 +167,7 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
             local_gpu = (device.index,) if device is not None and device.type == "cuda" else ()
             gpus = tuple(torch.device(d).index for d in devices) or local_gpu
             with ExtractProgress(len(urls), len(urls) - len(todo), enabled=progress, gpus=gpus) as bar:
-                _extract_todo(todo, store, root, cfg, devices, leases, bar)
+                _extract_todo(todo, store, root, manifest, cfg, devices, leases, bar)
         except BaseException:  # shards that completed stay listed even when another one failed ...
             with suppress(GenddError):  # ... where the disk still takes the manifest; a re-run lists them anyway
                 _finalize(store, root, manifest, urls)
@@ -381,26 +180,26 @@ def _open_root(store: str, teacher: Teacher, cfg: ExtractConfig, urls: list[str]
     root's lease writes the manifest and head of a new store; another one started at the same moment waits for
     that manifest, then, like any later run, must match it."""
     while True:
-        with _writing(store, "the store"):
+        with storage_errors(store, "write the store", hint=RESUME):
             root = open_root(store)
         if MANIFEST_ATTR in root.attrs:
             break
-        with _writing(store, "the lease of the store's root"):
+        with storage_errors(store, "write the lease of the store's root", hint=RESUME):
             taken = leases.take("root")
         if not taken:
             time.sleep(POLL_S)  # another writer is creating the store
             continue
         try:
-            with _writing(store, "the store"):
+            with storage_errors(store, "write the store", hint=RESUME):
                 root = open_root(store)
             if MANIFEST_ATTR not in root.attrs:
                 cfg = replace(cfg, logits=_logits_mode(cfg.logits, teacher, None))
                 manifest = requested_manifest(teacher, cfg)
-                with _writing(store, "the manifest and teacher head"):
+                with storage_errors(store, "write the manifest and teacher head", hint=RESUME):
                     write_root(root, manifest, teacher.head())
                 return root, manifest, cfg
         finally:
-            with _writing(store, "the lease of the store's root"):
+            with storage_errors(store, "write the lease of the store's root", hint=RESUME):
                 leases.release("root")
     existing = dict(root.attrs[MANIFEST_ATTR])
     cfg = replace(cfg, logits=_logits_mode(cfg.logits, teacher, existing))
@@ -409,57 +208,44 @@ def _open_root(store: str, teacher: Teacher, cfg: ExtractConfig, urls: list[str]
     return root, existing, cfg
 
 
-def _extract_todo(todo: list[str], store: str, root, cfg: ExtractConfig, devices: tuple[str, ...], leases: Leases,
-                  bar) -> None:
-    """Extract every shard of ``todo`` that no other live writer holds, then wait for the ones others hold
-    (taking over any whose writer let its lease expire) until every shard of ``todo`` is complete."""
-    counted: set[str] = set()
-
-    def claim(name: str) -> bool:  # this writer's now, and not completed meanwhile by another one
-        with _writing(store, f"the lease of feature shard {name}"):
-            if not leases.take(name):
-                return False
-        if is_complete(root, name):
-            done(name)
-            return False
-        return True
-
-    def done(name: str) -> None:
-        with _writing(store, f"the lease of feature shard {name}"):
-            leases.release(name)
-        if name not in counted:
-            counted.add(name)
-            bar.shard_done()
-
-    if not todo:
+def _extract_todo(urls: list[str], store: str, root, manifest: dict, cfg: ExtractConfig, devices: tuple[str, ...],
+                  leases: Leases, bar) -> None:
+    """Extract every shard of ``urls`` that no other live writer holds, then wait for the ones others hold
+    (taking over any whose writer let its lease expire) until every one is complete."""
+    if not urls:
         return
+    by_name = {shard_name(u): u for u in urls}
+    claims = Claims(store, root, leases, list(by_name))
+    task, sources = narrow(cfg, ShardConfig), {name: {"source": recorded_source(u)} for name, u in by_name.items()}
     in_process, waited, progressed = cfg.dask_workers == 0 and not cfg.scheduler, False, time.monotonic()
     with nullcontext() if in_process else dask_client(cfg.scheduler, cfg.dask_workers, cfg.threads, devices) as client:
-        while True:
+        while claims.todo:
+            shards = ((name, by_name[name]) for name in claims.claimed())
             if in_process:
-                for url in todo:
-                    if claim(shard_name(url)):
-                        extract_shard(url, store, cfg, report=bar.add_images, source=recorded_source(url))
-                        done(shard_name(url))
+                extra = {name: {**kw, "report": bar.add_images} for name, kw in sources.items()}
+                results = run_in_process(extract_shard, shards, (store, manifest, task), extra)
             else:
-                run_per_shard(extract_shard, {shard_name(u): u for u in todo}, (store, cfg), client, bar, devices,
-                              claim, done, extra={shard_name(u): {"source": recorded_source(u)} for u in todo})
-            complete = {name for name in map(shard_name, todo) if is_complete(root, name)}
-            for name in complete - counted:  # completed by another writer
-                done(name)
-            progressed = time.monotonic() if len(complete) else progressed
-            todo = [u for u in todo if shard_name(u) not in complete]
-            if not todo:
+                results = run_per_shard(extract_shard, shards, (store, manifest, task), client, bar, devices, sources)
+            for name, result in results:
+                if isinstance(result, TaskFailure):
+                    raise GenddError(result.message)
+                claims.finish(name)
+                bar.shard_done()
+            completed = claims.settle()
+            for _ in set(completed) - claims.written:  # completed by another writer
+                bar.shard_done()
+            progressed = time.monotonic() if completed else progressed
+            if not claims.todo:
                 return
-            holder = leases.holder(shard_name(todo[0])) or {}
+            holder, first = claims.holder(), claims.todo[0]
             if time.monotonic() - progressed > cfg.lease_wait:
-                raise GenddError(f"{public_url(store)}: shard {shard_name(todo[0])} is held by another extraction "
+                raise GenddError(f"{public_url(store)}: shard {first} is held by another extraction "
                                  f"({holder.get('host', '?')}, pid {holder.get('pid', '?')}) that is alive but "
-                                 f"completed none of the {len(todo)} shards it holds in {cfg.lease_wait:g} s; stop "
-                                 "it or re-run when it has finished (complete shards are kept)")
+                                 f"completed none of the {len(claims.todo)} shards it holds in {cfg.lease_wait:g} s; "
+                                 "stop it or re-run when it has finished (complete shards are kept)")
             if not waited:
                 log.info("%s: %d shards are being written by another extraction (%s, pid %s); waiting for them, "
-                         "or for its leases to expire if it died", public_url(store), len(todo),
+                         "or for its leases to expire if it died", public_url(store), len(claims.todo),
                          holder.get("host", "?"), holder.get("pid", "?"))
                 waited = True
             time.sleep(POLL_S)
@@ -477,23 +263,6 @@ def _logits_mode(mode: str, teacher: Teacher, existing: dict | None) -> str:
         raise GenddError(f"--logits derived: the classifier of {teacher.config.name} is a {kind}, not one linear layer "
                          "on the pre-logits features, so its logits cannot be derived; use --logits full")
     return mode
-
-
-@contextmanager
-def _writing(store: str, what: str):
-    """A filesystem refusing a write (full, read-only, gone) as one line naming the store and what was written."""
-    try:
-        yield
-    except GenddError:
-        raise
-    except Exception as exc:
-        explained = explain(exc, store, f"write {what}")
-        if explained is not None:
-            raise explained from exc
-        if not isinstance(exc, OSError):
-            raise
-        raise GenddError(f"{public_url(store)}: cannot write {what} ({exc.strerror or exc}); complete shards are kept, "
-                         "re-run to resume") from exc
 
 
 def _check_sources(store: str, root, urls: list[str]) -> None:
@@ -533,7 +302,7 @@ def _finalize(store: str, root, manifest: dict, urls: list[str]) -> dict:
         samples = sum(s["count"] for s in measured) or 1
         manifest["int8_cosine"] = {"min": min(s["int8_cosine"]["min"] for s in measured),
                                    "mean": sum(s["int8_cosine"]["mean"] * s["count"] for s in measured) / samples}
-    with _writing(store, "the manifest"):
+    with storage_errors(store, "write the manifest", hint=RESUME):
         root.attrs[MANIFEST_ATTR] = manifest
     return manifest
 

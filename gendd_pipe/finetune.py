@@ -31,6 +31,7 @@ from pydantic import Field
 from safetensors.torch import save_file
 from timm.scheduler import CosineLRScheduler
 
+from gendd_pipe import seeds
 from gendd_pipe.config import (NonNegativeFloat, NonNegativeInt, OutputDir, PositiveFloat, PositiveInt, Shards,
                                configclass, differences, narrow, to_dict)
 from gendd_pipe.data.loader import augmented_pipeline, epoch_steps, eval_pipeline
@@ -172,7 +173,7 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
     for epoch in range(start, cfg.epochs):
         loader.dataset.set_epoch(epoch)
         batches = iter(loader)  # before seeding: starting an iterator draws from torch's generator
-        torch.manual_seed(cfg.views.seed * 1_000_003 + epoch)
+        torch.manual_seed(seeds.torch_seed(cfg.views.seed, epoch))
         loss_sum, begin = 0.0, time.perf_counter()
         with StepBar(f"teacher epoch {epoch + 1}/{cfg.epochs}", steps, progress) as bar:
             for i, batch in enumerate(itertools.islice(batches, steps)):

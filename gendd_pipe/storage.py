@@ -75,10 +75,12 @@ def configure(options: dict, urls: Iterable[str]) -> None:
 
 
 @contextmanager
-def storage_errors(url: str, what: str = "open"):
+def storage_errors(url: str, what: str = "open", hint: str | None = None):
     """Errors of the filesystem behind ``url`` as one `GenddError` naming it (``what``: what was being done).
 
-    Errors this does not know pass unchanged.
+    With a ``hint`` (what to do, for a write: what the failure left), any other `OSError` (a disk full,
+    read-only or gone) is one line too, ending in the hint; without one, errors this does not know pass
+    unchanged.
     """
     try:
         yield
@@ -86,9 +88,11 @@ def storage_errors(url: str, what: str = "open"):
         raise
     except Exception as exc:
         explained = explain(exc, url, what)
-        if explained is None:
+        if explained is not None:
+            raise explained from exc
+        if hint is None or not isinstance(exc, OSError):
             raise
-        raise explained from exc
+        raise GenddError(f"{public_url(url)}: cannot {what} ({exc.strerror or exc}); {hint}") from exc
 
 
 def explain(exc: BaseException, url: str, what: str = "open") -> GenddError | None:

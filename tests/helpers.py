@@ -10,6 +10,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from gendd_pipe.data.render import render_pixels
 from gendd_pipe.data.shards import Sample
 from gendd_pipe.runtime import normalize_pixels
+from gendd_pipe.store.format import ArraySpec
 from gendd_pipe.store.writer import ShardWriter
 
 
@@ -24,11 +25,23 @@ def model_input(renderer: str, sample: Sample, views: np.ndarray, data_config: d
                             data_config["std"])
 
 
+def schema_of(arrays: dict[str, np.ndarray], int8: bool = False) -> dict[str, ArraySpec]:
+    """The schema of a shard holding ``arrays`` as they are (``features`` as int8 plus scales when ``int8``)."""
+    schema = {key: ArraySpec(key, data.shape[1:], "str" if data.dtype.kind in "OUT" else str(data.dtype))
+              for key, data in arrays.items()}
+    if int8:
+        width = arrays["features"].shape[-1]
+        schema["features"] = ArraySpec("features", arrays["features"].shape[1:], "int8", payload=True)
+        schema["feature_scales"] = ArraySpec("feature_scales", (width,), "float32", per_chunk=True)
+    return schema
+
+
 def write_shard(store: str, name: str, arrays: dict[str, np.ndarray], attrs: dict, chunk: int, clevel: int,
                 int8_floor: float | None = None) -> dict:
-    """One feature shard's arrays written at once by a `ShardWriter`; returns the attrs it committed."""
-    fields = {key: (data.shape[1:], str if data.dtype.kind in "OUT" else data.dtype) for key, data in arrays.items()}
-    writer = ShardWriter(store, name, fields, chunk, clevel, int8_floor)
+    """One feature shard's arrays written at once by a `ShardWriter` (int8 features where ``int8_floor`` is
+    given); returns the attrs it committed."""
+    schema = schema_of(arrays, int8=int8_floor is not None)
+    writer = ShardWriter(store, name, schema, chunk, clevel, int8_floor or 0.0)
     try:
         writer.append(arrays)
         return writer.commit(attrs)

@@ -19,7 +19,7 @@ from gendd_pipe.config import ConfigError, parse
 from gendd_pipe.data.augment import (CUTMIX, MIXUP, NO_JITTER, NO_MIX, SKIPPED, UNREPLAYABLE, AugmentConfig,
                                      apply_jitter, apply_randaugment, draw_jitter, draw_mix, draw_randaugment, is_mixed,
                                      level_args, mix_pixels, mixed_target, parse_randaugment)
-from gendd_pipe.data.views import view_rng
+from gendd_pipe import seeds
 
 RECIPE = "rand-m9-mstd0.5-inc1"
 
@@ -37,8 +37,8 @@ def test_level_args_take_each_sign_timm_draws_and_no_other(name):
 def test_a_stored_randaugment_draw_replays_timm_ops_on_a_photo():
     augment = parse_randaugment(RECIPE, size=(96, 96))
     image = Image.fromarray(photos.astronaut()).resize((96, 96))
-    draws = [draw_randaugment(augment, view_rng(3, "k", v)) for v in range(1, 40)]
-    np.testing.assert_array_equal(draws[0], draw_randaugment(augment, view_rng(3, "k", 1)))  # from (seed, key, view)
+    draws = [draw_randaugment(augment, seeds.rng(3, "k", v)) for v in range(1, 40)]
+    np.testing.assert_array_equal(draws[0], draw_randaugment(augment, seeds.rng(3, "k", 1)))  # from (seed, key, view)
     assert {int(i) for d in draws for i in d[:, 0]} >= set(range(8))  # ops spread over the set
     applied = [d for d in draws if (d[:, 1] != SKIPPED).all()]
     assert applied and any((d[:, 1] == SKIPPED).any() for d in draws)  # the layer probability of 0.5 at work
@@ -50,15 +50,15 @@ def test_a_stored_randaugment_draw_replays_timm_ops_on_a_photo():
     out = apply_randaugment(image, draw, augment)
     assert np.array_equal(np.asarray(out), np.asarray(expected))
     assert not np.array_equal(np.asarray(out), np.asarray(image))
-    assert draw_randaugment(augment, view_rng(3, "k", 1)).shape == (2, 3)
+    assert draw_randaugment(augment, seeds.rng(3, "k", 1)).shape == (2, 3)
 
 
 def test_a_stored_color_jitter_is_torchvisions_color_jitter(monkeypatch):
     """The official BEiT loader's ColorJitter(0.4, 0.4, 0.4, 0.0): a stored draw replays torchvision's transform
     given the same parameters, and the draws spread as its get_params's do."""
     image = Image.fromarray(photos.coffee()).resize((64, 48))
-    draws = np.stack([draw_jitter(0.4, view_rng(0, "k", v)) for v in range(1, 400)])
-    np.testing.assert_array_equal(draws[0], draw_jitter(0.4, view_rng(0, "k", 1)))  # from (seed, key, view)
+    draws = np.stack([draw_jitter(0.4, seeds.rng(0, "k", v)) for v in range(1, 400)])
+    np.testing.assert_array_equal(draws[0], draw_jitter(0.4, seeds.rng(0, "k", 1)))  # from (seed, key, view)
     assert {tuple(d[:3].astype(int)) for d in draws} == {(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1),
                                                          (2, 1, 0)}  # every order of the three ops
     assert draws[:, 3:].min() >= 0.6 and draws[:, 3:].max() <= 1.4 and abs(draws[:, 3:].mean() - 1) < 0.03
@@ -95,7 +95,7 @@ def _pair(size=(40, 48)):
 def test_mixup_and_its_label_equal_timm_mixup_for_the_same_lambda_and_partner():
     a, b = _pair()
     cfg = AugmentConfig(mixup=0.2)
-    mix = next(m for m in (draw_mix(cfg, view_rng(0, "k", v), 0, 8, (40, 48)) for v in range(50)) if 0.2 < m[2] < 0.8)
+    mix = next(m for m in (draw_mix(cfg, seeds.rng(0, "k", v), 0, 8, (40, 48)) for v in range(50)) if 0.2 < m[2] < 0.8)
     assert int(mix[1]) == MIXUP and 1 <= mix[0] < 8
     lam = float(mix[2])
     timm = Mixup(mixup_alpha=0.2, cutmix_alpha=0.0, prob=1.0, mode="batch", label_smoothing=0.1, num_classes=10)
@@ -110,7 +110,7 @@ def test_mixup_and_its_label_equal_timm_mixup_for_the_same_lambda_and_partner():
 def test_cutmix_pastes_the_box_and_its_label_uses_the_area_lambda_as_timm_does(monkeypatch):
     a, b = _pair()
     cfg = AugmentConfig(cutmix=1.0)
-    mix = next(m for m in (draw_mix(cfg, view_rng(0, "k", v), 2, 8, (40, 48)) for v in range(50)) if 0.2 < m[2] < 0.8)
+    mix = next(m for m in (draw_mix(cfg, seeds.rng(0, "k", v), 2, 8, (40, 48)) for v in range(50)) if 0.2 < m[2] < 0.8)
     assert int(mix[1]) == CUTMIX and mix[0] != 2
     top, left, bottom, right = (round(float(f) * n) for f, n in zip(mix[3:], (40, 48, 40, 48)))
     assert mix[2] == pytest.approx(1 - (bottom - top) * (right - left) / (40 * 48), abs=1e-6)
@@ -124,12 +124,12 @@ def test_cutmix_pastes_the_box_and_its_label_uses_the_area_lambda_as_timm_does(m
 
 
 def test_mix_probability_and_switch_follow_the_config():
-    kinds = [draw_mix(AugmentConfig(mixup=0.2, cutmix=1.0), view_rng(0, f"k{i}", 1), 0, 4, (8, 8)) for i in range(400)]
+    kinds = [draw_mix(AugmentConfig(mixup=0.2, cutmix=1.0), seeds.rng(0, f"k{i}", 1), 0, 4, (8, 8)) for i in range(400)]
     cut = sum(int(m[1]) == CUTMIX for m in kinds) / len(kinds)
     assert 0.4 < cut < 0.6 and all(is_mixed(m) for m in kinds)
-    half = [draw_mix(AugmentConfig(mixup=0.2, mix_prob=0.5), view_rng(0, f"k{i}", 1), 0, 4, (8, 8)) for i in range(400)]
+    half = [draw_mix(AugmentConfig(mixup=0.2, mix_prob=0.5), seeds.rng(0, f"k{i}", 1), 0, 4, (8, 8)) for i in range(400)]
     assert 0.4 < sum(is_mixed(m) for m in half) / 400 < 0.6
-    assert np.array_equal(draw_mix(AugmentConfig(), view_rng(0, "k", 1), 0, 4, (8, 8)), NO_MIX)
+    assert np.array_equal(draw_mix(AugmentConfig(), seeds.rng(0, "k", 1), 0, 4, (8, 8)), NO_MIX)
     unmixed = mixed_target(2, 2, 1.0, 5, 0.1)
     torch.testing.assert_close(unmixed, torch.tensor([0.02, 0.02, 0.92, 0.02, 0.02]))
 
@@ -139,7 +139,9 @@ def test_mix_probability_and_switch_follow_the_config():
 from gendd_pipe import FeatureStore, GenddError  # noqa: E402
 from gendd_pipe.data.loader import LoaderConfig, train_pipeline  # noqa: E402
 from gendd_pipe.runtime import normalize_pixels  # noqa: E402
-from gendd_pipe.data.views import ViewConfig  # noqa: E402
+from gendd_pipe.data.replay import Replay  # noqa: E402
+from gendd_pipe.data.shards import ShardReader  # noqa: E402
+from gendd_pipe.data.views import ViewConfig, sample_views  # noqa: E402
 from gendd_pipe.distill.config import DistillConfig  # noqa: E402
 from gendd_pipe.distill.train import distill  # noqa: E402
 from gendd_pipe.extract import ExtractConfig, extract  # noqa: E402
@@ -194,6 +196,42 @@ def test_the_loader_renders_the_image_the_teacher_saw(tmp_path, photo_shard, aug
     assert "mix" not in data or seen
     assert not jittered or (data["jitter"][:, 1:, 3:] != 1).all()  # every training view jittered, ...
     assert not jittered or (data["jitter"][:, 0] == NO_JITTER).all()  # ... the eval view not
+
+
+def test_a_16_view_store_records_the_seeded_draws_and_the_loader_replays_them(tmp_path, photo_shard):
+    """Every kind of draw of a 16-view store (crop and flip, color jitter, RandAugment, mix) is the one the seeded
+    helper makes from (view seed, kind and key, view), and the loader's pixels of each epoch are the replay of the
+    view the same helper picks from (training seed, epoch, key)."""
+    cfg = _augmented(color_jitter=0.4, randaugment=RECIPE, mixup=0.2, cutmix=1.0)
+    cfg = replace(cfg, views=replace(cfg.views, count=16))
+    extract([photo_shard], str(tmp_path / "s.zarr"), cfg, progress=False)
+    store = FeatureStore.open(str(tmp_path / "s.zarr"))
+    data, seed, dc = store.read_shard("photos-000000"), cfg.views.seed, create_teacher(TINY).data_config
+    samples = {s.key: s for s in ShardReader(photo_shard, decode=False)}
+    keys = [str(k) for k in data["keys"]]
+    randaugment = parse_randaugment(RECIPE, dc["input_size"][1:], tuple(store.manifest["augment"]["fill"]),
+                                    dc["interpolation"])
+    for row, key in enumerate(keys):
+        image = samples[key].image
+        np.testing.assert_array_equal(data["views"][row], sample_views(key, *image.size, cfg.views, dc["input_size"][1:],
+                                                                       dc["crop_pct"], dc["crop_mode"]))
+        for v in range(1, 16):
+            np.testing.assert_array_equal(data["jitter"][row, v], draw_jitter(0.4, seeds.rng(seed, f"jitter:{key}", v)))
+            np.testing.assert_array_equal(data["augment"][row, v],
+                                          draw_randaugment(randaugment, seeds.rng(seed, f"randaugment:{key}", v)))
+            np.testing.assert_array_equal(data["mix"][row, v], draw_mix(cfg.augment, seeds.rng(seed, f"mix:{key}", v),
+                                                                        row, len(keys), dc["input_size"][1:]))
+    replay, partners = Replay(store.manifest, dc), [samples[k] for k in keys]
+    arrays = {k: data[k] for k in ("views", "jitter", "augment", "mix")}
+    loader = train_pipeline([photo_shard], store, dc, LoaderConfig(batch_size=len(keys), num_workers=0), seed=5)
+    for epoch in range(3):
+        loader.dataset.set_epoch(epoch)
+        batch = next(iter(loader))
+        for i, (key, v) in enumerate(zip(batch["key"], batch["view"].tolist())):
+            assert v == 1 + seeds.index(15, 5, epoch, key)
+            row = keys.index(key)
+            expected = replay.views(samples[key], {k: a[row] for k, a in arrays.items()}, partners, arrays, [v])[0]
+            torch.testing.assert_close(batch["image"][i], expected, rtol=0, atol=0)
 
 
 def test_the_first_views_of_a_store_are_a_smaller_store_and_the_loader_can_train_on_them(tmp_path, photo_shard,

@@ -16,6 +16,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -124,6 +126,19 @@ def test_unreadable_image_is_skipped_or_one_line(tmp_path, digits, kind, data):
     samples = good(digits)
     samples[1]["png"] = samples[1]["png"][:60] if data is None else data
     skipped_and_failed(tmp_path, samples, "d1", "unreadable png image")
+
+
+def test_a_bad_image_on_a_dask_worker_is_the_one_line_alone(tmp_path, digits):
+    """The shard's failure comes back as the task's result: no worker logs "Compute Failed" with a traceback."""
+    samples = good(digits)
+    samples[1]["png"] = b"not an image"
+    shard = write_tar(tmp_path / "bad-000000.tar", samples)
+    command = [sys.executable, "-m", "gendd_pipe.cli", "extract", shard, "--out", str(tmp_path / "s.zarr"), *TEACHER,
+               "--views", "2", "--dask-workers", "1", "-q"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("error:") and "bad-000000.tar: sample d1: unreadable png image" in lines[0]
 
 
 def test_float_image_is_skipped_not_clipped(tmp_path, digits):

@@ -249,14 +249,15 @@ def test_a_task_run_again_for_a_complete_shard_leaves_it_as_it_is(tmp_path, digi
     stay readable the whole time, so the task must not rewrite it."""
     from pathlib import Path
 
-    from gendd_pipe.extract import extract_shard
+    from gendd_pipe.config import narrow
+    from gendd_pipe.shard_task import ShardConfig, extract_shard
 
     store = str(tmp_path / "s.zarr")
     manifest = extract(digit_shards[:1], store, _cfg(TINY), progress=False)
     files = sorted(p for p in Path(store, "shards", "train-000000").rglob("*") if p.is_file())
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
     reported = []
-    entry = extract_shard(digit_shards[0], store, _cfg(TINY), report=reported.append)
+    entry = extract_shard(digit_shards[0], store, manifest, narrow(_cfg(TINY), ShardConfig), report=reported.append)
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before and reported == []
     assert {k: entry[k] for k in ("name", "source", "count")} == {k: manifest["shards"][0][k] for k in ("name", "source", "count")}
 

@@ -8,9 +8,8 @@ import psutil
 import pytest
 import torch
 
-from gendd_pipe import FeatureStore, GenddError
-from gendd_pipe.data.loader import (WORKER_NICENESS, LoaderConfig, check_shards, train_pipeline, view_choice,
-                                    workers)
+from gendd_pipe import FeatureStore, GenddError, seeds
+from gendd_pipe.data.loader import WORKER_NICENESS, LoaderConfig, check_shards, train_pipeline, workers
 from gendd_pipe.data.shards import ShardReader
 from gendd_pipe.data.render import render_view
 from tests.helpers import to_tensor
@@ -45,7 +44,7 @@ def test_join_gives_each_image_its_own_feature_under_shuffling(digit_store):
         for j, key in enumerate(batch["key"]):
             name, i = rows[key]
             v = int(batch["view"][j])
-            assert v == 1 + view_choice(3, 0, key, 2)  # a training view: 1 or 2, never the eval view 0
+            assert v == 1 + seeds.index(2, 3, 0, key)  # a training view: 1 or 2, never the eval view 0
             assert torch.equal(batch["feature"][j], torch.from_numpy(blocks[name]["features"][i, v].astype(np.float32)))
             torch.testing.assert_close(derived["logits"][j], torch.from_numpy(logits[name][i, v]), rtol=1e-5,
                                        atol=1e-5)

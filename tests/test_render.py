@@ -17,7 +17,7 @@ from gendd_pipe.extract import ExtractConfig, extract
 from gendd_pipe.models.teacher import TeacherConfig, create_teacher
 from gendd_pipe.store.format import MANIFEST_ATTR, dequantize_int8, quantize_int8
 from gendd_pipe.store.writer import open_root
-from tests.helpers import model_input, write_shard
+from tests.helpers import model_input, schema_of, write_shard
 from gendd_pipe.runtime import RuntimeConfig, network_input
 from tests.conftest import write_tar
 
@@ -177,8 +177,7 @@ def test_a_shard_written_in_pieces_equals_one_written_at_once(tmp_path):
     once = write_shard(_store(tmp_path / "a.zarr"), "s", arrays, {"count": 11}, chunk=4, clevel=5)
     from gendd_pipe.store.writer import ShardWriter
 
-    fields = {"keys": ((), str), "labels": ((), np.int64), "features": ((2, 8), np.float16)}
-    writer = ShardWriter(_store(tmp_path / "b.zarr"), "s", fields, chunk=4, clevel=5)
+    writer = ShardWriter(_store(tmp_path / "b.zarr"), "s", schema_of(arrays), chunk=4, clevel=5)
     for start, stop in ((0, 1), (1, 6), (6, 11)):
         writer.append({k: v[start:stop] for k, v in arrays.items()})
     pieces = writer.commit({"count": 11})

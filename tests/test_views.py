@@ -3,8 +3,9 @@ import pytest
 import timm
 from PIL import Image
 
+from gendd_pipe import seeds
 from gendd_pipe.data.render import render_view
-from gendd_pipe.data.views import ViewConfig, eval_view, random_view, sample_views, view_rng
+from gendd_pipe.data.views import ViewConfig, eval_view, random_view, sample_views
 from tests.helpers import to_tensor
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -38,7 +39,7 @@ def test_random_views_depend_only_on_seed_key_and_view():
 
 def test_random_view_boxes_lie_inside_the_image_and_respect_scale():
     cfg = ViewConfig(scale=(0.25, 0.5), ratio=(0.75, 4 / 3), hflip=0.5)
-    boxes = np.stack([random_view(320, 240, cfg, view_rng(0, f"k{i}", 1)) for i in range(400)])
+    boxes = np.stack([random_view(320, 240, cfg, seeds.rng(0, f"k{i}", 1)) for i in range(400)])
     top, left, h, w, flip = boxes.T
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 1 + 1e-6).all() and (left + w <= 1 + 1e-6).all()
     area = h * w

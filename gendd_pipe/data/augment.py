@@ -4,11 +4,11 @@ A training recipe such as the GenDD paper's BEiT-L -> ResNet-50 run (timm's
 RandAugment, then timm's ``Mixup`` with mixup 0.2, cutmix 1.0 and label
 smoothing 0.1) makes every image it feeds the teacher from random draws. To
 cache the teacher's outputs of those images, each draw is made here from a
-generator seeded by ``(seed, key, view)`` (as crops are, `view_rng`) and kept
+generator seeded by ``(seed, key, view)`` (as crops are, `gendd_pipe.seeds.rng`) and kept
 beside the view, so that the student's loader renders the very image the teacher
 saw:
 
-- a color jitter, 6 numbers per view (`JITTER_FIELDS`): the order in which
+- a color jitter, 6 numbers per view (`gendd_pipe.store.format.JITTER_FIELDS`): the order in which
   brightness, contrast and saturation apply, and their factors, drawn as
   torchvision's ``ColorJitter(j, j, j)`` draws them (the official BEiT loader's,
   applied before RandAugment) and applied with torchvision's functions.
@@ -19,7 +19,7 @@ saw:
   the draws follow timm's ``RandAugment`` and ``AugmentOp`` (choice of ops, the
   layer probability, Gaussian or uniform magnitude noise, the clip, the coin of
   ``_randomly_negate``).
-- a mix, 7 numbers per view (`MIX_FIELDS`): the partner's row in the same shard
+- a mix, 7 numbers per view (`gendd_pipe.store.format.MIX_FIELDS`): the partner's row in the same shard
   (-1: not mixed), the kind (0 mixup, 1 cutmix), lambda, and the cutmix box as
   fractions of the output (top, left, bottom, right). The draw follows timm's
   ``Mixup`` per element: the mix probability, the switch between cutmix and
@@ -48,12 +48,9 @@ from torchvision.transforms import functional as TF
 
 from gendd_pipe.config import NonNegativeFloat, Probability, configclass
 
-MIX_FIELDS = ("partner", "kind", "lam", "top", "left", "bottom", "right")
 MIXUP, CUTMIX = 0, 1
 NO_MIX = np.array([-1, MIXUP, 1, 0, 0, 0, 0], dtype=np.float32)
 SKIPPED = -1.0  # the magnitude of a RandAugment layer that its probability skipped
-JITTER_FIELDS = ("first", "second", "third", "brightness", "contrast", "saturation")  # the order (0 brightness,
-# 1 contrast, 2 saturation), then the three factors
 NO_JITTER = np.array([0, 1, 2, 1, 1, 1], dtype=np.float32)
 _JITTER_FNS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
 

@@ -31,13 +31,12 @@ view per (seed, epoch, key), for fine-tuning a teacher before extraction.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing
 import os
-import random
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Annotated
 
@@ -51,12 +50,13 @@ from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from gendd_pipe import seeds
 from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
 from gendd_pipe.data.augment import NO_MIX, is_mixed, mixed_target
 from gendd_pipe.data.render import create_renderer, render_pixels, render_view
 from gendd_pipe.data.replay import Replay
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
-from gendd_pipe.data.views import ViewConfig, eval_view, random_view, view_rng
+from gendd_pipe.data.views import ViewConfig, eval_view, random_view
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
 from gendd_pipe.store.format import VIEW_ARRAYS, is_int8, is_mixed_store, renderer_of
@@ -218,10 +218,40 @@ def _epoch_shards(urls, counts: list[int], steps: int, batch: int, world: int):
         yield {"url": urls[shard], "rows": (first, end)}
 
 
+@dataclass
+class JoinedRow:
+    """A sample of an image shard beside its row of the feature shard.
+
+    Attributes:
+        url: The image shard.
+        sample: The sample, opened (decoded by the renderer when it renders).
+        row: Its row in the feature shard.
+        block: The feature shard's arrays (`FeatureStore.read_shard`).
+        store: The store, which says what a view's teacher outputs are.
+        partners: A mixed store's samples of the whole shard, by row (a view's partner may be any of them).
+    """
+
+    url: str
+    sample: Sample
+    row: int
+    block: dict[str, np.ndarray]
+    store: FeatureStore
+    partners: list[Sample] | None = None
+
+    @property
+    def views(self) -> dict[str, np.ndarray]:
+        """The arrays that make the pixels of this row's views (`VIEW_ARRAYS`: views, and jitter, augment, mix)."""
+        return {k: self.block[k][self.row] for k in VIEW_ARRAYS if k in self.block}
+
+    def teacher(self, view: int) -> dict[str, torch.Tensor]:
+        """The teacher's outputs of one of the views, float32 tensors (`FeatureStore.teacher_outputs`)."""
+        return {k: torch.from_numpy(v) for k, v in self.store.teacher_outputs(self.block, self.row, view).items()}
+
+
 def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = True):
-    """Pipeline stage: ``{"url": ..., "rows": (first, end)}`` dicts -> the joined samples of those rows with
-    their cached teacher outputs. A store with mixed views keeps each shard's samples (encoded) in memory, as
-    ``partners``, since a row's partner may be any row of its shard."""
+    """Pipeline stage: ``{"url": ..., "rows": (first, end)}`` dicts -> a `JoinedRow` for each of those rows. A
+    store with mixed views keeps each shard's samples (encoded) in memory, as ``partners``, since a row's partner
+    may be any row of its shard."""
     store = FeatureStore.open(store_url)
     for item in urls:
         url = item["url"]
@@ -232,17 +262,14 @@ def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = T
         whole = mixed or end == len(block["keys"])  # read to its end: the shard's bytes are checked too
         source = store.shard(name).attrs.get("source_sha256") if verify and whole else None
         joined = join_shard(url, block, skipped.get(name, set()), source)
+        partners = [sample for sample, _ in joined] if mixed else None
         if mixed:
-            partners = [sample for sample, _ in joined]
             joined = ((partners[row], row) for row in range(first, end))
         for sample, row in joined:
             if row >= end:
                 break
             if row >= first:
-                yield {"url": url, "sample": sample, "row": {k: block[k][row] for k in VIEW_ARRAYS if k in block},
-                       "features": block["features"][row],
-                       **({"partners": partners, "rows": block} if mixed else {}),
-                       **({"logits": block["logits"][row]} if "logits" in block else {})}
+                yield JoinedRow(url, sample, row, block, store, partners)
 
 
 def _each(src, fn):
@@ -251,49 +278,41 @@ def _each(src, fn):
         yield fn(item)
 
 
-def view_choice(seed: int, epoch: int, key: str, count: int) -> int:
-    """Which cached view a sample uses in an epoch: uniform, from (seed, epoch, key)."""
-    digest = hashlib.sha256(f"{seed}\x00{epoch}\x00{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % count
-
-
 @contextmanager
-def _naming_the_sample(item: dict):
+def _naming_the_sample(url: str, sample: Sample):
     """An image that fails to decode or render as one line naming its shard and key."""
     try:
         yield
     except ValueError as exc:
-        raise GenddError(f"{public_url(item['url'])}: sample {item['sample'].key}: {exc}") from exc
+        raise GenddError(f"{public_url(url)}: sample {sample.key}: {exc}") from exc
 
 
-def _render_train(item: dict, replay: Replay, seed: int, epoch: int, targets: dict | None = None,
+def _render_train(item: JoinedRow, replay: Replay, seed: int, epoch: int, targets: dict | None = None,
                   views: int | None = None, with_eval_view: bool = False) -> dict:
-    sample: Sample = item["sample"]
-    row = item["row"]
+    """A joined row's sample at one of its cached views, picked from (seed, epoch, key), with the teacher's
+    outputs of that view (and its soft ``target`` where ``targets`` asks for one)."""
+    sample, row = item.sample, item.views
     count = views or len(row["views"])  # (train_pipeline refuses more views than the store has)
     augmented = any(k in row for k in ("jitter", "augment", "mix"))  # views 1..V-1 are augmented; 0 is the eval view
     first = 0 if with_eval_view and not augmented else 1
-    v = first + view_choice(seed, epoch, sample.key, count - first)
-    with _naming_the_sample(item):  # the image decoded at extraction, so these are other bytes
-        image = replay.views(sample, row, item.get("partners"), item.get("rows"), [v])[0]
-    out = {"key": sample.key, "image": image, "label": sample.label, "view": v,
-           "feature": torch.from_numpy(item["features"][v].astype(np.float32))}
+    v = first + seeds.index(count - first, seed, epoch, sample.key)  # uniform, from (seed, epoch, key)
+    with _naming_the_sample(item.url, sample):  # the image decoded at extraction, so these are other bytes
+        image = replay.views(sample, row, item.partners, item.block, [v])[0]
+    out = {"key": sample.key, "image": image, "label": sample.label, "view": v, **item.teacher(v)}
     if targets is not None:  # the soft label: mixed with the partner's, smoothed, as timm's Mixup makes it
         mix = row["mix"][v] if "mix" in row else NO_MIX
-        partner = item["partners"][int(mix[0])].label if is_mixed(mix) else sample.label
+        partner = item.partners[int(mix[0])].label if is_mixed(mix) else sample.label
         out["target"] = mixed_target(sample.label, partner, float(mix[2]), targets["num_classes"],
                                      targets["smoothing"])
-    if "logits" in item:  # a store of full logits (a derived store's are made in batch where the student trains)
-        out["logits"] = torch.from_numpy(item["logits"][v].astype(np.float32))
     return out
 
 
-def _render_fresh(item: dict, replay: Replay, views: ViewConfig, epoch: int, targets: dict | None = None) -> dict:
+def _render_fresh(item: JoinedRow, replay: Replay, views: ViewConfig, epoch: int, targets: dict | None = None) -> dict:
     """A joined sample rendered from a random-resized crop drawn afresh from (views.seed, epoch, key), by the store's
     renderer and interpolation; its cached views and features are not used."""
-    sample: Sample = item["sample"]
-    view = random_view(*sample.image.size, views, view_rng(views.seed, f"{epoch}:{sample.key}", 0))
-    with _naming_the_sample(item):
+    sample = item.sample
+    view = random_view(*sample.image.size, views, seeds.rng(views.seed, f"{epoch}:{sample.key}", 0))
+    with _naming_the_sample(item.url, sample):
         image = replay.base(sample, view[None])[0]
     out = {"key": sample.key, "image": image, "label": sample.label}
     if targets is not None:  # label smoothing, as the cached path's soft labels (no partner: nothing is mixed)
@@ -304,7 +323,7 @@ def _render_fresh(item: dict, replay: Replay, views: ViewConfig, epoch: int, tar
 def epoch_order(urls: list[str], seed: int, epoch: int) -> list[str]:
     """The shards in the order an epoch reads them, shuffled from (seed, epoch)."""
     order = list(urls)
-    random.Random(f"{seed}:{epoch}:shards").shuffle(order)
+    seeds.shuffler(seed, epoch, "shards").shuffle(order)
     return order
 
 
@@ -315,26 +334,33 @@ def _epoch(urls: list[str], split, source, render, seed: int, epoch: int, shuffl
         wds.SimpleShardList(list(urls)),
         *split,
         source,
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(f"{seed}:{epoch}:samples")),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=seeds.shuffler(seed, epoch, "samples")),
         partial(_each, fn=render),
     )
 
 
-def _train_epoch(epoch: int, urls: list[str], counts: dict[str, int], batch_size: int, world: int, store_url: str,
-                 skipped: dict, data_config: dict, manifest: dict, seed: int, cfg: LoaderConfig,
-                 targets: dict | None, fresh: ViewConfig | None):
-    order = epoch_order(urls, seed, epoch)
-    sizes = [counts[shard_name(u)] for u in order]
-    steps, batch = epoch_steps(sum(sizes), batch_size, world)
-    replay = Replay(manifest, data_config)
-    if fresh is None:
-        render = partial(_render_train, replay=replay, seed=seed, epoch=epoch, targets=targets, views=cfg.views,
-                         with_eval_view=cfg.eval_view)
-    else:
-        render = partial(_render_fresh, replay=replay, views=fresh, epoch=epoch, targets=targets)
-    return _epoch(order, [partial(_epoch_shards, counts=sizes, steps=steps, batch=batch, world=world)],
-                  partial(_joined, store_url=store_url, skipped=skipped, verify=cfg.verify), render,
-                  seed, epoch, cfg.shuffle_buffer)
+@dataclass(frozen=True)
+class TrainEpochs:
+    """The training samples of any epoch of a run (what `EpochStream` serves): the shards in the epoch's order,
+    this rank and worker's part of them (`epoch_part`), joined with the store (``source``), buffer-shuffled and
+    rendered (``render``, given the epoch), every choice from (seed, epoch)."""
+
+    urls: list[str]
+    counts: dict[str, int]  # samples per shard name
+    batch_size: int  # the global batch
+    world: int
+    seed: int
+    shuffle_buffer: int
+    source: Callable  # pipeline stage: this part's ``{"url", "rows"}`` -> `JoinedRow`
+    render: Callable  # a `JoinedRow` and the epoch -> the sample's tensors
+
+    def __call__(self, epoch: int):
+        order = epoch_order(self.urls, self.seed, epoch)
+        sizes = [self.counts[shard_name(u)] for u in order]
+        steps, batch = epoch_steps(sum(sizes), self.batch_size, self.world)
+        split = partial(_epoch_shards, counts=sizes, steps=steps, batch=batch, world=self.world)
+        return _epoch(order, [split], self.source, partial(self.render, epoch=epoch), self.seed, epoch,
+                      self.shuffle_buffer)
 
 
 def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg: LoaderConfig, seed: int,
@@ -373,11 +399,15 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
     num_classes = store.manifest["teacher"]["num_classes"]
     soft = soft_labels and (mixed or cfg.label_smoothing > 0)
     targets = {"num_classes": num_classes, "smoothing": cfg.label_smoothing} if soft else None
-    stream = EpochStream(partial(_train_epoch, urls=list(urls), counts=counts, batch_size=cfg.batch_size,
-                                 world=world, store_url=store.url, skipped=_skipped_keys(store),
-                                 data_config=data_config, manifest=store.manifest, seed=seed, cfg=cfg,
-                                 targets=targets, fresh=fresh), epoch)
-    return _loader(stream, batch, cfg.num_workers, cuda, drop_last=True)
+    replay = Replay(store.manifest, data_config)
+    if fresh is None:
+        render = partial(_render_train, replay=replay, seed=seed, targets=targets, views=cfg.views,
+                         with_eval_view=cfg.eval_view)
+    else:
+        render = partial(_render_fresh, replay=replay, views=fresh, targets=targets)
+    source = partial(_joined, store_url=store.url, skipped=_skipped_keys(store), verify=cfg.verify)
+    epochs = TrainEpochs(list(urls), counts, cfg.batch_size, world, seed, cfg.shuffle_buffer, source, render)
+    return _loader(EpochStream(epochs, epoch), batch, cfg.num_workers, cuda, drop_last=True)
 
 
 def _held_per_worker(urls: list[str], store: FeatureStore, counts: dict[str, int]) -> str:
@@ -409,7 +439,7 @@ def _render_eval(item: dict, data_config: dict) -> dict:
     sample: Sample = item["sample"]
     size = data_config["input_size"][1:]
     view = eval_view(*sample.image.size, size, data_config["crop_pct"], data_config.get("crop_mode", "center"))
-    with _naming_the_sample(item):
+    with _naming_the_sample(item["url"], sample):
         image = pil_to_tensor(render_view(sample.rgb(), view, size, data_config["interpolation"]))
     return {"image": image, "label": sample.label}
 
@@ -432,8 +462,8 @@ def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, num_worke
 
 def _render_augmented(item: dict, data_config: dict, views: ViewConfig, epoch: int) -> dict:
     sample: Sample = item["sample"]  # decoded by the renderer
-    view = random_view(*sample.image.size, views, view_rng(views.seed, f"{epoch}:{sample.key}", 0))
-    with _naming_the_sample(item):
+    view = random_view(*sample.image.size, views, seeds.rng(views.seed, f"{epoch}:{sample.key}", 0))
+    with _naming_the_sample(item["url"], sample):
         image = render_pixels(views.renderer, sample, view[None], data_config)[0]
     return {"image": image, "label": sample.label}
 

@@ -1,7 +1,7 @@
 """Replayable views: a crop box and a flip, stored as fractions of the source image.
 
-A view is ``(top, left, height, width, hflip)`` with the box in fractions of the
-source image. View 0 is the deterministic eval view, the box that timm's eval
+A view is ``(top, left, height, width, hflip)`` (`gendd_pipe.store.format.VIEW_FIELDS`)
+with the box in fractions of the source image. View 0 is the deterministic eval view, the box that timm's eval
 transform (resize the short edge to ``size / crop_pct``, center crop ``size``)
 cuts from the source. Views ``1..V-1`` follow torchvision's RandomResizedCrop
 sampling plus a horizontal flip, drawn from a generator seeded by
@@ -12,15 +12,14 @@ How a view becomes pixels is the renderers' part (`gendd_pipe.data.render`).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numpy as np
 from pydantic import field_validator
 
+from gendd_pipe import seeds
 from gendd_pipe.config import NonNegativeInt, PositiveInt, Probability, Range, configclass
 from gendd_pipe.data.render import RENDERERS
 
-VIEW_FIELDS = ("top", "left", "height", "width", "hflip")
 
 
 @configclass
@@ -40,12 +39,6 @@ class ViewConfig:
         if value not in RENDERERS:
             raise ValueError(f"must be one of {', '.join(RENDERERS)}")
         return value
-
-
-def view_rng(seed: int, key: str, view: int) -> np.random.Generator:
-    """A generator that depends only on (seed, key, view), stable across processes."""
-    digest = hashlib.sha256(f"{seed}\x00{key}\x00{view}".encode()).digest()
-    return np.random.default_rng(np.frombuffer(digest, dtype=np.uint32))
 
 
 def eval_view(width: int, height: int, size: tuple[int, int], crop_pct: float, crop_mode: str) -> np.ndarray:
@@ -108,5 +101,5 @@ def sample_views(
 ) -> np.ndarray:
     """All ``cfg.count`` views of one image, shape (V, 5), view 0 the eval view."""
     views = [eval_view(width, height, size, crop_pct, crop_mode)]
-    views += [random_view(width, height, cfg, view_rng(cfg.seed, key, v)) for v in range(1, cfg.count)]
+    views += [random_view(width, height, cfg, seeds.rng(cfg.seed, key, v)) for v in range(1, cfg.count)]
     return np.stack(views)

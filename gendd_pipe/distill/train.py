@@ -37,6 +37,7 @@ import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from timm.utils import distribute_bn
 
+from gendd_pipe import seeds
 from gendd_pipe.config import differences
 from gendd_pipe.distill.config import upgrade
 from gendd_pipe.data.loader import check_shards, epoch_steps, train_pipeline
@@ -118,10 +119,6 @@ def on_rank0(decide, runtime: RuntimeConfig):
     if result[1] is not None:
         raise GenddError(result[1])
     return result[0]
-
-
-def _epoch_seed(cfg: DistillConfig, epoch: int, rank: int) -> int:
-    return (cfg.seed * 1_000_003 + epoch) * 101 + rank
 
 
 def run_differences(cfg: DistillConfig, record: dict, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -248,7 +245,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
         for epoch in range(max(first, start_epoch), end):
             loader.dataset.set_epoch(epoch)
             batches = iter(loader)  # before seeding: starting an iterator draws from torch's generator
-            torch.manual_seed(_epoch_seed(cfg, epoch, rank))
+            torch.manual_seed(seeds.torch_seed(cfg.seed, epoch, rank))
             sums: dict[str, torch.Tensor] = {}
             begin = time.perf_counter()
             title = f"epoch {epoch + 1}/{cfg.epochs} {cfg.method}" + (f" {phase.name}" if len(phases) > 1 else "")

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from gendd_pipe.store.format import COMPUTE_BEFORE_PRECISION
+from gendd_pipe.store.format import COMPUTE_BEFORE_PRECISION, shard_schema
 from gendd_pipe.store.reader import FeatureStore
-
-PAYLOAD = ("features", "logits", "topk_values")  # arrays compared against raw fp32
 
 
 def summarize(store: FeatureStore) -> dict:
     """Manifest summary plus sizes: bytes on disk and compression against raw fp32."""
     m = store.manifest
+    schema = shard_schema(m)
     stored = raw = payload_stored = samples = 0
     for name in store.shard_names:
         group = store.shard(name)
@@ -27,10 +26,10 @@ def summarize(store: FeatureStore) -> dict:
         for key, array in group.arrays():
             size = array.nbytes_stored()
             stored += size
-            if key in PAYLOAD:
+            spec = schema.get(key)
+            if spec is not None and spec.payload:
                 raw += array.size * 4
-                payload_stored += size
-            elif key == "feature_scales":  # part of the int8 features
+            if spec is not None and (spec.payload or spec.per_chunk):  # per chunk: the int8 features' scales
                 payload_stored += size
     views = samples * m["views"]["count"]
     return {
@@ -55,21 +54,15 @@ def summarize(store: FeatureStore) -> dict:
 
 def check_shard(store: FeatureStore, name: str) -> list[str]:
     """Problems found in one shard (empty if consistent)."""
-    m = store.manifest
     data, problems = store.check_arrays(name)  # missing, unreadable, short, or not matching its checksum
-    widths = {"views": 5, "features": m["teacher"]["num_features"]}
-    if m["logits"]["mode"] == "full":
-        widths["logits"] = m["teacher"]["num_classes"]
-    elif m["logits"]["mode"] == "topk":
-        widths["topk_values"] = widths["topk_indices"] = m["logits"]["k"]
-    for key in widths:
-        if key in data and data[key].shape[1:] != (m["views"]["count"], widths[key]):
-            problems.append(f"shard {name}: {key} has shape {data[key].shape}, expected (n, {m['views']['count']}, {widths[key]})")
+    for key, spec in shard_schema(store.manifest).items():
+        if key in data and data[key].shape[1:] != spec.shape:
+            expected = ", ".join(["n", *map(str, spec.shape)])
+            problems.append(f"shard {name}: {key} has shape {data[key].shape}, expected ({expected})")
+        if key in data and spec.payload and not np.isfinite(data[key].astype(np.float32)).all():
+            problems.append(f"shard {name}: {key} holds NaN or inf")
     if "keys" in data and len(set(data["keys"].tolist())) != len(data["keys"]):
         problems.append(f"shard {name}: duplicate keys")
-    for key in ("features", "logits", "topk_values"):
-        if key in data and not np.isfinite(data[key].astype(np.float32)).all():
-            problems.append(f"shard {name}: {key} holds NaN or inf")
     return problems
 
 

@@ -17,7 +17,8 @@ rows (``feature_scales``, (ceil(n / chunk_size), D) float32): a feature is ``q *
 view, refuses a shard whose lowest one is under ``storage.int8_floor`` and records the lowest in the shard's
 attributes (``int8_cosine``) and in the manifest.
 
-Layout (a Zarr v3 group; see README "The feature store")::
+Layout (a Zarr v3 group; see docs/store.md). A shard's arrays are declared once, by `shard_schema`, which the
+writer, the reader, ``info``/``verify`` and extraction all read::
 
     store.zarr/                 attrs["gendd_pipe"] = manifest
       teacher/head_weight (C, D) float32, teacher/head_bias (C,) float32
@@ -34,8 +35,10 @@ Layout (a Zarr v3 group; see README "The feature store")::
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
+from dataclasses import dataclass
 
 import numpy as np
 from zarr.codecs import BloscCodec
@@ -53,6 +56,12 @@ SHARDS = "shards"
 HEAD_WEIGHT, HEAD_BIAS = "teacher/head_weight", "teacher/head_bias"
 COMPLETE, CHECKSUMS = "complete", "checksums"
 VIEW_ARRAYS = ("views", "jitter", "augment", "mix")  # a row's arrays that make the pixels of its views
+# The columns of the per-view arrays (`gendd_pipe.data.views`, `gendd_pipe.data.augment` draw and replay them).
+VIEW_FIELDS = ("top", "left", "height", "width", "hflip")
+JITTER_FIELDS = ("first", "second", "third", "brightness", "contrast", "saturation")  # the order (0 brightness,
+# 1 contrast, 2 saturation), then the three factors
+MIX_FIELDS = ("partner", "kind", "lam", "top", "left", "bottom", "right")
+RANDAUGMENT_FIELDS = ("op", "magnitude", "probability")  # one row per RandAugment layer
 
 # Fields that must agree before a store is extended or resumed: anything that changes the bytes.
 # (The format version follows from the augment section: 4 with color jitter, 3 with another, 2 without.)
@@ -67,11 +76,54 @@ def compressor(clevel: int = 5) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=clevel, shuffle="bitshuffle")
 
 
-def shard_arrays(manifest: dict) -> list[str]:
-    """The arrays every feature shard of a store holds."""
-    logits = {"full": ["logits"], "topk": ["topk_values", "topk_indices"], "derived": []}[manifest["logits"]["mode"]]
-    scales = ["feature_scales"] if is_int8(manifest) else []
-    return ["keys", "labels", "views", *augment_arrays(manifest), "features", *scales, *logits]
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a feature shard: what one row of it holds.
+
+    Attributes:
+        name: The array's name in the shard's group.
+        shape: One row's shape (the row axis first is left out).
+        dtype: A numpy dtype name, or ``str`` for variable-length UTF-8.
+        payload: Teacher output: counted against raw fp32 by ``info``, checked finite by ``verify``.
+        per_chunk: One row per chunk of samples (the int8 codec's scales), not one per sample.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    payload: bool = False
+    per_chunk: bool = False
+
+    def rows(self, samples: int, chunk_size: int) -> int:
+        """The rows this array has in a shard of ``samples`` samples."""
+        return math.ceil(samples / chunk_size) if self.per_chunk else samples
+
+
+def shard_schema(manifest: dict) -> dict[str, ArraySpec]:
+    """Every array a feature shard of this store holds, by name, in the order they are written: the one
+    description of a shard that writing, reading, checking and extracting follow."""
+    v, teacher, logits = manifest["views"]["count"], manifest["teacher"], manifest["logits"]
+    specs = [ArraySpec("keys", (), "str"), ArraySpec("labels", (), "int64"),
+             ArraySpec("views", (v, len(VIEW_FIELDS)), "float32")]
+    augmented = augment_arrays(manifest)
+    if "jitter" in augmented:
+        specs.append(ArraySpec("jitter", (v, len(JITTER_FIELDS)), "float32"))
+    if "augment" in augmented:
+        specs.append(ArraySpec("augment", (v, manifest["augment"]["layers"], len(RANDAUGMENT_FIELDS)), "float32"))
+    if "mix" in augmented:
+        specs.append(ArraySpec("mix", (v, len(MIX_FIELDS)), "float32"))
+    width = teacher["num_features"]
+    if is_int8(manifest):
+        specs += [ArraySpec("features", (v, width), "int8", payload=True),
+                  ArraySpec("feature_scales", (width,), "float32", per_chunk=True)]
+    else:
+        specs.append(ArraySpec("features", (v, width), "float16", payload=True))
+    if logits["mode"] == "full":
+        specs.append(ArraySpec("logits", (v, teacher["num_classes"]), "float16", payload=True))
+    elif logits["mode"] == "topk":
+        specs += [ArraySpec("topk_values", (v, logits["k"]), "float16", payload=True),
+                  ArraySpec("topk_indices", (v, logits["k"]), "int32")]
+    return {spec.name: spec for spec in specs}
 
 
 def is_mixed_store(manifest: dict) -> bool:

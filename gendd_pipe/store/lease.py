@@ -29,6 +29,10 @@ import uuid
 
 import fsspec
 import psutil
+import zarr
+
+from gendd_pipe.storage import storage_errors
+from gendd_pipe.store.writer import RESUME, is_complete
 
 log = logging.getLogger(__name__)
 
@@ -167,3 +171,53 @@ class Leases:
             self.fs.makedirs(self.dir, exist_ok=True)
         with self.fs.open(self._path(name, generation), mode) as f:
             f.write(json.dumps(lease).encode())
+
+
+class Claims:
+    """The shards one extraction still has to see complete, and which of them it writes itself.
+
+    A shard is this writer's to write once `claimed` has taken its lease and found it still incomplete;
+    `finish` gives the lease back once it is written. Shards another live writer holds are left to it, and
+    `settle` notices them complete (or takes them on a later pass, once their writer's lease has expired).
+
+    Args:
+        store: The store's path or URL.
+        root: Its root group.
+        leases: This writer's leases on it.
+        names: The shards to see complete, in the order they are claimed.
+    """
+
+    def __init__(self, store: str, root: zarr.Group, leases: Leases, names: list[str]):
+        self.store, self.root, self.leases = store, root, leases
+        self.todo, self.written = list(names), set()
+
+    def claimed(self):
+        """The shards of `todo` this writer may write now, one at a time as they are asked for (so that a writer
+        beside this one takes its share meanwhile): its lease taken, and not completed by another writer."""
+        for name in list(self.todo):
+            with storage_errors(self.store, f"write the lease of feature shard {name}", hint=RESUME):
+                if not self.leases.take(name):
+                    continue
+            if is_complete(self.root, name):
+                self._release(name)
+                continue
+            yield name
+
+    def finish(self, name: str) -> None:
+        """``name`` is written: its lease goes back."""
+        self._release(name)
+        self.written.add(name)
+
+    def settle(self) -> list[str]:
+        """Drop the complete shards from `todo` (this writer's, and any another writer completed); returns them."""
+        complete = [name for name in self.todo if is_complete(self.root, name)]
+        self.todo = [name for name in self.todo if name not in complete]
+        return complete
+
+    def holder(self) -> dict:
+        """The live lease of the first shard still to do (host, pid), or an empty dict."""
+        return (self.leases.holder(self.todo[0]) if self.todo else None) or {}
+
+    def _release(self, name: str) -> None:
+        with storage_errors(self.store, f"write the lease of feature shard {name}", hint=RESUME):
+            self.leases.release(name)

@@ -22,11 +22,11 @@ from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
 from gendd_pipe.storage import nothing_at, storage_errors
 from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, READABLE_VERSIONS,
-                                     SHARDS, checksum, dequantize_int8, derive_logits, is_int8, shard_arrays)
+                                     SHARDS, checksum, dequantize_int8, derive_logits, is_int8, shard_schema)
 
 
 class FeatureStore:
-    """A read-only view of a feature store (format version 1 or 2)."""
+    """A read-only view of a feature store (any of `READABLE_VERSIONS`)."""
 
     def __init__(self, root: zarr.Group, url: str):
         self.root, self.url = root, url
@@ -84,6 +84,16 @@ class FeatureStore:
             raise GenddError(f"{public_url(self.url)}: keeps {self.logits_mode} logits, not full ones")
         return derive_logits(data["features"], *self.head())
 
+    def teacher_outputs(self, data: dict[str, np.ndarray], row: int, view: int) -> dict[str, np.ndarray]:
+        """What a student trains against from one view of one row of a `read_shard` result, float32: its
+        ``feature`` (D,), and its ``logits`` (C,) where the store keeps them whole (mode full). A derived store's
+        logits are its features through the head, made for a whole batch at once where the student trains; a
+        top-k store's cannot be made whole."""
+        out = {"feature": data["features"][row, view].astype(np.float32)}
+        if "logits" in data:
+            out["logits"] = data["logits"][row, view].astype(np.float32)
+        return out
+
     def shard(self, name: str) -> zarr.Group:
         """One complete feature shard; its arrays are lazy zarr arrays."""
         group = self.root.get(f"{SHARDS}/{name}")
@@ -132,7 +142,7 @@ class FeatureStore:
         n = int(group.attrs["count"])
         sums = dict(group.attrs.get(CHECKSUMS) or {})  # stores written before checksums have none
         data, problems = {}, []
-        for key in shard_arrays(self.manifest):
+        for key, spec in shard_schema(self.manifest).items():
             try:
                 data[key] = group[key][...]
             except KeyError:
@@ -141,7 +151,7 @@ class FeatureStore:
             except Exception as exc:  # a codec or the filesystem failing on damaged bytes
                 problems.append(f"shard {name}: array {key} cannot be read ({str(exc).splitlines()[0][:120]})")
                 continue
-            rows = -(-n // self._rows_per_scale) if key == "feature_scales" else n  # one row of scales per chunk
+            rows = spec.rows(n, self._rows_per_scale)
             if len(data[key]) != rows:
                 problems.append(f"shard {name}: {key} has {len(data[key])} rows, count says {rows}")
             elif verify and key in sums and checksum(data[key]) != sums[key]:

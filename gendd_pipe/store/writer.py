@@ -16,8 +16,10 @@ import numpy as np
 import zarr
 
 from gendd_pipe.errors import GenddError
-from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, SHARDS, Checksum,
-                                     compressor, quantize_int8)
+from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, SHARDS, ArraySpec,
+                                     Checksum, compressor, quantize_int8)
+
+RESUME = "complete shards are kept, re-run to resume"  # what a failed write leaves behind
 
 
 def open_root(url: str, mode: str = "a", storage_options: dict | None = None) -> zarr.Group:
@@ -51,32 +53,32 @@ class ShardWriter:
     Args:
         store: The store's path or URL (its root written by `write_root`).
         name: Feature-shard name.
-        fields: Array name -> (row shape, dtype) of every array of the shard (``str`` for text).
+        schema: The shard's arrays (`gendd_pipe.store.format.shard_schema`). Rows are handed over for every
+            per-sample array, in any float or int dtype, and stored in the schema's; int8 ``features`` are
+            handed over as floats and quantized per chunk (`quantize_int8`), their scales written beside them.
         chunk: Samples per chunk.
         clevel: Blosc compression level.
-        int8_floor: Store ``features`` with the int8 codec (`quantize_int8`, one scale per channel and chunk),
-            refusing a chunk whose lowest round-trip cosine is under this; None keeps them as given.
+        int8_floor: For int8 features, the lowest round-trip cosine a chunk may have (refused under it).
     """
 
-    def __init__(self, store: str, name: str, fields: dict[str, tuple[tuple, object]], chunk: int, clevel: int,
-                 int8_floor: float | None = None):
+    def __init__(self, store: str, name: str, schema: dict[str, ArraySpec], chunk: int, clevel: int,
+                 int8_floor: float = 0.0):
         self.name, self.chunk, self.clevel, self.int8_floor = name, chunk, clevel, int8_floor
-        if int8_floor is not None:
-            width = fields["features"][0][-1]
-            fields = {**fields, "features": (fields["features"][0], np.int8), "feature_scales": ((width,), np.float32)}
+        self.schema = schema
+        self.int8 = schema["features"].dtype == "int8" if "features" in schema else False
         self.group = open_root(f"{store.rstrip('/')}/{SHARDS}/{name}", mode="w")
-        self.arrays = {key: self._create(key, shape, dtype) for key, (shape, dtype) in fields.items()}
-        self.sums = {key: Checksum() for key in fields}
-        self.pending: dict[str, list[np.ndarray]] = {key: [] for key in fields if key != "feature_scales"}
+        self.arrays = {key: self._create(spec) for key, spec in schema.items()}
+        self.sums = {key: Checksum() for key in schema}
+        self.pending: dict[str, list[np.ndarray]] = {key: [] for key, spec in schema.items() if not spec.per_chunk}
         self.buffered, self.cosines = 0, []
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"write-{name}")
         self._writes: list[Future] = []
 
-    def _create(self, key: str, shape: tuple, dtype) -> zarr.Array:
-        if dtype is str:  # variable-length UTF-8, readable by any Zarr v3 implementation
-            return self.group.create_array(key, shape=(0,), dtype=str, chunks=(self.chunk,))
-        rows = 1 if key == "feature_scales" else self.chunk  # one row of scales per chunk of features
-        return self.group.create_array(key, shape=(0, *shape), dtype=dtype, chunks=(rows, *shape),
+    def _create(self, spec: ArraySpec) -> zarr.Array:
+        if spec.dtype == "str":  # variable-length UTF-8, readable by any Zarr v3 implementation
+            return self.group.create_array(spec.name, shape=(0,), dtype=str, chunks=(self.chunk,))
+        rows = 1 if spec.per_chunk else self.chunk  # one row of scales per chunk of features
+        return self.group.create_array(spec.name, shape=(0, *spec.shape), dtype=spec.dtype, chunks=(rows, *spec.shape),
                                        compressors=compressor(self.clevel))
 
     def append(self, rows: dict[str, np.ndarray]) -> None:
@@ -94,7 +96,10 @@ class ShardWriter:
             block[key] = data[:n]
             self.pending[key] = [data[n:]] if len(data) > n else []
         self.buffered -= n
-        if self.int8_floor is not None:
+        for key, data in block.items():
+            if key != "features" or not self.int8:
+                block[key] = data if self.schema[key].dtype == "str" else data.astype(self.schema[key].dtype, copy=False)
+        if self.int8:
             block["features"], scales, cosine = quantize_int8(block["features"])
             block["feature_scales"] = scales[None]  # (1, D)
             self.cosines.append(cosine.ravel())
@@ -122,7 +127,7 @@ class ShardWriter:
                 write.result()
         finally:
             self.close()
-        if self.int8_floor is not None:
+        if self.int8:
             cosine = np.concatenate(self.cosines) if self.cosines else np.ones(1)
             attrs = {**attrs, "int8_cosine": {"min": float(cosine.min()), "mean": float(cosine.mean())}}
         self.group.attrs.update({**attrs, CHECKSUMS: {key: s.hexdigest() for key, s in self.sums.items()}})
