@@ -25,12 +25,12 @@ def recompute(store: FeatureStore, count: int, seed: int = 0, runtime: RuntimeCo
     ``runtime`` defaults to a GPU where there is one, else the CPU, at the store's own precision (fp32 for an
     fp16 store on a machine without a GPU).
     """
-    m = store.manifest
-    t = m["teacher"]
+    manifest = store.manifest
+    t = manifest["teacher"]
     if runtime is None:
         amp = {"fp32": "off", "bf16": "bf16", "fp16": "fp16" if torch.cuda.is_available() else "off"}
-        runtime = RuntimeConfig(amp=amp[m.get("compute", COMPUTE_BEFORE_PRECISION)["precision"]])
-    teacher = create_teacher(TeacherConfig(t["name"], t["weights"], m["preprocessing"]["input_size_override"],
+        runtime = RuntimeConfig(amp=amp[manifest.get("compute", COMPUTE_BEFORE_PRECISION)["precision"]])
+    teacher = create_teacher(TeacherConfig(t["name"], t["weights"], manifest["preprocessing"]["input_size_override"],
                                            t.get("init_seed", 0)), runtime)
     if teacher.weights_sha256 != t["weights_sha256"]:
         raise GenddError(f"{store.url}: teacher weights {t['weights']} now hash to {teacher.weights_sha256[:12]}, "
@@ -42,7 +42,7 @@ def recompute(store: FeatureStore, count: int, seed: int = 0, runtime: RuntimeCo
     for c in chosen:
         by_shard.setdefault(picks[c][0], []).append(picks[c][1])
     dc, records = teacher.data_config, []
-    replay = Replay(m, dc)
+    replay = Replay(manifest, dc)
     for name, rows in by_shard.items():
         group = store.shard(name)
         keys = [str(k) for k in group["keys"][...]]
@@ -55,7 +55,7 @@ def recompute(store: FeatureStore, count: int, seed: int = 0, runtime: RuntimeCo
         for key, row in wanted.items():
             if key not in samples:
                 continue
-            sample, view = samples[key], int(rng.integers(m["views"]["count"]))
+            sample, view = samples[key], int(rng.integers(manifest["views"]["count"]))
             try:
                 pixels = replay.views(sample, {k: a[row] for k, a in arrays.items()}, partners, arrays, [view])
             except ValueError as exc:

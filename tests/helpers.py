@@ -47,3 +47,15 @@ def write_shard(store: str, name: str, arrays: dict[str, np.ndarray], attrs: dic
         return writer.commit(attrs)
     finally:
         writer.close()
+
+
+def per_row_net(net, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """GenDD's denoiser in its plain form, every row's whole condition computed from its own timestep, student
+    condition and token position (the form the head's cached conditions must equal)."""
+    c = net.time_embed(t) + net.cond_embed(cond) + net.pos_embed(pos)
+    h = net.input_proj(x)
+    for block in net.blocks:
+        shift, scale, gate = block.modulation(c).chunk(3, dim=-1)
+        h = h + gate * block.mlp(block.norm(h) * (1 + scale) + shift)
+    shift, scale = net.final_modulation(c).chunk(2, dim=-1)
+    return net.final_linear(net.final_norm(h) * (1 + scale) + shift)

@@ -10,6 +10,7 @@ from gendd_pipe.distill.methods.gendd import GenddConfig
 from gendd_pipe.models.diffusion import GaussianDiffusion
 from gendd_pipe.models.gendd_head import DiffusionHead, HeadConfig, SamplingConfig
 from gendd_pipe.models.student import StudentConfig, create_student
+from tests.helpers import per_row_net
 
 SMALL = HeadConfig(depth=2, width=64, token_dim=4, diffusion_batch_mul=3)
 
@@ -29,11 +30,12 @@ def test_split_tokenization_shapes_and_positions():
 def test_head_starts_as_the_identity_and_its_loss_is_the_noise_energy():
     torch.manual_seed(0)
     head = DiffusionHead(64, 8, HeadConfig(depth=2, width=32, token_dim=16, diffusion_batch_mul=50))
-    out = head.net(torch.randn(5, 16), torch.tensor([0, 10, 100, 500, 999]), torch.randn(5, 8), torch.arange(5) % 4)
+    out = per_row_net(head.net, torch.randn(5, 16), torch.tensor([0, 10, 100, 500, 999]), torch.randn(5, 8),
+                      torch.arange(5) % 4)
     assert torch.count_nonzero(out) == 0  # zero-initialised output layer
     tokens, conds, pos = head.tokenize(torch.randn(400, 64), torch.randn(400, 8))
     t = torch.randint(0, 1000, (tokens.shape[0],))
-    parts = head.train_diffusion.training_losses(lambda x, ts: head.net(x, ts, conds, pos), tokens, t)
+    parts = head.train_diffusion.training_losses(lambda x, ts: per_row_net(head.net, x, ts, conds, pos), tokens, t)
     assert parts["mse"].mean().item() == pytest.approx(1.0, abs=0.05)  # predicting eps = 0 costs E[eps^2] = 1
     assert head(torch.randn(32, 64), torch.randn(32, 8)).item() > parts["mse"].mean().item() - 0.1  # plus vb
 
@@ -108,25 +110,13 @@ def test_stage1_trains_into_the_frozen_teacher_classifier():
     assert set(method.loss(batch, epoch=2)) == {"loss", "diffusion", "ce"}
 
 
-def _per_row_net(net, x, t, cond, pos):
-    """The head's network in its plain form: every row's whole condition, each block's modulation its own
-    matmul (the form the fused `SimpleMLPAdaLN.denoise` must equal)."""
-    c = net.time_embed(t) + net.cond_embed(cond) + net.pos_embed(pos)
-    h = net.input_proj(x)
-    for block in net.blocks:
-        shift, scale, gate = block.modulation(c).chunk(3, dim=-1)
-        h = h + gate * block.mlp(block.norm(h) * (1 + scale) + shift)
-    shift, scale = net.final_modulation(c).chunk(2, dim=-1)
-    return net.final_linear(net.final_norm(h) * (1 + scale) + shift)
-
-
 def _per_row_loss(head, target, cond):
     tokens, conds, pos = head.tokenize(target, cond)
-    m = head.cfg.diffusion_batch_mul
-    tokens, conds, pos = tokens.repeat(m, 1), conds.repeat(m, 1), pos.repeat(m)
-    conds = conds * (torch.rand(conds.shape[0], 1) >= head.cfg.cond_drop).to(conds.dtype)
+    copies = head.config.diffusion_batch_mul
+    tokens, conds, pos = tokens.repeat(copies, 1), conds.repeat(copies, 1), pos.repeat(copies)
+    conds = conds * (torch.rand(conds.shape[0], 1) >= head.config.cond_drop).to(conds.dtype)
     t = torch.randint(0, head.train_diffusion.num_timesteps, (tokens.shape[0],))
-    net = lambda x, ts: _per_row_net(head.net, x, ts, conds, pos)  # noqa: E731
+    net = lambda x, ts: per_row_net(head.net, x, ts, conds, pos)  # noqa: E731
     return head.train_diffusion.training_losses(net, tokens, t)["loss"].mean()
 
 
@@ -135,21 +125,21 @@ def _per_row_sample(head, cond, sampling):
 
     def model(x, t):
         if sampling.cfg == 1.0:
-            return _per_row_net(head.net, x, t, conds, pos)
-        both = _per_row_net(head.net, torch.cat([x, x]), torch.cat([t, t]),
+            return per_row_net(head.net, x, t, conds, pos)
+        both = per_row_net(head.net, torch.cat([x, x]), torch.cat([t, t]),
                             torch.cat([conds, torch.zeros_like(conds)]), torch.cat([pos, pos]))
         (eps_c, var_c), (eps_u, _) = (half.chunk(2, dim=-1) for half in both.chunk(2))
         return torch.cat([eps_u + sampling.cfg * (eps_c - eps_u), var_c], dim=-1)
 
-    diffusion = GaussianDiffusion.respaced(head.cfg.train_steps, sampling.sampling_steps)
-    noise = torch.randn(conds.shape[0], head.cfg.token_dim)
+    diffusion = GaussianDiffusion.respaced(head.config.train_steps, sampling.sampling_steps)
+    noise = torch.randn(conds.shape[0], head.config.token_dim)
     if sampling.sampler == "ddim":
         return diffusion.ddim_sample_loop(model, noise).reshape(cond.shape[0], -1)
     return diffusion.p_sample_loop(model, noise, sampling.temperature).reshape(cond.shape[0], -1)
 
 
 @pytest.mark.parametrize("batch", [4, 40])  # 120 rows, and 1200: more than the 1000 timesteps (a looked-up table)
-def test_the_fused_head_equals_the_per_row_form_on_the_same_seeds(batch):
+def test_the_head_with_cached_conditions_equals_the_per_row_form_on_the_same_seeds(batch):
     torch.manual_seed(0)
     head = DiffusionHead(12, 5, HeadConfig(depth=2, width=48, token_dim=4, diffusion_batch_mul=10))
     for p in head.parameters():  # away from the zero start, so that every part of the network counts

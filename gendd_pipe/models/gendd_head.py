@@ -69,8 +69,8 @@ class TimestepEmbedder(nn.Module):
 
 
 class AdaLNBlock(nn.Module):
-    """x + gate * MLP(modulate(LN(x), shift, scale)); shift, scale and gate come from the condition through
-    ``modulation``, which `SimpleMLPAdaLN` runs for every block at once."""
+    """x + gate * MLP(modulate(LN(x), shift, scale)), its shift, scale and gate made from the condition by its
+    own (zero-initialised) modulation, so that it starts as the identity."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -78,19 +78,19 @@ class AdaLNBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.modulation(c).chunk(3, dim=-1)  # 3 x (N, W)
         return x + gate * self.mlp(modulate(self.norm(x), shift, scale))  # (N, W)
 
 
 class SimpleMLPAdaLN(nn.Module):
-    """The denoiser: noisy token, timestep, condition and token position -> epsilon and variance.
+    """The denoiser: noisy tokens, the timestep and the condition (student feature and token position) ->
+    epsilon and the variance interpolation.
 
-    The condition of a row is ``time_embed(t) + cond_embed(cond) + pos_embed(pos)``. Its time-free part
-    (`condition`) depends only on the sample and the token, so a caller computes it once per (sample, token)
-    and reuses it over the ``diffusion_batch_mul`` copies and every sampling step (`denoise`); the time part
-    runs once per distinct timestep (`embed_time`). Every block's modulation and the final one are a single
-    matmul on ``SiLU(c)`` (their weights concatenated, the parameters kept per block): the maths of the
-    per-block form, fewer and larger kernels.
+    A row's condition is ``time_embed(t) + cond_embed(cond) + pos_embed(pos)``. Its time-free part
+    (`condition`) depends only on the sample and the token, so the head computes it once per (sample, token)
+    and reuses it over the ``diffusion_batch_mul`` copies and every sampling step; the time part
+    (`embed_time`) runs once per distinct timestep.
 
     Args:
         in_channels: token dimension.
@@ -122,16 +122,22 @@ class SimpleMLPAdaLN(nn.Module):
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
         nn.init.normal_(self.pos_embed.weight, std=1.0)  # N(0, 1): nn.Embedding's own, as the official head has it
         # zero modulation and output: every block starts as the identity and the output as 0
-        for linear in [*self._modulations(), self.final_linear]:
+        for linear in [*(b.modulation[-1] for b in self.blocks), self.final_modulation[-1], self.final_linear]:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def _modulations(self) -> list[nn.Linear]:
-        return [b.modulation[-1] for b in self.blocks] + [self.final_modulation[-1]]
-
-    def condition(self, cond: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """The time-free part of the condition, (N, W), of conditions (N, Dc) at token positions (N,)."""
-        return self.cond_embed(cond) + self.pos_embed(pos)
+    def condition(self, cond: torch.Tensor, copies: int = 1, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The time-free part of the condition of every token of conditions (B, Dc): (copies * B * T, W), row
+        ``k*B*T + b*T + j`` for token ``j`` of sample ``b`` (Split Tokenization's order, `copies` times over).
+        Rows where ``keep`` (N, 1) is False have the condition dropped (classifier-free guidance: the zero
+        vector's embedding, ``cond_embed``'s bias)."""
+        b, tokens = cond.shape[0], self.pos_embed.num_embeddings
+        pos = self.pos_embed.weight  # (T, W)
+        full = (self.cond_embed(cond)[:, None] + pos[None]).reshape(b * tokens, -1).repeat(copies, 1)  # (N, W)
+        if keep is None:
+            return full
+        dropped = (self.cond_embed.bias + pos).repeat(copies * b, 1)  # (N, W)
+        return torch.where(keep, full, dropped)
 
     def embed_time(self, t: torch.Tensor, steps: int | None = None) -> torch.Tensor:
         """The time part of the condition, (N, W), of timesteps (N,); with ``steps`` (the timesteps lie in
@@ -140,23 +146,15 @@ class SimpleMLPAdaLN(nn.Module):
             return self.time_embed(torch.arange(steps, device=t.device))[t]
         return self.time_embed(t)
 
-    def denoise(self, x: torch.Tensor, time: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, time: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """The output (N, 2C) for noisy tokens (N, C), given the condition's time part (N or 1, W) and its
         time-free part (N, W)."""
-        c = time + static  # (N, W)
-        weights = self._modulations()
-        mods = nn.functional.linear(nn.functional.silu(c), torch.cat([m.weight for m in weights]),
-                                    torch.cat([m.bias for m in weights]))  # (N, (3 * depth + 2) * W)
-        *blocks, final = mods.split([m.out_features for m in weights], dim=-1)
+        c = time + condition  # (N, W)
         h = self.input_proj(x)  # (N, W)
-        for block, mod in zip(self.blocks, blocks):
-            h = block(h, *mod.chunk(3, dim=-1))  # (N, W)
-        shift, scale = final.chunk(2, dim=-1)  # 2 x (N, W)
+        for block in self.blocks:
+            h = block(h, c)  # (N, W)
+        shift, scale = self.final_modulation(c).chunk(2, dim=-1)  # 2 x (N, W)
         return self.final_linear(modulate(self.final_norm(h), shift, scale))  # (N, 2C)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """The output (N, 2C) for noisy tokens (N, C) at timesteps (N,), conditions (N, Dc), positions (N,)."""
-        return self.denoise(x, self.embed_time(t), self.condition(cond, pos))
 
 
 @lru_cache(maxsize=16)
@@ -168,19 +166,19 @@ class DiffusionHead(nn.Module):
     """Learns p(teacher feature | student feature) token by token; samples features from it.
 
     Args:
-        target_dim: teacher feature dimension D (divisible by ``cfg.token_dim``).
+        target_dim: teacher feature dimension D (divisible by ``config.token_dim``).
         cond_dim: condition dimension (the student feature after its LayerNorm projector).
-        cfg: `HeadConfig`.
+        config: `HeadConfig`.
     """
 
-    def __init__(self, target_dim: int, cond_dim: int, cfg: HeadConfig):
+    def __init__(self, target_dim: int, cond_dim: int, config: HeadConfig):
         super().__init__()
-        if target_dim % cfg.token_dim:
-            raise ValueError(f"teacher feature dim {target_dim} is not divisible by token_dim {cfg.token_dim}")
-        self.cfg, self.target_dim = cfg, target_dim
-        self.num_tokens = target_dim // cfg.token_dim
-        self.net = SimpleMLPAdaLN(cfg.token_dim, cfg.width, cond_dim, cfg.depth, self.num_tokens)
-        self.train_diffusion = GaussianDiffusion.cosine(cfg.train_steps)
+        if target_dim % config.token_dim:
+            raise ValueError(f"teacher feature dim {target_dim} is not divisible by token_dim {config.token_dim}")
+        self.config, self.target_dim = config, target_dim
+        self.num_tokens = target_dim // config.token_dim
+        self.net = SimpleMLPAdaLN(config.token_dim, config.width, cond_dim, config.depth, self.num_tokens)
+        self.train_diffusion = GaussianDiffusion.cosine(config.train_steps)
 
     def tokenize(self, target: torch.Tensor, cond: torch.Tensor):
         """Split Tokenization: (B, D) targets and (B, Dc) conditions -> one row per token.
@@ -189,55 +187,44 @@ class DiffusionHead(nn.Module):
         ``b * T + j`` holding token ``j`` (dims ``j*token_dim .. (j+1)*token_dim``) of sample ``b``.
         """
         b, t = target.shape[0], self.num_tokens
-        tokens = target.reshape(b * t, self.cfg.token_dim)  # (B*T, C)
+        tokens = target.reshape(b * t, self.config.token_dim)  # (B*T, C)
         conds = cond.repeat_interleave(t, dim=0)  # (B*T, Dc)
         pos = torch.arange(t, device=target.device).repeat(b)  # (B*T,)
         return tokens, conds, pos
 
-    def _static(self, cond: torch.Tensor, copies: int, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """The time-free condition of the rows ``copies x B x T`` (row ``k*B*T + b*T + j``: token ``j`` of sample
-        ``b``), computed once per (sample, token); rows where ``keep`` (N, 1) is False get a dropped condition
-        (the zero vector's: ``cond_embed``'s bias)."""
-        b, pos = cond.shape[0], self.net.pos_embed.weight  # (T, W)
-        full = (self.net.cond_embed(cond)[:, None] + pos[None]).reshape(b * self.num_tokens, -1).repeat(copies, 1)
-        if keep is None:
-            return full  # (N, W)
-        dropped = (self.net.cond_embed.bias + pos).repeat(copies * b, 1)  # (N, W)
-        return torch.where(keep, full, dropped)
-
     def forward(self, target: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The diffusion loss of teacher features ``target`` (B, D) given conditions ``cond`` (B, Dc)."""
-        m = self.cfg.diffusion_batch_mul
-        tokens = target.reshape(-1, self.cfg.token_dim).repeat(m, 1)  # (M*B*T, C), rows as in `tokenize`
+        copies = self.config.diffusion_batch_mul
+        tokens = target.reshape(-1, self.config.token_dim).repeat(copies, 1)  # (M*B*T, C), rows as in `tokenize`
         n = tokens.shape[0]
-        keep = torch.rand(n, 1, device=cond.device) >= self.cfg.cond_drop  # a dropped condition: the zero vector
+        keep = torch.rand(n, 1, device=cond.device) >= self.config.cond_drop  # a dropped condition: the zero vector
         t = torch.randint(0, self.train_diffusion.num_timesteps, (n,), device=tokens.device)
-        static = self._static(cond, m, keep)  # (N, W)
+        condition = self.net.condition(cond, copies, keep)  # (N, W)
         time = self.net.embed_time(t, self.train_diffusion.num_timesteps)  # (N, W)
         diffusion = self.train_diffusion.to(tokens.device)
-        losses = diffusion.training_losses(lambda x, ts: self.net.denoise(x, time, static), tokens, t)
+        losses = diffusion.training_losses(lambda x, ts: self.net(x, time, condition), tokens, t)
         return losses["loss"].mean()
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, sampling: SamplingConfig = SamplingConfig()) -> torch.Tensor:
         """Sample teacher features (B, D) for conditions (B, Dc), one draw each (``sampling.samples`` is the
         caller's)."""
-        scale, b = sampling.cfg, cond.shape[0]
-        static = self._static(cond, 1)  # (B*T, W), once for every step
+        scale, b = sampling.cfg, cond.shape[0]  # (the guidance scale keeps its official name, cfg)
+        condition = self.net.condition(cond)  # (B*T, W), once for every step
         if scale != 1.0:  # conditioned rows, then unconditioned ones
-            static = torch.cat([static, self._static(cond, 1, torch.zeros(b * self.num_tokens, 1, dtype=torch.bool,
-                                                                            device=cond.device))])
+            dropped = torch.zeros(b * self.num_tokens, 1, dtype=torch.bool, device=cond.device)
+            condition = torch.cat([condition, self.net.condition(cond, 1, dropped)])
 
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             time = self.net.embed_time(t[:1])  # (1, W): the samplers step every row at one timestep
             if scale == 1.0:
-                return self.net.denoise(x, time, static)
-            both = self.net.denoise(torch.cat([x, x]), time, static)  # (2N, 2C)
+                return self.net(x, time, condition)
+            both = self.net(torch.cat([x, x]), time, condition)  # (2N, 2C)
             (eps_c, var_c), (eps_u, _) = (half.chunk(2, dim=-1) for half in both.chunk(2))
             return torch.cat([eps_u + scale * (eps_c - eps_u), var_c], dim=-1)  # (N, 2C)
 
-        diffusion = _sampling_diffusion(self.cfg.train_steps, sampling.sampling_steps, str(cond.device))
-        noise = torch.randn(b * self.num_tokens, self.cfg.token_dim, device=cond.device)  # float32 under autocast too
+        diffusion = _sampling_diffusion(self.config.train_steps, sampling.sampling_steps, str(cond.device))
+        noise = torch.randn(b * self.num_tokens, self.config.token_dim, device=cond.device)  # float32 under autocast too
         if sampling.sampler == "ddim":
             tokens = diffusion.ddim_sample_loop(model, noise)
         else:

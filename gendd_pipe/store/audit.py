@@ -17,8 +17,8 @@ from gendd_pipe.store.reader import FeatureStore
 
 def summarize(store: FeatureStore) -> dict:
     """Manifest summary plus sizes: bytes on disk and compression against raw fp32."""
-    m = store.manifest
-    schema = shard_schema(m)
+    manifest = store.manifest
+    schema = shard_schema(manifest)
     stored = raw = payload_stored = samples = 0
     for name in store.shard_names:
         group = store.shard(name)
@@ -31,24 +31,24 @@ def summarize(store: FeatureStore) -> dict:
                 raw += array.size * 4
             if spec is not None and (spec.payload or spec.per_chunk):  # per chunk: the int8 features' scales
                 payload_stored += size
-    views = samples * m["views"]["count"]
+    views = samples * manifest["views"]["count"]
     return {
         "store": store.url,
-        "teacher": m["teacher"],
-        "preprocessing": m["preprocessing"],
-        "views": m["views"],
-        "logits": m["logits"],
-        "compute": m.get("compute", COMPUTE_BEFORE_PRECISION),
-        "storage": {"features_dtype": "float16", **m.get("storage", {})},
-        **({"int8_cosine": m["int8_cosine"]} if "int8_cosine" in m else {}),
+        "teacher": manifest["teacher"],
+        "preprocessing": manifest["preprocessing"],
+        "views": manifest["views"],
+        "logits": manifest["logits"],
+        "compute": manifest.get("compute", COMPUTE_BEFORE_PRECISION),
+        "storage": {"features_dtype": "float16", **manifest.get("storage", {})},
+        **({"int8_cosine": manifest["int8_cosine"]} if "int8_cosine" in manifest else {}),
         "shards": len(store.shard_names),
         "samples": samples,
-        "skipped": len(m["skipped"]),
+        "skipped": len(manifest["skipped"]),
         "bytes_stored": stored,
         "bytes_per_view": stored / views if views else 0.0,
         "raw_fp32_bytes": raw,
         "compression_ratio": raw / payload_stored if payload_stored else 0.0,
-        "tool_version": m["tool_version"],
+        "tool_version": manifest["tool_version"],
     }
 
 

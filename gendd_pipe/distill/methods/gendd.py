@@ -127,11 +127,11 @@ class GenDD(Method):
         cond = self.projector(features)  # (B, Ds)
         target = self.contract(batch["feature"], label_of(batch))  # (B, D)
         if self.options.mixup > 0:
-            m = torch.distributions.Beta(self.options.mixup, self.options.mixup).sample()  # 0-d, on the CPU (the
+            lam = torch.distributions.Beta(self.options.mixup, self.options.mixup).sample()  # 0-d, on the CPU (the
             # generator the draws have always come from); a tensor, so a compiled step neither syncs nor breaks
             perm = torch.randperm(cond.shape[0], device=cond.device)
-            cond = m * cond + (1 - m) * cond[perm]  # (B, Ds)
-            target = m * target + (1 - m) * target[perm]  # (B, D)
+            cond = lam * cond + (1 - lam) * cond[perm]  # (B, Ds)
+            target = lam * target + (1 - lam) * target[perm]  # (B, D)
         diffusion = self.diffusion(target, cond)
         ce = self.ce(logits, batch)
         return {"loss": diffusion + self.options.ce_weight * ce, "diffusion": diffusion, "ce": ce}
