@@ -48,7 +48,9 @@ def redact(data):
     return data
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` whole or not at all: a local file through a temporary file and a rename, an object in one
+    PUT."""
     if "://" in path:  # object stores: one PUT is atomic
         with fsspec.open(path, "w") as f:
             f.write(text)
@@ -61,11 +63,11 @@ def _write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, data) -> None:
-    _write_text(path, json.dumps(redact(data), indent=2, default=str) + "\n")
+    write_text(path, json.dumps(redact(data), indent=2, default=str) + "\n")
 
 
 def write_yaml(path: str, data) -> None:
-    _write_text(path, dump_yaml(redact(data)))
+    write_text(path, dump_yaml(redact(data)))
 
 
 class _Dumper(yaml.SafeDumper):

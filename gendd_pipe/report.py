@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from gendd_pipe.config import OutputDir, configclass, to_dict  # noqa: E402
-from gendd_pipe.files import write_yaml  # noqa: E402
+from gendd_pipe.files import write_json, write_text, write_yaml  # noqa: E402
 from gendd_pipe.layout import config_beside, eval_result, run_dir, run_metrics  # noqa: E402
 from gendd_pipe.metrics import read_epochs  # noqa: E402
 
@@ -137,10 +137,8 @@ def write_report(data: dict, out: str) -> str:
     """Write results.md, results.json, accuracy.png and comparison.png to ``out``; returns the table."""
     os.makedirs(out, exist_ok=True)
     table = markdown(data)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(data, f, indent=2)
+    write_text(os.path.join(out, "results.md"), table)
+    write_json(os.path.join(out, "results.json"), data)
     plot_curves(data, os.path.join(out, "accuracy.png"))
     plot_comparison(data, os.path.join(out, "comparison.png"))
     return table

@@ -10,7 +10,6 @@ same inputs always give byte-identical shards (and stable DVC hashes).
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from pydantic import Field
 from gendd_pipe.config import NonNegativeInt, OutputDir, PositiveInt, configclass, narrow, to_dict
 from gendd_pipe.data.shards import IMAGE_EXTENSIONS
 from gendd_pipe.errors import GenddError
-from gendd_pipe.files import write_yaml
+from gendd_pipe.files import write_json, write_yaml
 from gendd_pipe.layout import config_beside
 
 log = logging.getLogger(__name__)
@@ -119,8 +118,7 @@ def prepare(records: list[Record], classes: list[str], out: str, cfg: PrepareCon
     for split, idx in (("train", train), ("val", val)):
         paths = write_shards([records[i] for i in idx], out, split, cfg.shard_size)
         summary[split] = {"samples": len(idx), "shards": [os.path.basename(p) for p in paths]}
-    with open(os.path.join(out, "prepare.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(out, "prepare.json"), summary)
     return summary
 
 

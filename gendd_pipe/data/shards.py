@@ -81,17 +81,16 @@ class Skipped:
 
 
 def expand_urls(patterns: list[str] | tuple[str, ...]) -> list[str]:
-    """Brace-expand patterns, glob local paths and URLs (``*`` ``?`` ``[...]``), and return absolute local paths
-    or URLs."""
+    """Brace-expand patterns, glob local paths and URLs alike through fsspec (``*`` ``?`` ``[...]``), and return
+    absolute local paths or URLs."""
     urls: list[str] = []
     for pattern in patterns:
         for url in braceexpand.braceexpand(pattern):
-            if "://" not in url:
-                matches = [os.path.abspath(m) for m in (sorted(glob.glob(url)) if glob.has_magic(url) else [url])]
-            elif glob.has_magic(url.split("://", 1)[1]) and not url.startswith(("http://", "https://")):
-                matches = _remote_glob(url)  # (over HTTP a '?' starts the query string)
+            remote = "://" in url
+            if glob.has_magic(url.split("://", 1)[-1]) and not url.startswith(("http://", "https://")):
+                matches = _glob(url)  # (over HTTP a '?' starts the query string)
             else:
-                matches = [url]
+                matches = [url if remote else os.path.abspath(url)]
             if not matches:
                 raise GenddError(f"{public_url(url)}: no shard matches this pattern")
             urls.extend(matches)
@@ -100,11 +99,12 @@ def expand_urls(patterns: list[str] | tuple[str, ...]) -> list[str]:
     return urls
 
 
-def _remote_glob(url: str) -> list[str]:
-    """The URLs a wildcard URL (``s3://bucket/train-*.tar``) matches, sorted."""
+def _glob(url: str) -> list[str]:
+    """The paths or URLs a wildcard path or URL (``s3://bucket/train-*.tar``) matches, sorted."""
     with storage_errors(url, "list the shards"):
         fs, path = fsspec.core.url_to_fs(url)
-        return [fs.unstrip_protocol(p) for p in sorted(fs.glob(path))]
+        found = sorted(fs.glob(path))
+        return [fs.unstrip_protocol(p) for p in found] if "://" in url else [os.path.abspath(p) for p in found]
 
 
 def shard_name(url: str) -> str:

@@ -1,1 +1,2 @@
-"""The feature store, format version 1: a Zarr v3 group of per-shard teacher features."""
+"""The feature store: a Zarr v3 group of per-shard teacher features (`format`: versions, names and the shard schema;
+`writer`, `reader`, `lease`, `audit`)."""
