@@ -3,15 +3,18 @@
 A thin front end over the code the DVC stages run. A stage command reads the
 recipe (``--config params.yaml``; none: the defaults), applies ``--set
 KEY.PATH=VALUE`` overrides, then its typed options, validates the stage's
-section and calls the stage's ``run_stage``: ``gendd-pipe distill --config F
---run R`` runs what ``dvc repro`` runs for ``distill@R``. Each typed option
-names the key it sets (`Key`), and a test checks every key against the schema.
-Method settings have no typed options: ``--set distill.common.gendd.head.width=256``.
-Errors a user can cause print one line and exit 1.
+section and calls the stage's ``run_stage`` (`recipe.stage_runner`):
+``gendd-pipe distill --config F --run R`` runs what ``dvc repro`` runs for
+``distill@R``. A typed option is declared by the schema key it sets and its
+help (`option`); its type and the default its help shows are the schema's,
+filled in when the command is registered (`stage_command`). Method settings
+have no typed options: ``--set distill.common.gendd.head.width=256``. Errors a
+user can cause print one line and exit 1 (`errors.one_line_errors`).
 """
 
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import os
@@ -23,28 +26,20 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
-from gendd_pipe.config import RUN_NAME, ConfigError, default_of, join_key, parse, set_key, to_dict
-from gendd_pipe.data import prepare as prepare_stage
-from gendd_pipe.distill import evaluate as evaluate_stage
-from gendd_pipe.distill import probe as probes_stage
-from gendd_pipe.distill import stage as distill_stage
+from gendd_pipe.config import RUN_NAME, ConfigError, default_of, join_key, parse, set_key, to_dict, type_at
 from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.distill.methods import method_names
-from gendd_pipe.errors import GenddError, user_message
-from gendd_pipe import extract as extract_stage
-from gendd_pipe import finetune as teacher_stage
+from gendd_pipe.errors import GenddError, one_line_errors
 from gendd_pipe.files import dump_yaml, redact
 from gendd_pipe.logs import setup_logging
-from gendd_pipe import report as report_stage
-from gendd_pipe.recipe import SECTIONS, load_params, section, section_class
+from gendd_pipe.recipe import SECTIONS, load_params, section, section_class, stage_runner
 from gendd_pipe.runtime import RuntimeConfig
 from gendd_pipe.storage import configure, parse_options, urls_in
 from gendd_pipe.store.audit import summarize
-from gendd_pipe.verify import verify
 from gendd_pipe.store.format import logits_spec, renderer_of
 from gendd_pipe.store.reader import FeatureStore
+from gendd_pipe.verify import verify
 
 app = typer.Typer(help="Offline teacher-feature cache and GenDD distillation.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -56,32 +51,75 @@ log = logging.getLogger("gendd_pipe.cli")
 
 @dataclasses.dataclass(frozen=True)
 class Key:
-    """The key(s) a typed option sets under its command's section; ``run=True``: under ``distill.runs.RUN``."""
+    """A typed option: the key(s) it sets under its command's section (``run``: under ``distill.runs.RUN``),
+    its help, its flags (default: from the parameter's name), ``convert`` for a value given as text (LOW,HIGH),
+    and whether it is the command's argument."""
 
     paths: tuple[str, ...]
+    help: str
+    flags: tuple[str, ...] = ()
     run: bool = False
     convert: Callable | None = None
-
-    def __init__(self, *paths: str, run: bool = False, convert: Callable | None = None):
-        object.__setattr__(self, "paths", paths)
-        object.__setattr__(self, "run", run)
-        object.__setattr__(self, "convert", convert)
+    argument: bool = False
 
 
-def user_errors(command):
-    """Turn a `GenddError`, or a filesystem refusing a write (full, read-only, not a directory), into
-    ``error: ...`` on stderr and exit code 1, without a traceback."""
+def option(*paths: str, help: str, flags: tuple[str, ...] = (), run: bool = False, convert: Callable | None = None,
+           argument: bool = False) -> Key:
+    """A typed option setting ``paths``, given as a command parameter's default; `stage_command` makes it a typer
+    option of the schema's type, defaulting to None (unset: the recipe's value stands)."""
+    return Key(paths, help, flags, run, convert, argument)
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (GenddError, OSError) as exc:
-            Console(stderr=True).print(Text.assemble(("error:", "red"), " ", user_message(exc)), highlight=False,
-                                       soft_wrap=True)
-            raise typer.Exit(1) from None
 
-    return wrapper
+def _cli_type(hint) -> type:
+    """What typer parses for a schema type: its scalar, a list of text for a list, text for anything else."""
+    if typing.get_origin(hint) is typing.Literal:
+        return type(typing.get_args(hint)[0])
+    if typing.get_origin(hint) in (list, tuple):
+        return list[str]
+    return hint if hint in (bool, int, float, str) else str
+
+
+def _shown(default) -> str | bool:
+    if default is dataclasses.MISSING or default is None:
+        return False
+    return ",".join(f"{v:g}" for v in default) if isinstance(default, list) else str(default)
+
+
+def option_schema(command: str, key: Key) -> type:
+    """The config class a typed option of ``command`` sets its keys in."""
+    return DistillConfig if key.run else section_class(command)
+
+
+def stage_command(name: str, app: typer.Typer = app):
+    """Register a command named ``name``: each `option` parameter becomes a typer option (or argument) of the
+    schema's type for its key, showing the schema's default; errors a user can cause are one line."""
+
+    def register(command):
+        signature = inspect.signature(command)
+        parameters = []
+        for param in signature.parameters.values():
+            key = param.default if isinstance(param.default, Key) else None
+            if key is not None:
+                schema = option_schema(name, key)
+                kind = str if key.convert else _cli_type(type_at(schema, tuple(key.paths[0].split("."))))
+                info = (typer.Argument(help=key.help) if key.argument else
+                        typer.Option(*key.flags, help=key.help, show_default=_shown(default_of(schema, key.paths[0]))))
+                param = param.replace(annotation=Annotated[Optional[kind], info, key], default=None)
+            parameters.append(param)
+
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            with one_line_errors():
+                return command(*args, **kwargs)
+
+        run.__signature__ = signature.replace(parameters=parameters)
+        return app.command(name)(run)
+
+    return register
+
+
+def _key(annotation) -> Key | None:
+    return next((m for m in getattr(annotation, "__metadata__", ()) if isinstance(m, Key)), None)
 
 
 def _pair(text: str) -> list[float]:
@@ -94,9 +132,8 @@ def _pair(text: str) -> list[float]:
 
 def keyed_options(command) -> dict[str, Key]:
     """Parameter name -> `Key` of a command's typed options."""
-    hints = typing.get_type_hints(command, include_extras=True)
-    return {name: meta for name, hint in hints.items() for meta in getattr(hint, "__metadata__", ())
-            if isinstance(meta, Key)}
+    return {name: key for name, param in inspect.signature(command).parameters.items()
+            if (key := _key(param.annotation)) is not None}  # (the registered command's signature)
 
 
 def _pick_run(params: dict, given: str | None, default: str | None) -> str:
@@ -157,39 +194,31 @@ StorageOptions = Annotated[Optional[list[str]], typer.Option(
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only (no progress).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug messages as well.")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in its output directory from its last checkpoint.")]
-Shards = Annotated[Optional[list[str]], typer.Option(help="Train image shards (repeatable; patterns or URLs)."),
-                   Key("shards")]
-ValShards = Annotated[Optional[list[str]], typer.Option(help="Val image shards (repeatable)."), Key("val_shards")]
-Store = Annotated[Optional[str], typer.Option(help="Feature store path or URL."), Key("store")]
-NumWorkers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: sized to the cores)."),
-                      Key("num_workers")]
-TeacherName = Annotated[Optional[str], typer.Option(
-    "--teacher", help="timm name: resnet50, resnet50.a1_in1k, hf-hub:org/model."), Key("teacher.name")]
-Weights = Annotated[Optional[str], typer.Option(help="none | bundled:efficientnet-lite0 | pretrained | PATH."),
-                    Key("teacher.weights")]
-TeacherSize = Annotated[Optional[int], typer.Option("--input-size", help="Square input size override (recorded)."),
-                        Key("teacher.input_size")]
-ViewScale = Annotated[Optional[str], typer.Option(help="Random-resized-crop area range, LOW,HIGH."),
-                      Key("views.scale", convert=_pair)]
-ViewRatio = Annotated[Optional[str], typer.Option(help="Random-resized-crop aspect range, LOW,HIGH."),
-                      Key("views.ratio", convert=_pair)]
-Hflip = Annotated[Optional[float], typer.Option(help="Horizontal flip probability."), Key("views.hflip")]
-Renderer = Annotated[Optional[str], typer.Option(
-    help="How pixels are cut from views: pil | tensor (torchvision; decodes and resizes on the GPU when there is "
-         "one). Recorded in the store; students render alike."), Key("views.renderer")]
+
+Shards = option("shards", help="Train image shards (repeatable; patterns or URLs).")
+ValShards = option("val_shards", help="Val image shards (repeatable).")
+Store = option("store", help="Feature store path or URL.")
+NumWorkers = option("num_workers", help="DataLoader worker processes (default: sized to the cores).")
+BatchSize = option("batch_size", help="Images per batch.")
+TeacherName = option("teacher.name", help="timm name: resnet50, resnet50.a1_in1k, hf-hub:org/model.",
+                     flags=("--teacher",))
+Weights = option("teacher.weights", help="none | bundled:efficientnet-lite0 | pretrained | PATH.")
+TeacherSize = option("teacher.input_size", help="Square input size override (recorded).", flags=("--input-size",))
+ViewScale = option("views.scale", help="Random-resized-crop area range, LOW,HIGH.", convert=_pair)
+ViewRatio = option("views.ratio", help="Random-resized-crop aspect range, LOW,HIGH.", convert=_pair)
+Hflip = option("views.hflip", help="Horizontal flip probability.")
+Renderer = option("views.renderer", help="How pixels are cut from views: pil | tensor (torchvision; one decode per "
+                                         "image). Recorded in the store; students render alike.")
 
 
 def _runtime_options(run: bool = False):
     """The ``--device --amp --channels-last --compile`` options, setting ``runtime.*`` (of the run with ``run``)."""
     return (
-        Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (auto: a GPU when there is one)."),
-                  Key("runtime.device", run=run)],
-        Annotated[Optional[str], typer.Option(help="Autocast precision: off | bf16 | fp16 (fp16 needs a GPU)."),
-                  Key("runtime.amp", run=run)],
-        Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="NHWC models and inputs."),
-                  Key("runtime.channels_last", run=run)],
-        Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the network."),
-                  Key("runtime.compile", run=run)],
+        option("runtime.device", help="auto | cpu | cuda | cuda:N (auto: a GPU when there is one).", run=run),
+        option("runtime.amp", help="Autocast precision: off | bf16 | fp16 (fp16 needs a GPU).", run=run),
+        option("runtime.channels_last", help="NHWC models and inputs.", flags=("--channels-last/--no-channels-last",),
+               run=run),
+        option("runtime.compile", help="torch.compile the network.", flags=("--compile/--no-compile",), run=run),
     )
 
 
@@ -197,106 +226,82 @@ Device, Amp, ChannelsLast, Compile = _runtime_options()
 RunDevice, RunAmp, RunChannelsLast, RunCompile = _runtime_options(run=True)
 
 
-@app.command("prepare")
-@user_errors
+@stage_command("prepare")
 def prepare_command(
     config: Config = None, sets: Sets = None,
-    dataset: Annotated[Optional[str], typer.Option(help="mnist5k, or an ImageFolder root SRC/<class>/<image>."),
-                       Key("dataset")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Directory of the shards."), Key("out")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(help="Share of each class held out for val."),
-                            Key("val_fraction")] = None,
-    shard_size: Annotated[Optional[int], typer.Option(help="Samples per shard."), Key("shard_size")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the split and sample order."), Key("seed")] = None,
+    dataset=option("dataset", help="mnist5k, or an ImageFolder root SRC/<class>/<image>."),
+    out=option("out", help="Directory of the shards.", flags=("--out", "-o")),
+    val_fraction=option("val_fraction", help="Share of each class held out for val."),
+    shard_size=option("shard_size", help="Samples per shard."),
+    seed=option("seed", help="Seed of the split and sample order."),
     quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Write ImageNet-style WebDataset shards (KEY.png + KEY.cls) of a real image set."""
     cfg = _resolve("prepare", prepare_command, locals())
-    summary = prepare_stage.run_stage(cfg)
+    summary = stage_runner("prepare")(cfg)
     console.print(f"wrote {summary['train']['samples']} train samples in {len(summary['train']['shards'])} shards "
                   f"and {summary['val']['samples']} val samples in {len(summary['val']['shards'])} shards to {cfg.out}")
 
 
-@app.command("teacher")
-@user_errors
+@stage_command("teacher")
 def teacher_command(
-    config: Config = None, sets: Sets = None, shards: Shards = None, val_shards: ValShards = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Directory: model.safetensors, metrics.json."),
-                   Key("out")] = None,
-    teacher: TeacherName = None, weights: Weights = None, input_size: TeacherSize = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="Classes (default: largest train label + 1)."),
-                           Key("num_classes")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="0 keeps the teacher as it ships."), Key("epochs")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per step."), Key("batch_size")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW peak learning rate."), Key("lr")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay."), Key("weight_decay")] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(help="Cross-entropy label smoothing."),
-                               Key("label_smoothing")] = None,
-    view_scale: ViewScale = None, view_ratio: ViewRatio = None, hflip: Hflip = None, renderer: Renderer = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the new classifier, crops and order."),
-                    Key("views.seed")] = None,
-    num_workers: NumWorkers = None, device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None,
-    compile: Compile = None, resume: Resume = False, storage_options: StorageOptions = None, quiet: Quiet = False, verbose: Verbose = False,
+    config: Config = None, sets: Sets = None, shards=Shards, val_shards=ValShards,
+    out=option("out", help="Directory: model.safetensors, metrics.json.", flags=("--out", "-o")),
+    teacher=TeacherName, weights=Weights, input_size=TeacherSize,
+    num_classes=option("num_classes", help="Classes (default: largest train label + 1)."),
+    epochs=option("epochs", help="0 keeps the teacher as it ships."),
+    batch_size=option("batch_size", help="Images per step."),
+    lr=option("lr", help="AdamW peak learning rate."),
+    weight_decay=option("weight_decay", help="AdamW weight decay."),
+    label_smoothing=option("label_smoothing", help="Cross-entropy label smoothing."),
+    view_scale=ViewScale, view_ratio=ViewRatio, hflip=Hflip, renderer=Renderer,
+    seed=option("views.seed", help="Seed of the new classifier, crops and order."),
+    num_workers=NumWorkers, device=Device, amp=Amp, channels_last=ChannelsLast,
+    compile=Compile, resume: Resume = False, storage_options: StorageOptions = None, quiet: Quiet = False,
+    verbose: Verbose = False,
 ):
     """Fine-tune a teacher on labeled shards; extract then loads weights OUT/model.safetensors."""
     cfg = _resolve("teacher", teacher_command, locals())
-    metrics = teacher_stage.run_stage(cfg, resume=resume, progress=not quiet)
+    metrics = stage_runner("teacher")(cfg, resume=resume, progress=not quiet)
     top1 = f"val top-1 {metrics['val']['top1']:.2f}" if metrics.get("val") else "no val labels it can score"
     console.print(f"{metrics['model']}: {metrics['num_classes']} classes, {top1}", highlight=False)
 
 
-@app.command("extract")
-@user_errors
+@stage_command("extract")
 def extract_command(
-    shards: Annotated[Optional[list[str]], typer.Argument(help="Input shards: paths, brace patterns or URLs."),
-                      Key("shards")] = None,
+    shards=option("shards", help="Input shards: paths, brace patterns or URLs.", argument=True),
     config: Config = None, sets: Sets = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Store path or URL (created or resumed)."),
-                   Key("out")] = None,
-    teacher: TeacherName = None, weights: Weights = None, input_size: TeacherSize = None,
-    views: Annotated[Optional[int], typer.Option(help="Views per image; view 0 is the eval view."),
-                     Key("views.count")] = None,
-    view_scale: ViewScale = None, view_ratio: ViewRatio = None, hflip: Hflip = None, renderer: Renderer = None,
-    seed: Annotated[Optional[int], typer.Option(help="View seed (and init seed for --weights none)."),
-                    Key("views.seed", "teacher.seed")] = None,
-    randaugment: Annotated[Optional[str], typer.Option(
-        help="timm RandAugment string drawn per view (rand-n2-m7-mstd0.5); replayed by the loader."),
-        Key("augment.randaugment")] = None,
-    mixup: Annotated[Optional[float], typer.Option(help="Mixup alpha of the views (timm Mixup's); 0: off."),
-                     Key("augment.mixup")] = None,
-    cutmix: Annotated[Optional[float], typer.Option(help="CutMix alpha of the views (timm Mixup's); 0: off."),
-                      Key("augment.cutmix")] = None,
-    color_jitter: Annotated[Optional[float], typer.Option(
-        help="ColorJitter(j, j, j) of the views before RandAugment (torchvision's); 0: off."),
-        Key("augment.color_jitter")] = None,
-    logits: Annotated[Optional[str], typer.Option(
-        help="auto | derived | full | topk:K (auto: derived, computed from the stored head, where the classifier "
-             "is one linear layer)."), Key("logits")] = None,
-    features_dtype: Annotated[Optional[str], typer.Option(
-        help="float16 | int8 (lossy: one scale per channel and chunk; the round-trip cosine goes in the manifest)."),
-        Key("features_dtype")] = None,
-    int8_floor: Annotated[Optional[float], typer.Option(
-        help="int8: the lowest round-trip cosine a view may have; a shard under it is refused."),
-        Key("int8_floor")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per teacher forward."), Key("batch_size")] = None,
-    chunk_size: Annotated[Optional[int], typer.Option(help="Samples per Zarr chunk."), Key("chunk_size")] = None,
-    dask_workers: Annotated[Optional[int], typer.Option(help="Dask LocalCluster workers; 0 runs in this process."),
-                            Key("dask_workers")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing Dask scheduler."),
-                         Key("scheduler")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads per Dask worker (default cores/workers)."),
-                       Key("threads")] = None,
-    render_threads: Annotated[Optional[int], typer.Option(
-        help="Threads decoding and rendering views ahead of the forward (default: --threads)."),
-        Key("render_threads")] = None,
-    on_error: Annotated[Optional[str], typer.Option(help="fail | skip (skipped samples go in the manifest)."),
-                        Key("on_error")] = None,
-    device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = None,
+    out=option("out", help="Store path or URL (created or resumed).", flags=("--out", "-o")),
+    teacher=TeacherName, weights=Weights, input_size=TeacherSize,
+    views=option("views.count", help="Views per image; view 0 is the eval view."),
+    view_scale=ViewScale, view_ratio=ViewRatio, hflip=Hflip, renderer=Renderer,
+    seed=option("views.seed", "teacher.seed", help="View seed (and init seed for --weights none)."),
+    randaugment=option("augment.randaugment", help="timm RandAugment string drawn per view (rand-n2-m7-mstd0.5); "
+                                                    "replayed by the loader."),
+    mixup=option("augment.mixup", help="Mixup alpha of the views (timm Mixup's); 0: off."),
+    cutmix=option("augment.cutmix", help="CutMix alpha of the views (timm Mixup's); 0: off."),
+    color_jitter=option("augment.color_jitter", help="ColorJitter(j, j, j) of the views before RandAugment "
+                                                      "(torchvision's); 0: off."),
+    logits=option("logits", help="auto | derived | full | topk:K (auto: derived, computed from the stored head, "
+                                  "where the classifier is one linear layer)."),
+    features_dtype=option("features_dtype", help="float16 | int8 (lossy: one scale per channel and chunk; the "
+                                                  "round-trip cosine goes in the manifest)."),
+    int8_floor=option("int8_floor", help="int8: the lowest round-trip cosine a view may have; a shard under it "
+                                          "is refused."),
+    batch_size=option("batch_size", help="Images per teacher forward."),
+    chunk_size=option("chunk_size", help="Samples per Zarr chunk."),
+    dask_workers=option("dask_workers", help="Dask LocalCluster workers; 0 runs in this process."),
+    scheduler=option("scheduler", help="Address of an existing Dask scheduler."),
+    threads=option("threads", help="torch threads per Dask worker (default cores/workers)."),
+    render_threads=option("render_threads", help="Threads decoding and rendering views ahead of the forward "
+                                                  "(default: --threads)."),
+    on_error=option("on_error", help="fail | skip (skipped samples go in the manifest)."),
+    device=Device, amp=Amp, channels_last=ChannelsLast, compile=Compile,
     storage_options: StorageOptions = None, quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Run a teacher once over image shards and write (or resume) a feature store."""
     cfg = _resolve("extract", extract_command, locals())
-    metrics = extract_stage.run_stage(cfg, progress=not quiet)
+    metrics = stage_runner("extract")(cfg, progress=not quiet)
     console.print(f"{cfg.out}: {metrics['shards']} shards, {metrics['samples']} samples, "
                   f"{metrics['skipped']} skipped, {metrics['compression_ratio']:.2f}x smaller than fp32",
                   highlight=False)
@@ -311,8 +316,7 @@ def _store(store: str | None, config: str | None, sets: list[str] | None, storag
     return store
 
 
-@app.command("info")
-@user_errors
+@stage_command("info")
 def info_command(store: Annotated[Optional[str], typer.Argument(help="Store path or URL.")] = None,
                  config: Config = None, sets: Sets = None,
                  as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -345,8 +349,7 @@ def info_command(store: Annotated[Optional[str], typer.Argument(help="Store path
     console.print(table)
 
 
-@app.command("verify")
-@user_errors
+@stage_command("verify")
 def verify_command(store: Annotated[Optional[str], typer.Argument(help="Store path or URL.")] = None,
                    config: Config = None, sets: Sets = None,
                    recompute: Annotated[int, typer.Option(help="Random samples to re-run through the teacher.")] = 0,
@@ -372,68 +375,54 @@ def verify_command(store: Annotated[Optional[str], typer.Argument(help="Store pa
         raise typer.Exit(1)
 
 
-StudentName = Annotated[Optional[str], typer.Option("--student", help="timm model name of the student."),
-                        Key("student.name")]
-StudentSize = Annotated[Optional[int], typer.Option("--input-size", help="Student input size (square)."),
-                        Key("student.input_size")]
+StudentName = option("student.name", help="timm model name of the student.", flags=("--student",))
+StudentSize = option("student.input_size", help="Student input size (square).", flags=("--input-size",))
 
 
-@app.command("probes")
-@user_errors
+@stage_command("probes")
 def probes_command(
-    config: Config = None, sets: Sets = None, store: Store = None, shards: Shards = None,
-    val_shards: ValShards = None, student: StudentName = None, input_size: StudentSize = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the random-init student."), Key("seed")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch."), Key("batch_size")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="JSON of the probes."), Key("out")] = None,
-    device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = None,
+    config: Config = None, sets: Sets = None, store=Store, shards=Shards,
+    val_shards=ValShards, student=StudentName, input_size=StudentSize,
+    seed=option("seed", help="Seed of the random-init student."),
+    batch_size=BatchSize,
+    out=option("out", help="JSON of the probes.", flags=("--out", "-o")),
+    device=Device, amp=Amp, channels_last=ChannelsLast, compile=Compile,
     storage_options: StorageOptions = None, quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Reference linear probes: the teacher's cached features and a randomly initialised student."""
     cfg = _resolve("probes", probes_command, locals())
-    print(json.dumps(probes_stage.run_stage(cfg), indent=2))
+    print(json.dumps(stage_runner("probes")(cfg), indent=2))
 
 
-@app.command("distill")
-@user_errors
+@stage_command("distill")
 def distill_command(
-    config: Config = None, sets: Sets = None, run: Run = None, store: Store = None, shards: Shards = None,
-    val_shards: ValShards = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Root of runs/RUN, metrics/RUN.json, "
-                                                                   "plots/RUN.csv."), Key("out")] = None,
-    method: Annotated[Optional[str], typer.Option(help="A registered method: " + ", ".join(method_names()) + "."),
-                      Key("method", run=True)] = None,
-    unsupervised: Annotated[Optional[bool], typer.Option("--unsupervised/--supervised",
-                                                         help="No label enters any loss."),
-                            Key("unsupervised", run=True)] = None,
-    student: Annotated[Optional[str], typer.Option(help="timm model name of the student."),
-                       Key("student.name", run=True)] = None,
-    input_size: Annotated[Optional[int], typer.Option(help="Student input size (square); default timm's."),
-                          Key("student.input_size", run=True)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs."), Key("epochs", run=True)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Samples per step, all torchrun ranks together."),
-                          Key("loader.batch_size", run=True)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW peak learning rate."), Key("lr", run=True)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay of the student."),
-                            Key("weight_decay", run=True)] = None,
-    warmup_epochs: Annotated[Optional[int], typer.Option(help="Linear learning-rate warmup."),
-                             Key("warmup_epochs", run=True)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Init, order, views and noise."), Key("seed", run=True)] = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: sized to the "
-                                                            "cores)."), Key("loader.num_workers", run=True)] = None,
-    smoothing: Annotated[Optional[float], typer.Option(
-        help="Label smoothing of the soft labels (mixed views' labels are mixed after it)."),
-        Key("loader.label_smoothing", run=True)] = None,
-    views: Annotated[Optional[int], typer.Option(help="Train on the store's first N views, as from a store of N."),
-                     Key("loader.views", run=True)] = None,
-    device: RunDevice = None, amp: RunAmp = None, channels_last: RunChannelsLast = None, compile: RunCompile = None,
+    config: Config = None, sets: Sets = None, run: Run = None, store=Store, shards=Shards,
+    val_shards=ValShards,
+    out=option("out", help="Root of runs/RUN, metrics/RUN.json, plots/RUN.csv.", flags=("--out", "-o")),
+    method=option("method", help="A registered method: " + ", ".join(method_names()) + ".", run=True),
+    unsupervised=option("unsupervised", help="No label enters any loss.", flags=("--unsupervised/--supervised",),
+                         run=True),
+    student=option("student.name", help="timm model name of the student.", run=True),
+    input_size=option("student.input_size", help="Student input size (square); default timm's.", run=True),
+    epochs=option("epochs", help="Training epochs.", run=True),
+    batch_size=option("loader.batch_size", help="Samples per step, all torchrun ranks together.", run=True),
+    lr=option("lr", help="AdamW peak learning rate.", run=True),
+    weight_decay=option("weight_decay", help="AdamW weight decay of the student.", run=True),
+    warmup_epochs=option("warmup_epochs", help="Linear learning-rate warmup.", run=True),
+    seed=option("seed", help="Init, order, views and noise.", run=True),
+    num_workers=option("loader.num_workers", help="DataLoader worker processes (default: sized to the cores).",
+                        run=True),
+    smoothing=option("loader.label_smoothing", help="Label smoothing of the soft labels (mixed views' labels are "
+                                                     "mixed after it).", run=True),
+    views=option("loader.views", help="Train on the store's first N views, as from a store of N.", run=True),
+    device=RunDevice, amp=RunAmp, channels_last=RunChannelsLast, compile=RunCompile,
     resume: Resume = False, storage_options: StorageOptions = None, quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Train a student from a feature store, without the teacher (GenDD or a logit baseline)."""
     params = load_params(config, sets or [])
     run = _pick_run(params, run, method or DistillConfig.method)
     cfg = _resolve("distill", distill_command, locals(), run)
-    summary = distill_stage.run_stage(cfg, run, resume=resume, progress=not quiet)
+    summary = stage_runner("distill")(cfg, run, resume=resume, progress=not quiet)
     if not summary:  # a torchrun process other than rank 0
         return
     for which in ("best", "last"):
@@ -442,25 +431,18 @@ def distill_command(
     console.print(f"{cfg.out}: run {run}, {summary['images_per_s']:.0f} images/s in training", highlight=False)
 
 
-@app.command("evaluate")
-@user_errors
+@stage_command("evaluate")
 def evaluate_command(
     config: Config = None, sets: Sets = None, run: Run = None,
-    distill: Annotated[Optional[str], typer.Option(help="The distill output root (runs/RUN/last.safetensors)."),
-                       Key("distill")] = None,
-    checkpoint: Annotated[Optional[str], typer.Option(help="both (last and best) | last | best checkpoint of the "
-                                                           "run, or a file."),
-                          Key("checkpoint")] = None,
-    val_shards: ValShards = None,
-    train_shards: Annotated[Optional[list[str]], typer.Option(help="Train shards to fit a linear probe on."),
-                            Key("train_shards")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Directory of RUN.json (default: print only)."),
-                   Key("out")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch."), Key("batch_size")] = None,
-    num_workers: NumWorkers = None,
-    input_size: Annotated[Optional[int], typer.Option(help="Refuse a checkpoint trained at another size."),
-                          Key("input_size")] = None,
-    device: Device = None, amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = None,
+    distill=option("distill", help="The distill output root (runs/RUN/last.safetensors)."),
+    checkpoint=option("checkpoint", help="both (last and best) | last | best checkpoint of the run, or a file."),
+    val_shards=ValShards,
+    train_shards=option("train_shards", help="Train shards to fit a linear probe on."),
+    out=option("out", help="Directory of RUN.json (default: print only).", flags=("--out", "-o")),
+    batch_size=BatchSize,
+    num_workers=NumWorkers,
+    input_size=option("input_size", help="Refuse a checkpoint trained at another size."),
+    device=Device, amp=Amp, channels_last=ChannelsLast, compile=Compile,
     storage_options: StorageOptions = None, quiet: Quiet = False, verbose: Verbose = False,
 ):
     """Score a student: each predictor of its method and (with --train-shards) a linear probe.
@@ -474,29 +456,26 @@ def evaluate_command(
         run = re.sub(r"[^A-Za-z0-9_.-]", "_", run).lstrip("_.-") or "run"
     run = _pick_run(params, run, None)
     cfg = _resolve("evaluate", evaluate_command, locals())
-    print(json.dumps({"run": run, **evaluate_stage.run_stage(cfg, run)}, indent=2))
+    print(json.dumps({"run": run, **stage_runner("evaluate")(cfg, run)}, indent=2))
 
 
-@app.command("report")
-@user_errors
+@stage_command("report")
 def report_command(
     config: Config = None, sets: Sets = None,
-    distill: Annotated[Optional[str], typer.Option(help="The distill output root."), Key("distill")] = None,
-    evaluate: Annotated[Optional[str], typer.Option(help="The evaluate output directory."), Key("evaluate")] = None,
-    runs: Annotated[Optional[list[str]], typer.Option("--runs", help="Runs in the table, in order (repeatable)."),
-                    Key("runs")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="The fine-tune's metrics.json."), Key("teacher")] = None,
-    references: Annotated[Optional[str], typer.Option(help="Reference probes JSON."), Key("references")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Directory of the report."), Key("out")] = None,
+    distill=option("distill", help="The distill output root."),
+    evaluate=option("evaluate", help="The evaluate output directory."),
+    runs=option("runs", help="Runs in the table, in order (repeatable).", flags=("--runs",)),
+    teacher=option("teacher", help="The fine-tune's metrics.json."),
+    references=option("references", help="Reference probes JSON."),
+    out=option("out", help="Directory of the report.", flags=("--out", "-o")),
     quiet: Quiet = False, verbose: Verbose = False,
 ):
     """The results table (markdown) and plots of a recipe's runs."""
     cfg = _resolve("report", report_command, locals())
-    print(report_stage.run_stage(cfg), end="")
+    print(stage_runner("report")(cfg), end="")
 
 
-@config_app.command("show")
-@user_errors
+@stage_command("show", config_app)
 def config_show(
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="The recipe (default: ./params.yaml).")] = None,
     sets: Sets = None,
@@ -519,8 +498,7 @@ def config_show(
     print(dump_yaml(shown), end="")
 
 
-@config_app.command("dvc")
-@user_errors
+@stage_command("dvc", config_app)
 def config_dvc(
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="The recipe (default: ./params.yaml).")] = None,
     check: Annotated[bool, typer.Option(help="Only check that the dvc.yaml beside the recipe is current.")] = False,
@@ -540,27 +518,6 @@ def config_dvc(
         f.write(text)
     console.print(f"{path}: {'unchanged' if current == text else 'written'}")
 
-
-def option_schema(command: str, key: Key) -> type:
-    """The config class a typed option of ``command`` sets its keys in."""
-    return DistillConfig if key.run else section_class(command)
-
-
-def _show_defaults() -> None:
-    """Append the schema's default to the help of every typed option, so no default is written twice."""
-    done = set()
-    for info in app.registered_commands:
-        callback = getattr(info.callback, "__wrapped__", info.callback)
-        hints = typing.get_type_hints(callback, include_extras=True)
-        for param, key in keyed_options(callback).items():
-            default = default_of(option_schema(info.name, key), key.paths[0])
-            option = next(m for m in hints[param].__metadata__ if isinstance(m, typer.models.ParameterInfo))
-            if default is not dataclasses.MISSING and default is not None and id(option) not in done:
-                done.add(id(option))
-                option.show_default = ",".join(f"{v:g}" for v in default) if isinstance(default, list) else str(default)
-
-
-_show_defaults()
 
 if __name__ == "__main__":
     app()

@@ -15,13 +15,12 @@ import importlib
 import inspect
 import logging
 import os
-import sys
 from collections.abc import Callable
 
 import yaml
 
 from gendd_pipe.config import apply_sets, parse, unknown_key
-from gendd_pipe.errors import GenddError, user_message
+from gendd_pipe.errors import GenddError, one_line_errors
 from gendd_pipe.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -38,8 +37,14 @@ SECTIONS = {  # section -> (module, class)
 
 
 def section_class(name: str) -> type:
+    """The config class of section ``name``."""
     module, cls = SECTIONS[name]
     return getattr(importlib.import_module(module), cls)
+
+
+def stage_runner(name: str) -> Callable:
+    """The ``run_stage`` of stage ``name``, beside its config class."""
+    return importlib.import_module(SECTIONS[name][0]).run_stage
 
 
 def load_params(path: str | None, sets: list[str] = ()) -> dict:
@@ -87,10 +92,7 @@ def stage_main(name: str, run_stage: Callable) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a param")
     args = parser.parse_args()
     setup_logging()
-    try:
+    with one_line_errors():
         cfg = section(load_params(args.params, args.set), name, args.params)
         log.info("stage %s%s of %s", name, f"@{args.run}" if with_run else "", os.path.abspath(args.params))
         run_stage(cfg, args.run) if with_run else run_stage(cfg)
-    except (GenddError, OSError) as exc:
-        print(f"error: {user_message(exc)}", file=sys.stderr)
-        sys.exit(1)
