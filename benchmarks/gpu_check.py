@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py [--out DIR] [--parts NAME ...] [--device cpu]
 
-Each part runs, is timed and gives one row of the README's GPU table:
+Each part runs, is timed and gives one row of the GPU table in docs/performance.md:
 
 - ``cuda-tests``: ``pytest -m cuda`` (the tests that need a GPU).
 - ``suite``: the suite's fast tests (``-m "not slow and not cuda"``) on this machine; they run on the CPU

@@ -5,7 +5,7 @@
 - a correct conversion (the stored features equal those of the well-formed equivalent).
 
 Hostile pickles touch a marker file if they ever run; every test asserts the marker never appears.
-README's table "Bad input" lists these kinds and their outcomes.
+docs/bad-input.md lists these kinds and their outcomes.
 """
 
 from __future__ import annotations
