@@ -44,7 +44,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from gendd_pipe.data.loader import LoaderConfig, train_pipeline, workers  # noqa: E402
+from gendd_pipe.data.loader import LoaderConfig, train_pipeline  # noqa: E402
+from gendd_pipe.data.streams import workers  # noqa: E402
 from gendd_pipe.data.prepare import mnist5k_records, write_shards  # noqa: E402
 from gendd_pipe.data.shards import shard_name  # noqa: E402
 from gendd_pipe.data.views import ViewConfig  # noqa: E402

@@ -34,7 +34,7 @@ from timm.scheduler import CosineLRScheduler
 from gendd_pipe import seeds
 from gendd_pipe.config import (NonNegativeFloat, NonNegativeInt, OutputDir, PositiveFloat, PositiveInt, Shards,
                                configclass, differences, narrow, to_dict)
-from gendd_pipe.data.loader import augmented_pipeline, epoch_steps, eval_pipeline
+from gendd_pipe.data.streams import augmented_pipeline, epoch_steps, eval_pipeline
 from gendd_pipe.data.shards import expand_urls
 from gendd_pipe.data.views import ViewConfig
 from gendd_pipe.distill.checkpoint import read_checkpoint, save_checkpoint

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from gendd_pipe import GenddError
-from gendd_pipe.data.loader import epoch_order, epoch_part, epoch_steps
+from gendd_pipe.data.streams import epoch_order, epoch_part, epoch_steps
 from gendd_pipe.data.prepare import write_shards
 
 SIZES = (37, 100, 250)

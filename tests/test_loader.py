@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gendd_pipe import FeatureStore, GenddError, seeds
-from gendd_pipe.data.loader import WORKER_NICENESS, LoaderConfig, check_shards, train_pipeline, workers
+from gendd_pipe.data.loader import LoaderConfig, check_shards, train_pipeline
+from gendd_pipe.data.streams import WORKER_NICENESS, workers
 from gendd_pipe.data.shards import ShardReader
 from gendd_pipe.data.render import render_view
 from tests.helpers import to_tensor
@@ -149,10 +150,10 @@ class _WorkerState(torch.utils.data.IterableDataset):
 
 @pytest.mark.parametrize("cuda", [False, True], ids=["cpu loop", "gpu loop"])
 def test_loader_workers_run_one_thread_per_pool_below_a_cpu_loop_only(cuda):
-    from gendd_pipe.data.loader import _loader
+    from gendd_pipe.data.streams import data_loader
 
     ours = os.getpriority(os.PRIO_PROCESS, 0)
-    state = next(iter(_loader(_WorkerState(), 1, 1, cuda)))
+    state = next(iter(data_loader(_WorkerState(), 1, 1, cuda)))
     assert int(state["pool"]) == 1 and int(state["blosc"]) == 1
     assert int(state["nice"]) == ours + (0 if cuda else WORKER_NICENESS)
 
@@ -170,7 +171,7 @@ def test_loader_workers_run_below_the_loop_they_feed(digit_store):
 
 def test_val_shards_split_by_whole_shards_among_ranks_when_there_are_enough(digit_shards, monkeypatch):
     """Three shards on two ranks: each shard read by one rank only; on four ranks, every fourth sample of each."""
-    from gendd_pipe.data.loader import eval_pipeline
+    from gendd_pipe.data.streams import eval_pipeline
 
     labels = [[s.label for s in ShardReader(url)] for url in digit_shards]
 

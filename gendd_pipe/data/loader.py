@@ -1,41 +1,28 @@
-"""Streaming images beside their cached teacher outputs: the student's WebDataset loaders.
+"""The student's training stream: images beside their cached teacher outputs.
 
 `train_pipeline` is a webdataset pipeline over the image shards. For each shard a
 worker opens, it reads the matching feature shard from the store as one block
-(`FeatureStore.read_shard`, checked against its checksums) and joins sample by sample on the key, so there are
-no per-sample random reads of Zarr chunks. Each sample then picks one of its
-cached training views (view 0, the eval view, only with ``eval_view``) and
-replays it (`Replay`: the view's crop and flip, with the renderer and
-interpolation the store was extracted with, then any stored RandAugment draw and
-mix) at the student's input size: the student sees the pixels the teacher saw.
-With ``fresh_scale`` it draws a new random crop per epoch instead and reads no
-teacher output (GenDD's stage 1).
+(`FeatureStore.read_shard`, checked against its checksums) and joins sample by
+sample on the key (`JoinedRow`), so there are no per-sample random reads of Zarr
+chunks. Each sample then picks one of its cached training views (view 0, the eval
+view, only with ``eval_view``) and replays it (`Replay`: the view's crop and flip,
+with the renderer and interpolation the store was extracted with, then any stored
+color jitter, RandAugment draw and mix) at the student's input size: the student
+sees the pixels the teacher saw, beside the teacher outputs the store gives for
+that view (`FeatureStore.teacher_outputs`). With ``fresh_scale`` it draws a new
+random crop per epoch instead and reads no teacher output (GenDD's stage 1).
 
-Shards are shuffled per epoch and the epoch is split by samples, not by whole
-shards (`epoch_part`): every torchrun rank runs the same number of steps and
-every sample of the epoch's first ``steps x batch`` is read by exactly one rank
-and DataLoader worker, whatever the shard sizes. Samples then pass a shuffle
-buffer. Every random choice derives from (seed, epoch), so an epoch replays
-identically after a resume, and alike with any number of workers.
-
-A training loader serves every epoch of a run (`EpochStream`): its workers start
-once and persist, and ``loader.dataset.set_epoch(e)`` before iterating selects
-the epoch. Images leave every loader as uint8 pixels (pinned for a GPU);
-`gendd_pipe.runtime.network_input` normalizes them on the device, so a quarter
-of the bytes cross to it.
-
-`eval_pipeline` streams images alone (the eval view), for validation and for
-fitting a linear probe; `augmented_pipeline` streams images with a fresh random
-view per (seed, epoch, key), for fine-tuning a teacher before extraction.
+Epochs are split among ranks and workers, and served by one persistent
+DataLoader, as every stream is (`gendd_pipe.data.streams`); samples pass a
+shuffle buffer. Every random choice derives from (seed, epoch) through
+`gendd_pipe.seeds`, so an epoch replays identically after a resume, and alike
+with any number of workers.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
-from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated
@@ -44,19 +31,18 @@ import fsspec
 import numpy as np
 import torch
 import webdataset as wds
-from numcodecs import blosc
 from pydantic import Field
-from threadpoolctl import threadpool_limits
-from torch.utils.data import DataLoader, IterableDataset
-from torchvision.transforms.functional import pil_to_tensor
+from torch.utils.data import DataLoader
 
 from gendd_pipe import seeds
 from gendd_pipe.config import NonNegativeInt, PositiveInt, configclass
 from gendd_pipe.data.augment import NO_MIX, is_mixed, mixed_target
-from gendd_pipe.data.render import create_renderer, render_pixels, render_view
+from gendd_pipe.data.render import create_renderer
 from gendd_pipe.data.replay import Replay
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
-from gendd_pipe.data.views import ViewConfig, eval_view, random_view
+from gendd_pipe.data.streams import (EpochStream, data_loader, epoch_order, epoch_pipeline, epoch_shards,
+                                     epoch_steps, naming_the_sample)
+from gendd_pipe.data.views import ViewConfig, random_view
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
 from gendd_pipe.store.format import VIEW_ARRAYS, is_int8, is_mixed_store, renderer_of
@@ -78,56 +64,6 @@ class LoaderConfig:
     # (every view is drawn from (seed, key, view) alone, so those are that store's); None: all of them
     eval_view: bool = False  # also train on view 0, the eval view (a center crop); off: the random views alone, as
     # the official student never trains on the center crop
-
-
-def workers(requested: int | None) -> int:
-    """DataLoader workers: ``requested``, or for None one per core this process may use beside its training
-    loop (the node's cores shared among its torchrun ranks), at least 1 and at most 8."""
-    if requested is not None:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-
-
-class EpochStream(IterableDataset):
-    """Every epoch of a run as one dataset: iterating it yields ``pipeline(epoch)`` for the epoch last given to
-    `set_epoch`, kept in shared memory so that persistent DataLoader workers follow it."""
-
-    def __init__(self, pipeline: Callable[[int], Iterable], epoch: int = 0):
-        self.pipeline, self._epoch = pipeline, multiprocessing.Value("q", epoch, lock=False)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.value = epoch
-
-    def __iter__(self):
-        return iter(self.pipeline(self._epoch.value))
-
-
-WORKER_NICENESS = 10  # loader workers of a CPU loop yield the cores to it
-
-
-def _worker_start(_worker_id: int, niceness: int) -> None:
-    """A loader worker's start: every thread pool in it (numpy's BLAS and OpenMP, Blosc; torch's is one thread
-    in workers already) at one thread, since the workers are the parallelism and a pool's threads would contend
-    with the other workers and the loop; then, feeding a loop on the CPU, a lower priority. That loop's OpenMP
-    team waits at every barrier for a thread that a worker has preempted; at niceness `WORKER_NICENESS` the
-    workers take the cores the team leaves idle (on 2 cores a resnet10t step at 32 px from a worker at priority
-    0 took 3.6x the bare step, at niceness 10 1.5x: `benchmarks/distill.py`, cache efficiency). A loop on a GPU
-    spins on a core of its own: its workers keep their priority, or a spinning loop would starve them."""
-    threadpool_limits(1)
-    blosc.set_nthreads(1)
-    blosc.use_threads = False
-    if niceness:
-        os.nice(niceness)
-
-
-def _loader(dataset, batch_size: int, num_workers: int | None, cuda: bool, **kwargs) -> DataLoader:
-    """A DataLoader of ``dataset`` whose workers persist between the epochs of an `EpochStream`; ``cuda``: it feeds
-    a CUDA device (batches pinned, workers at the loop's priority), else a loop on the CPU."""
-    n = workers(num_workers)
-    start = partial(_worker_start, niceness=0 if cuda else WORKER_NICENESS)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=n, pin_memory=cuda,
-                      persistent_workers=n > 0 and isinstance(dataset, EpochStream), worker_init_fn=start, **kwargs)
 
 
 def check_shards(store: FeatureStore, urls: list[str]) -> dict[str, int]:
@@ -177,45 +113,6 @@ def join_shard(url: str, features: dict[str, np.ndarray], skipped: set[str], sou
         raise GenddError(f"{url}: not the bytes the store was extracted from (sha256 {reader.sha256[:12]}, the "
                          f"store's {source_sha256[:12]}): its images may differ from what the teacher saw; "
                          "re-extract it or pass the original")
-
-
-def epoch_steps(samples: int, batch_size: int, world: int) -> tuple[int, int]:
-    """(steps, per-rank batch) of an epoch of ``samples`` at the global ``batch_size`` over ``world`` ranks;
-    the epoch's last ``samples % batch_size`` samples (fewer than one step) wait for a later epoch."""
-    if batch_size % world:
-        raise GenddError(f"batch_size {batch_size} is the global batch and must divide among the {world} ranks; "
-                         f"use a multiple of {world}")
-    if samples < batch_size:
-        raise GenddError(f"{samples} training samples do not fill one global batch of {batch_size}; "
-                         "use a smaller batch_size or more shards")
-    return samples // batch_size, batch_size // world
-
-
-def epoch_part(counts: list[int], steps: int, batch: int, world: int, rank: int, workers: int,
-               worker: int) -> list[tuple[int, int, int]]:
-    """The ``(shard, first row, end row)`` ranges that one rank's DataLoader worker reads of an epoch.
-
-    The epoch is the shards' rows in (shuffled) order, cut into ``steps x world`` batches of ``batch`` rows;
-    the rank x worker slots take contiguous runs of whole batches, so rank ``r`` gets exactly ``steps``
-    batches (its workers between them) and every row before ``steps x world x batch`` goes to one slot."""
-    slots, batches = world * workers, steps * world
-    slot = rank * workers + worker
-    start, end = slot * batches // slots * batch, (slot + 1) * batches // slots * batch
-    part, offset = [], 0
-    for shard, count in enumerate(counts):
-        first, last = max(start, offset), min(end, offset + count)
-        if first < last:
-            part.append((shard, first - offset, last - offset))
-        offset += count
-    return part
-
-
-def _epoch_shards(urls, counts: list[int], steps: int, batch: int, world: int):
-    """Pipeline stage: the shard URLs in epoch order -> ``{"url", "rows"}`` of this rank and worker's part."""
-    urls = [item["url"] for item in urls]
-    rank, _, worker, workers = wds.utils.pytorch_worker_info()
-    for shard, first, end in epoch_part(counts, steps, batch, world, rank, workers, worker):
-        yield {"url": urls[shard], "rows": (first, end)}
 
 
 @dataclass
@@ -272,21 +169,6 @@ def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = T
                 yield JoinedRow(url, sample, row, block, store, partners)
 
 
-def _each(src, fn):
-    """Pipeline stage: ``fn`` applied to every item (plain, so no bookkeeping keys are added)."""
-    for item in src:
-        yield fn(item)
-
-
-@contextmanager
-def _naming_the_sample(url: str, sample: Sample):
-    """An image that fails to decode or render as one line naming its shard and key."""
-    try:
-        yield
-    except ValueError as exc:
-        raise GenddError(f"{public_url(url)}: sample {sample.key}: {exc}") from exc
-
-
 def _render_train(item: JoinedRow, replay: Replay, seed: int, epoch: int, targets: dict | None = None,
                   views: int | None = None, with_eval_view: bool = False) -> dict:
     """A joined row's sample at one of its cached views, picked from (seed, epoch, key), with the teacher's
@@ -296,7 +178,7 @@ def _render_train(item: JoinedRow, replay: Replay, seed: int, epoch: int, target
     augmented = any(k in row for k in ("jitter", "augment", "mix"))  # views 1..V-1 are augmented; 0 is the eval view
     first = 0 if with_eval_view and not augmented else 1
     v = first + seeds.index(count - first, seed, epoch, sample.key)  # uniform, from (seed, epoch, key)
-    with _naming_the_sample(item.url, sample):  # the image decoded at extraction, so these are other bytes
+    with naming_the_sample(item.url, sample):  # the image decoded at extraction, so these are other bytes
         image = replay.views(sample, row, item.partners, item.block, [v])[0]
     out = {"key": sample.key, "image": image, "label": sample.label, "view": v, **item.teacher(v)}
     if targets is not None:  # the soft label: mixed with the partner's, smoothed, as timm's Mixup makes it
@@ -312,31 +194,12 @@ def _render_fresh(item: JoinedRow, replay: Replay, views: ViewConfig, epoch: int
     renderer and interpolation; its cached views and features are not used."""
     sample = item.sample
     view = random_view(*sample.image.size, views, seeds.rng(views.seed, f"{epoch}:{sample.key}", 0))
-    with _naming_the_sample(item.url, sample):
+    with naming_the_sample(item.url, sample):
         image = replay.base(sample, view[None])[0]
     out = {"key": sample.key, "image": image, "label": sample.label}
     if targets is not None:  # label smoothing, as the cached path's soft labels (no partner: nothing is mixed)
         out["target"] = mixed_target(sample.label, sample.label, 1.0, targets["num_classes"], targets["smoothing"])
     return out
-
-
-def epoch_order(urls: list[str], seed: int, epoch: int) -> list[str]:
-    """The shards in the order an epoch reads them, shuffled from (seed, epoch)."""
-    order = list(urls)
-    seeds.shuffler(seed, epoch, "shards").shuffle(order)
-    return order
-
-
-def _epoch(urls: list[str], split, source, render, seed: int, epoch: int, shuffle_buffer: int):
-    """One epoch's samples: shards in epoch order (``urls``), ``split`` among ranks and workers, ``source``
-    turning shard URLs into samples, buffer-shuffled from (seed, epoch), ``render`` making each one's tensors."""
-    return wds.DataPipeline(
-        wds.SimpleShardList(list(urls)),
-        *split,
-        source,
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=seeds.shuffler(seed, epoch, "samples")),
-        partial(_each, fn=render),
-    )
 
 
 @dataclass(frozen=True)
@@ -358,8 +221,8 @@ class TrainEpochs:
         order = epoch_order(self.urls, self.seed, epoch)
         sizes = [self.counts[shard_name(u)] for u in order]
         steps, batch = epoch_steps(sum(sizes), self.batch_size, self.world)
-        split = partial(_epoch_shards, counts=sizes, steps=steps, batch=batch, world=self.world)
-        return _epoch(order, [split], self.source, partial(self.render, epoch=epoch), self.seed, epoch,
+        split = partial(epoch_shards, counts=sizes, steps=steps, batch=batch, world=self.world)
+        return epoch_pipeline(order, [split], self.source, partial(self.render, epoch=epoch), self.seed, epoch,
                       self.shuffle_buffer)
 
 
@@ -407,7 +270,7 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
         render = partial(_render_fresh, replay=replay, views=fresh, targets=targets)
     source = partial(_joined, store_url=store.url, skipped=_skipped_keys(store), verify=cfg.verify)
     epochs = TrainEpochs(list(urls), counts, cfg.batch_size, world, seed, cfg.shuffle_buffer, source, render)
-    return _loader(EpochStream(epochs, epoch), batch, cfg.num_workers, cuda, drop_last=True)
+    return data_loader(EpochStream(epochs, epoch), batch, cfg.num_workers, cuda, drop_last=True)
 
 
 def _held_per_worker(urls: list[str], store: FeatureStore, counts: dict[str, int]) -> str:
@@ -421,69 +284,3 @@ def _held_per_worker(urls: list[str], store: FeatureStore, counts: dict[str, int
             f"its teacher features (up to {rows / 2**20:.1f} MiB) in memory, for partner lookups")
 
 
-def _images(urls, by_rank: bool = False):
-    """Pipeline stage: ``{"url"[, "rows"]}`` dicts -> ``{"url", "sample"}`` of their samples (rows ``[first,
-    end)`` where given), opened but not yet decoded; ``by_rank``: only every world-th sample of each shard, from
-    this rank's offset, so that the ranks between them take each sample once."""
-    rank, world = wds.utils.pytorch_worker_info()[:2] if by_rank else (0, 1)
-    for item in urls:
-        first, end = item.get("rows", (0, None))
-        for i, sample in enumerate(ShardReader(item["url"], on_error="fail", decode=False)):
-            if end is not None and i >= end:
-                break
-            if i >= first and i % world == rank:
-                yield {"url": item["url"], "sample": sample}
-
-
-def _render_eval(item: dict, data_config: dict) -> dict:
-    sample: Sample = item["sample"]
-    size = data_config["input_size"][1:]
-    view = eval_view(*sample.image.size, size, data_config["crop_pct"], data_config.get("crop_mode", "center"))
-    with _naming_the_sample(item["url"], sample):
-        image = pil_to_tensor(render_view(sample.rgb(), view, size, data_config["interpolation"]))
-    return {"image": image, "label": sample.label}
-
-
-def eval_pipeline(urls: list[str], data_config: dict, batch_size: int, num_workers: int | None = None,
-                  cuda: bool = False) -> DataLoader:
-    """Batches of ``image`` (uint8, the eval view: resize + center crop) and ``label``, in shard order; under
-    torchrun, this rank's share (each sample on exactly one rank): whole shards where there are at least as many
-    as ranks (each shard read by one rank only), else every world-th sample of every shard."""
-    rank, world = wds.utils.pytorch_worker_info()[:2]
-    whole = len(urls) >= world
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(list(urls)[rank::world] if whole else list(urls)),
-        wds.split_by_worker,
-        partial(_images, by_rank=not whole),
-        partial(_each, fn=partial(_render_eval, data_config=data_config)),
-    )
-    return _loader(pipeline, batch_size, num_workers, cuda)
-
-
-def _render_augmented(item: dict, data_config: dict, views: ViewConfig, epoch: int) -> dict:
-    sample: Sample = item["sample"]  # decoded by the renderer
-    view = random_view(*sample.image.size, views, seeds.rng(views.seed, f"{epoch}:{sample.key}", 0))
-    with _naming_the_sample(item["url"], sample):
-        image = render_pixels(views.renderer, sample, view[None], data_config)[0]
-    return {"image": image, "label": sample.label}
-
-
-def _augmented_epoch(epoch: int, urls: list[str], counts: dict[str, int], batch_size: int, data_config: dict,
-                     views: ViewConfig, shuffle_buffer: int):
-    order = epoch_order(urls, views.seed, epoch)
-    sizes = [counts[u] for u in order]
-    steps, _ = epoch_steps(sum(sizes), batch_size, 1)
-    return _epoch(order, [partial(_epoch_shards, counts=sizes, steps=steps, batch=batch_size, world=1)], _images,
-                  partial(_render_augmented, data_config=data_config, views=views, epoch=epoch), views.seed, epoch,
-                  shuffle_buffer)
-
-
-def augmented_pipeline(urls: list[str], counts: dict[str, int], data_config: dict, views: ViewConfig,
-                       batch_size: int, epoch: int = 0, shuffle_buffer: int = 1000, num_workers: int | None = None,
-                       cuda: bool = False) -> DataLoader:
-    """Batches of ``image`` (uint8, a random-resized crop drawn from (views.seed, epoch, key)) and ``label``,
-    shards and samples shuffled from (views.seed, epoch), each epoch's first ``steps x batch_size`` samples once
-    (``counts``: samples per shard URL). It serves ``epoch`` until ``loader.dataset.set_epoch`` selects another."""
-    stream = EpochStream(partial(_augmented_epoch, urls=list(urls), counts=counts, batch_size=batch_size,
-                                 data_config=data_config, views=views, shuffle_buffer=shuffle_buffer), epoch)
-    return _loader(stream, batch_size, num_workers, cuda, drop_last=True)

@@ -24,7 +24,7 @@ from pydantic import model_validator
 
 from gendd_pipe.config import (ConfigError, NonNegativeInt, OutputDir, PositiveInt, Shards, configclass, join_key,
                                merged, parse, to_dict, unknown_key)
-from gendd_pipe.data.loader import eval_pipeline
+from gendd_pipe.data.streams import eval_pipeline
 from gendd_pipe.data.shards import expand_urls
 from gendd_pipe.distill.checkpoint import load_state, read_checkpoint
 from gendd_pipe.distill.config import parse_run, upgrade

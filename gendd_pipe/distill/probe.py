@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from gendd_pipe.config import NonNegativeInt, OutputFile, PositiveInt, Shards, configclass, to_dict
-from gendd_pipe.data.loader import check_shards, eval_pipeline
+from gendd_pipe.data.loader import check_shards
+from gendd_pipe.data.streams import eval_pipeline
 from gendd_pipe.data.shards import expand_urls
 from gendd_pipe.errors import GenddError
 from gendd_pipe.files import write_json, write_yaml

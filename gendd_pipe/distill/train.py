@@ -40,7 +40,8 @@ from timm.utils import distribute_bn
 from gendd_pipe import seeds
 from gendd_pipe.config import differences
 from gendd_pipe.distill.config import upgrade
-from gendd_pipe.data.loader import check_shards, epoch_steps, train_pipeline
+from gendd_pipe.data.loader import check_shards, train_pipeline
+from gendd_pipe.data.streams import epoch_steps
 from gendd_pipe.data.shards import expand_urls, shard_name
 from gendd_pipe.distill.checkpoint import load_state, read_checkpoint, save_checkpoint
 from gendd_pipe.distill.config import DistillConfig
