@@ -198,7 +198,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     head = teacher_head(store, shard_name(urls[0]))
     student = create_student(cfg.student, store.manifest["teacher"]["num_classes"])
     method = place(create_method(cfg, student, head), runtime, device)
-    derived = derived_head(store, head, cfg.method, device)
+    derived = derived_head(head, cfg.method, device)
     steps, per_rank = epoch_steps(sum(counts.values()), cfg.loader.batch_size, world)
     ckpt = on_rank0(lambda: _resume(out, cfg, resume, world), runtime)  # every rank holds rank 0's checkpoint
     start_epoch, best = (ckpt["epoch"], ckpt["best"]) if ckpt else (0, {"top1": -1.0, "epoch": 0})
@@ -306,8 +306,8 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
 def _on_device(batch: dict, data_config: dict, runtime, device: torch.device,
                head: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """A loader's batch on ``device``: pixels normalized there, the other tensors copied without blocking, and
-    with ``head`` (the teacher's classifier on ``device``; a store of derived logits) the teacher logits of the
-    batch's features, ``feature @ W.T + b`` in one matmul."""
+    with ``head`` (the teacher's classifier on ``device``) the teacher logits of a batch that has features alone
+    (a store of derived logits), ``feature @ W.T + b`` in one matmul."""
     moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "image" else v
              for k, v in batch.items()}
     moved["image"] = network_input(batch["image"], data_config, runtime, device)  # one copy, as uint8
@@ -316,10 +316,10 @@ def _on_device(batch: dict, data_config: dict, runtime, device: torch.device,
     return moved
 
 
-def derived_head(store: FeatureStore, head: TeacherHead, method_name: str, device: torch.device):
-    """The teacher classifier on ``device`` when the method reads teacher logits that the store derives from its
-    features (`_on_device` makes them per batch); None otherwise."""
-    if store.logits_mode != "derived" or not get_method(method_name).needs_logits:
+def derived_head(head: TeacherHead, method_name: str, device: torch.device):
+    """The teacher classifier on ``device`` when the method reads teacher logits, for the batches whose store
+    gives features alone (mode derived: `_on_device` makes their logits per batch); None otherwise."""
+    if not get_method(method_name).needs_logits:
         return None
     return head.weight.to(device), head.bias.to(device)
 
