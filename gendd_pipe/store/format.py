@@ -113,16 +113,14 @@ def shard_schema(manifest: dict) -> dict[str, ArraySpec]:
     if "mix" in augmented:
         specs.append(ArraySpec("mix", (v, len(MIX_FIELDS)), "float32"))
     width = teacher["num_features"]
-    if is_int8(manifest):
-        specs += [ArraySpec("features", (v, width), "int8", payload=True),
-                  ArraySpec("feature_scales", (width,), "float32", per_chunk=True)]
-    else:
-        specs.append(ArraySpec("features", (v, width), "float16", payload=True))
+    specs.append(ArraySpec("features", (v, width), "int8" if is_int8(manifest) else "float16", payload=True))
     if logits["mode"] == "full":
         specs.append(ArraySpec("logits", (v, teacher["num_classes"]), "float16", payload=True))
     elif logits["mode"] == "topk":
         specs += [ArraySpec("topk_values", (v, logits["k"]), "float16", payload=True),
                   ArraySpec("topk_indices", (v, logits["k"]), "int32")]
+    if is_int8(manifest):  # the int8 codec's scales, one row per chunk of features
+        specs.append(ArraySpec("feature_scales", (width,), "float32", per_chunk=True))
     return {spec.name: spec for spec in specs}
 
 
