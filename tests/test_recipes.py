@@ -4,7 +4,7 @@ The recipe's own settings are kept (models, input sizes, head size, views, logit
 output paths); only what scales with the data or the compute is cut down (epochs,
 batch size, workers, view count, GenDD's sampling steps, samples and
 ``diffusion_batch_mul``; bf16 autocast, a GPU's speed-up that a CPU without bf16
-units emulates; the dkd and gdkd runs of a recipe that has a kd run), weights become ``none`` (random init, no download), and
+units emulates; the ce, dkd and gdkd runs of a recipe that has a kd run), weights become ``none`` (random init, no download), and
 the image shards are a tiny ImageFolder of MNIST digits written on the fly. Every
 recipe as written is validated by ``tests/test_config.py``. Each recipe runs once
 stage by stage through ``gendd-pipe ... --config`` and once through ``dvc repro``
@@ -33,8 +33,8 @@ RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, "pipelines", "*", "para
 RECIPES.append(os.path.join(ROOT, "params.yaml"))  # the embedded default (pipelines/mnist5k links to it)
 SHARD_KEYS = ("shards", "val_shards", "train_shards")
 CUT_DOWN = {"sampling_steps": 4, "diffusion_batch_mul": 2, "samples": 1}  # GenDD's cost knobs, wherever they are
-LIKE_KD = ("dkd", "gdkd")  # runs resolved and run by the same code as a recipe's kd run (each method trains in
-# tests/test_distill.py), left out here: a DVC stage process costs 8-15 s to start
+LIKE_KD = ("ce", "dkd", "gdkd")  # logit runs resolved and run by the same code as a recipe's kd run (each method
+# trains in tests/test_distill.py), left out here: a DVC stage process costs 8-15 s to start
 DVC = os.path.join(os.path.dirname(sys.executable), "dvc")
 
 
