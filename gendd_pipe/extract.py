@@ -216,16 +216,17 @@ def _extract_todo(urls: list[str], store: str, root, manifest: dict, cfg: Extrac
         return
     by_name = {shard_name(u): u for u in urls}
     claims = Claims(store, root, leases, list(by_name))
-    task, sources = narrow(cfg, ShardConfig), {name: {"source": recorded_source(u)} for name, u in by_name.items()}
     in_process, waited, progressed = cfg.dask_workers == 0 and not cfg.scheduler, False, time.monotonic()
+    task = narrow(cfg, ShardConfig)
+    report = {"report": bar.add_images} if in_process else {}  # Dask tasks report through the worker's events
+    extra = {name: {"source": recorded_source(u), **report} for name, u in by_name.items()}
     with nullcontext() if in_process else dask_client(cfg.scheduler, cfg.dask_workers, cfg.threads, devices) as client:
         while claims.todo:
             shards = ((name, by_name[name]) for name in claims.claimed())
             if in_process:
-                extra = {name: {**kw, "report": bar.add_images} for name, kw in sources.items()}
                 results = run_in_process(extract_shard, shards, (store, manifest, task), extra)
             else:
-                results = run_per_shard(extract_shard, shards, (store, manifest, task), client, bar, devices, sources)
+                results = run_per_shard(extract_shard, shards, (store, manifest, task), client, bar, devices, extra)
             for name, result in results:
                 if isinstance(result, TaskFailure):
                     raise GenddError(result.message)

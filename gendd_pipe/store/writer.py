@@ -65,7 +65,7 @@ class ShardWriter:
                  int8_floor: float = 0.0):
         self.name, self.chunk, self.clevel, self.int8_floor = name, chunk, clevel, int8_floor
         self.schema = schema
-        self.int8 = schema["features"].dtype == "int8" if "features" in schema else False
+        self.int8 = "features" in schema and schema["features"].dtype == "int8"
         self.group = open_root(f"{store.rstrip('/')}/{SHARDS}/{name}", mode="w")
         self.arrays = {key: self._create(spec) for key, spec in schema.items()}
         self.sums = {key: Checksum() for key in schema}
