@@ -229,7 +229,8 @@ RunDevice, RunAmp, RunChannelsLast, RunCompile = _runtime_options(run=True)
 @stage_command("prepare")
 def prepare_command(
     config: Config = None, sets: Sets = None,
-    dataset=option("dataset", help="mnist5k, or an ImageFolder root SRC/<class>/<image>."),
+    dataset=option("dataset", help="mnist5k, fashion-mnist, or an ImageFolder root SRC/<class>/<image>."),
+    data_dir=option("data_dir", help="fashion-mnist: the directory of its IDX files."),
     out=option("out", help="Directory of the shards.", flags=("--out", "-o")),
     val_fraction=option("val_fraction", help="Share of each class held out for val."),
     shard_size=option("shard_size", help="Samples per shard."),

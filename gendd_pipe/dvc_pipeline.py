@@ -139,7 +139,8 @@ def pipeline(params_path: str) -> dict:
     stages = {}
     if "prepare" in cfg:
         c = cfg["prepare"]
-        stages["prepare"] = _stage("prepare", ref, ["prepare"], [] if c.dataset == "mnist5k" else ["${prepare.dataset}"],
+        stages["prepare"] = _stage("prepare", ref, ["prepare"], (
+            [] if c.dataset in ("mnist5k", "fashion-mnist") else ["${prepare.dataset}"]),
                                    outs=["${prepare.out}"])
     if "teacher" in cfg:
         c = cfg["teacher"]

