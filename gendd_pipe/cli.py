@@ -416,10 +416,20 @@ def distill_command(
     smoothing=option("loader.label_smoothing", help="Label smoothing of the soft labels (mixed views' labels are "
                                                      "mixed after it).", run=True),
     views=option("loader.views", help="Train on the store's first N views, as from a store of N.", run=True),
+    teacher=option("teacher.name", help="A live teacher in place of the store (timm name): run beside the student "
+                   "on a fresh view every epoch.", flags=("--teacher",), run=True),
+    teacher_weights=option("teacher.weights", help="The live teacher's weights: none | bundled:efficientnet-lite0 | "
+                           "pretrained | PATH | URL.", flags=("--teacher-weights",), run=True),
+    teacher_size=option("teacher.input_size", help="The live teacher's square input size.",
+                        flags=("--teacher-input-size",), run=True),
     device=RunDevice, amp=RunAmp, channels_last=RunChannelsLast, compile=RunCompile,
     resume: Resume = False, storage_options: StorageOptions = None, quiet: Quiet = False, verbose: Verbose = False,
 ):
-    """Train a student from a feature store, without the teacher (GenDD or a logit baseline)."""
+    """Train a student from a feature store, without the teacher, or beside a live one (GenDD or a logit
+    baseline)."""
+    if store is not None and teacher is not None:
+        raise GenddError(f"--store {store} and --teacher {teacher}: a run takes its teacher outputs from a store or "
+                         "from a live teacher, not both")
     params = load_params(config, sets or [])
     run = _pick_run(params, run, method or DistillConfig.method)
     cfg = _resolve("distill", distill_command, locals(), run)

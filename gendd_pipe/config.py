@@ -140,9 +140,12 @@ def type_at(cls, loc: tuple):
 
 
 def default_of(cls, path: str):
-    """The default of the key ``path`` (``views.scale``) of config class ``cls``; MISSING when it has none."""
+    """The default of the key ``path`` (``views.scale``) of config class ``cls``; MISSING when it has none (or
+    lies inside a section that is None by default)."""
     value, hint = dataclasses.MISSING, cls
     for key in path.split("."):
+        if value is None:
+            return dataclasses.MISSING
         if value is not dataclasses.MISSING:
             value = getattr(value, key)
             continue

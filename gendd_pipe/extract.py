@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from contextlib import nullcontext, suppress
-from dataclasses import asdict, field, replace
+from dataclasses import field, replace
 from typing import Annotated, Literal
 
 import torch
@@ -28,7 +28,7 @@ from gendd_pipe.cluster import (TaskFailure, dask_client, local_devices, run_in_
                                 split_threads)
 from gendd_pipe.config import (NonNegativeInt, OutputDir, OutputFile, PositiveInt, Shards, configclass, narrow,
                                to_dict)
-from gendd_pipe.data.augment import AugmentConfig, fill_color, parse_randaugment
+from gendd_pipe.data.augment import AugmentConfig
 from gendd_pipe.data.shards import expand_urls, shard_name
 from gendd_pipe.data.views import ViewConfig
 from gendd_pipe.errors import GenddError
@@ -36,9 +36,9 @@ from gendd_pipe.files import file_sha256, public_url, write_json, write_yaml
 from gendd_pipe.layout import config_beside
 from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher, create_teacher
 from gendd_pipe.runtime import RuntimeConfig, resolve_device
-from gendd_pipe.shard_task import ShardConfig, extract_shard
+from gendd_pipe.shard_task import ShardConfig, extract_shard, view_manifest
 from gendd_pipe.storage import storage_errors
-from gendd_pipe.store.format import (MANIFEST_ATTR, SHARDS, check_compatible, format_version, logits_spec, parse_logits,
+from gendd_pipe.store.format import (MANIFEST_ATTR, SHARDS, check_compatible, logits_spec, parse_logits,
                                      recorded_source)
 from gendd_pipe.store.lease import Claims, Leases
 from gendd_pipe.store.reader import FeatureStore
@@ -94,33 +94,11 @@ class ExtractConfig:
         return self
 
 
-def augment_section(teacher: Teacher, cfg: ExtractConfig) -> dict:
-    """The manifest's ``augment`` section of an augmented store (none for a plain one): the config (without
-    ``color_jitter`` when it is off, as version-3 stores were written), the fill of geometric ops, and the
-    RandAugment op names the stored op indices refer to."""
-    if not cfg.augment.active:
-        return {}
-    section = asdict(cfg.augment)
-    if not section["color_jitter"]:
-        del section["color_jitter"]
-    fill = fill_color(teacher.data_config["mean"])
-    ops, layers = [], 0
-    if cfg.augment.randaugment:
-        augment = parse_randaugment(cfg.augment.randaugment, teacher.input_hw, fill,
-                                    teacher.data_config["interpolation"])
-        ops, layers = [op.name for op in augment.ops], augment.num_layers
-    return {"augment": {**section, "fill": list(fill), "ops": ops, "layers": layers}}
-
-
 def requested_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
     """Everything that fixes the bytes of a store, plus an empty shard list. Augmented stores are format
     version 3, or 4 with color jitter (readers that do not replay them refuse them); plain ones stay version 2."""
-    augment = augment_section(teacher, cfg)
     return {
-        "format_version": format_version(augment.get("augment", {})),
-        **augment,
-        **teacher.manifest(),
-        "views": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg.views).items()},
+        **view_manifest(teacher, cfg.views, cfg.augment),
         "logits": parse_logits(cfg.logits),
         "compute": {"precision": cfg.runtime.precision},
         "storage": {"features_dtype": cfg.features_dtype, "codec": "blosc-zstd-bitshuffle", "clevel": cfg.clevel,

@@ -26,7 +26,6 @@ from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 from pydantic import Field
 from safetensors.torch import save_file
 from timm.scheduler import CosineLRScheduler
@@ -35,7 +34,7 @@ from gendd_pipe import seeds
 from gendd_pipe.config import (NonNegativeFloat, NonNegativeInt, OutputDir, PositiveFloat, PositiveInt, Shards,
                                configclass, differences, narrow, to_dict)
 from gendd_pipe.data.streams import augmented_pipeline, epoch_steps, eval_pipeline
-from gendd_pipe.data.shards import expand_urls
+from gendd_pipe.data.shards import expand_urls, shard_labels
 from gendd_pipe.data.views import ViewConfig
 from gendd_pipe.distill.checkpoint import read_checkpoint, save_checkpoint
 from gendd_pipe.errors import GenddError
@@ -68,22 +67,6 @@ class FinetuneConfig:
     shuffle_buffer: PositiveInt = 1000
     num_workers: NonNegativeInt | None = None  # DataLoader worker processes; None: sized to the cores
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # device and precision (a resume may change them)
-
-
-def shard_labels(urls: list[str]) -> tuple[dict[str, int], int]:
-    """(sample count per shard URL, largest label) of shards, read from their ``cls`` members without decoding
-    images."""
-    counts, top = dict.fromkeys(urls, 0), -1
-    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
-        counts[sample["__url__"]] += 1
-        if "cls" in sample:
-            text = sample["cls"].decode("utf-8", "replace").strip()
-            try:
-                top = max(top, int(text))
-            except ValueError:
-                raise GenddError(f"{sample['__url__']}: sample {sample['__key__']!r} has cls {text[:20]!r}, "
-                                 "not an integer") from None
-    return counts, top
 
 
 @torch.no_grad()
@@ -151,7 +134,7 @@ def finetune(shards: list[str], val_shards: list[str], out: str, cfg: FinetuneCo
     if cfg.epochs == 0:
         val = accuracy(model, val_urls, data_config, cfg.batch_size, cfg.num_workers, runtime)
         return _write(out, cfg, model, None, [{"epoch": 0, "val": val}])
-    counts, top = shard_labels(urls)
+    counts, _, top = shard_labels(urls)
     count = sum(counts.values())
     num_classes = cfg.num_classes or top + 1
     if num_classes < 2:

@@ -2,7 +2,7 @@
 
 `extract_shard` builds the teacher once per process (`cached_teacher`), streams the shard, draws every
 view of every image (`gendd_pipe.data.views`, and for an augmented store its RandAugment, color jitter and mix
-draws, `plan_rows`), renders them with the store's renderer on threads ahead of the forward, and writes the
+draws, `gendd_pipe.data.plan`), renders them with the store's renderer on threads ahead of the forward, and writes the
 arrays the store's `shard_schema` declares, chunk by chunk on a writer thread, ``complete`` last. It runs as a
 Dask task or in the driver's process (`gendd_pipe.extract`); it knows nothing of leases or of other shards.
 """
@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import field
+from dataclasses import asdict, field
 from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from gendd_pipe import seeds
 from gendd_pipe.cluster import report_progress, task_runtime
 from gendd_pipe.config import PositiveInt, configclass
-from gendd_pipe.data.augment import (NO_JITTER, NO_MIX, AugmentConfig, draw_jitter, draw_mix, draw_randaugment,
-                                     no_randaugment)
+from gendd_pipe.data.augment import AugmentConfig, fill_color, parse_randaugment
+from gendd_pipe.data.plan import plan_views
 from gendd_pipe.data.render import create_renderer, prefetched
 from gendd_pipe.data.replay import Replay
 from gendd_pipe.data.shards import Sample, ShardReader, Skipped, shard_name
@@ -32,7 +31,7 @@ from gendd_pipe.files import public_url
 from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher
 from gendd_pipe.runtime import RuntimeConfig, normalize_pixels
 from gendd_pipe.storage import storage_errors
-from gendd_pipe.store.format import SHARDS, recorded_source, shard_schema
+from gendd_pipe.store.format import SHARDS, format_version, recorded_source, shard_schema
 from gendd_pipe.store.writer import RESUME, ShardWriter, is_complete, open_root
 
 log = logging.getLogger(__name__)
@@ -54,6 +53,31 @@ class ShardConfig:
     render_threads: PositiveInt | None = None
     int8_floor: Annotated[float, Field(gt=0, le=1)] = 0.999
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def augment_section(teacher: Teacher, augment: AugmentConfig) -> dict:
+    """The manifest's ``augment`` section of an augmented store (none for a plain one): the config (without
+    ``color_jitter`` when it is off, as version-3 stores were written), the fill of geometric ops, and the
+    RandAugment op names the stored op indices refer to."""
+    if not augment.active:
+        return {}
+    section = asdict(augment)
+    if not section["color_jitter"]:
+        del section["color_jitter"]
+    fill = fill_color(teacher.data_config["mean"])
+    ops, layers = [], 0
+    if augment.randaugment:
+        ops_of = parse_randaugment(augment.randaugment, teacher.input_hw, fill, teacher.data_config["interpolation"])
+        ops, layers = [op.name for op in ops_of.ops], ops_of.num_layers
+    return {"augment": {**section, "fill": list(fill), "ops": ops, "layers": layers}}
+
+
+def view_manifest(teacher: Teacher, views: ViewConfig, augment: AugmentConfig) -> dict:
+    """The manifest sections that fix a view's pixels and its teacher outputs: ``format_version`` (3 augmented, 4
+    with color jitter, else 2), ``augment`` (augmented stores only), ``teacher``, ``preprocessing`` and ``views``."""
+    section = augment_section(teacher, augment)
+    return {"format_version": format_version(section.get("augment", {})), **section, **teacher.manifest(),
+            "views": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(views).items()}}
 
 
 def _rendered(reader: ShardReader, teacher: Teacher, cfg: ShardConfig, manifest: dict) -> Iterator:
@@ -94,31 +118,6 @@ def _decodable(reader: ShardReader, threads: int) -> Iterator[Sample | Skipped]:
     return prefetched(check, reader, threads, 4 * threads)
 
 
-def plan_rows(samples: list[Sample], teacher: Teacher, cfg: ShardConfig, replay: Replay) -> dict[str, np.ndarray]:
-    """Every stored view of a shard's rows: ``views`` (n, V, 5), and ``jitter`` (n, V, 6), ``augment`` (n, V, L, 3)
-    (drawn from the RandAugment that ``replay`` applies) and ``mix`` (n, V, 7) as configured, each drawn from
-    (seed, key, view);
-    view 0 stays the plain eval view."""
-    dc, size, v = teacher.data_config, teacher.input_hw, cfg.views.count
-    views = np.stack([sample_views(s.key, *s.image.size, cfg.views, size, dc["crop_pct"], dc.get("crop_mode", "center"))
-                      for s in samples])
-    plan = {"views": views}
-    if cfg.augment.color_jitter > 0:
-        plan["jitter"] = np.stack([[NO_JITTER] + [draw_jitter(cfg.augment.color_jitter,
-                                                              seeds.rng(cfg.views.seed, f"jitter:{s.key}", k))
-                                                  for k in range(1, v)] for s in samples])
-    augment = replay.randaugment
-    if augment is not None:
-        plan["augment"] = np.stack([[no_randaugment(augment.num_layers)] +
-                                    [draw_randaugment(augment, seeds.rng(cfg.views.seed, f"randaugment:{s.key}", k))
-                                     for k in range(1, v)] for s in samples])
-    if cfg.augment.mixing:
-        plan["mix"] = np.stack([[NO_MIX] + [draw_mix(cfg.augment, seeds.rng(cfg.views.seed, f"mix:{s.key}", k), i,
-                                                     len(samples), size) for k in range(1, v)]
-                                for i, s in enumerate(samples)])
-    return plan
-
-
 def _rendered_augmented(reader: ShardReader, teacher: Teacher, cfg: ShardConfig, replay: Replay, threads: int,
                         ahead: int):
     """`_rendered` for an augmented store: the shard is read whole first (its decodable samples are the rows that
@@ -130,7 +129,7 @@ def _rendered_augmented(reader: ShardReader, teacher: Teacher, cfg: ShardConfig,
         raise GenddError(f"{public_url(reader.url)}: {len(samples)} readable sample(s); a mixed view needs a partner "
                          "from the same shard (put more samples in each shard, or set augment.mixup and "
                          "augment.cutmix to 0)")
-    plan = plan_rows(samples, teacher, cfg, replay)
+    plan = plan_views(samples, cfg.views, cfg.augment, replay, teacher.data_config)
     dc, on_cpu = teacher.data_config, teacher.device.type == "cpu"
 
     def one(i: int):

@@ -16,7 +16,8 @@ from gendd_pipe.data.views import ViewConfig
 from gendd_pipe.distill.checkpoint import save_checkpoint
 from gendd_pipe.errors import GenddError
 from gendd_pipe.extract import ExtractConfig, extract
-from gendd_pipe.finetune import FinetuneConfig, finetune, shard_labels
+from gendd_pipe.data.shards import shard_labels
+from gendd_pipe.finetune import FinetuneConfig, finetune
 from gendd_pipe.models.teacher import TeacherConfig
 from gendd_pipe.store.reader import FeatureStore
 
@@ -29,7 +30,7 @@ def _cfg(**kwargs):
 
 
 def test_shard_labels_counts_without_decoding(digit_store):
-    counts, top = shard_labels(digit_store["train"])
+    counts, _, top = shard_labels(digit_store["train"])
     assert list(counts) == digit_store["train"] and sum(counts.values()) == 96 and top == 9
 
 

@@ -124,7 +124,8 @@ class JoinedRow:
         sample: The sample, opened (decoded by the renderer when it renders).
         row: Its row in the feature shard.
         block: The feature shard's arrays (`FeatureStore.read_shard`).
-        store: The store, which says what a view's teacher outputs are.
+        store: The store, which says what a view's teacher outputs are (None: a live teacher's row, whose block
+            holds the views alone).
         partners: A mixed store's samples of the whole shard, by row (a view's partner may be any of them).
     """
 
@@ -132,7 +133,7 @@ class JoinedRow:
     sample: Sample
     row: int
     block: dict[str, np.ndarray]
-    store: FeatureStore
+    store: FeatureStore | None
     partners: list[Sample] | None = None
 
     @property
@@ -145,10 +146,10 @@ class JoinedRow:
         return {k: torch.from_numpy(v) for k, v in self.store.teacher_outputs(self.block, self.row, view).items()}
 
 
-def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = True):
-    """Pipeline stage: ``{"url": ..., "rows": (first, end)}`` dicts -> a `JoinedRow` for each of those rows. A
-    store with mixed views keeps each shard's samples (encoded) in memory, as ``partners``, since a row's partner
-    may be any row of its shard."""
+def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = True, epoch: int = 0):
+    """Pipeline stage: ``{"url": ..., "rows": (first, end)}`` dicts -> a `JoinedRow` for each of those rows (the
+    same in every ``epoch``). A store with mixed views keeps each shard's samples (encoded) in memory, as
+    ``partners``, since a row's partner may be any row of its shard."""
     store = FeatureStore.open(store_url)
     for item in urls:
         url = item["url"]
@@ -170,9 +171,11 @@ def _joined(urls, store_url: str, skipped: dict[str, set[str]], verify: bool = T
 
 
 def _render_train(item: JoinedRow, replay: Replay, seed: int, epoch: int, targets: dict | None = None,
-                  views: int | None = None, with_eval_view: bool = False) -> dict:
-    """A joined row's sample at one of its cached views, picked from (seed, epoch, key), with the teacher's
-    outputs of that view (and its soft ``target`` where ``targets`` asks for one)."""
+                  views: int | None = None, with_eval_view: bool = False, teacher: Replay | None = None) -> dict:
+    """A joined row's sample at one of its views, picked from (seed, epoch, key), with the teacher's outputs of
+    that view from the store, or with ``teacher`` (a live teacher's `Replay`) the view's pixels at the teacher's
+    input size, ``teacher_image``, for the teacher to run on where the student trains (and the soft ``target``
+    where ``targets`` asks for one)."""
     sample, row = item.sample, item.views
     count = views or len(row["views"])  # (train_pipeline refuses more views than the store has)
     augmented = any(k in row for k in ("jitter", "augment", "mix"))  # views 1..V-1 are augmented; 0 is the eval view
@@ -180,7 +183,14 @@ def _render_train(item: JoinedRow, replay: Replay, seed: int, epoch: int, target
     v = first + seeds.index(count - first, seed, epoch, sample.key)  # uniform, from (seed, epoch, key)
     with naming_the_sample(item.url, sample):  # the image decoded at extraction, so these are other bytes
         image = replay.views(sample, row, item.partners, item.block, [v])[0]
-    out = {"key": sample.key, "image": image, "label": sample.label, "view": v, **item.teacher(v)}
+    out = {"key": sample.key, "image": image, "label": sample.label, "view": v}
+    if teacher is None:
+        out.update(item.teacher(v))
+    elif teacher.size == replay.size:  # the same pixels: both replay with the store's interpolation
+        out["teacher_image"] = image
+    else:
+        with naming_the_sample(item.url, sample):
+            out["teacher_image"] = teacher.views(sample, row, item.partners, item.block, [v])[0]
     if targets is not None:  # the soft label: mixed with the partner's, smoothed, as timm's Mixup makes it
         mix = row["mix"][v] if "mix" in row else NO_MIX
         partner = item.partners[int(mix[0])].label if is_mixed(mix) else sample.label
@@ -214,7 +224,7 @@ class TrainEpochs:
     world: int
     seed: int
     shuffle_buffer: int
-    source: Callable  # pipeline stage: this part's ``{"url", "rows"}`` -> `JoinedRow`
+    source: Callable  # pipeline stage: this part's ``{"url", "rows"}`` and the epoch -> `JoinedRow`
     render: Callable  # a `JoinedRow` and the epoch -> the sample's tensors
 
     def __call__(self, epoch: int):
@@ -222,8 +232,8 @@ class TrainEpochs:
         sizes = [self.counts[shard_name(u)] for u in order]
         steps, batch = epoch_steps(sum(sizes), self.batch_size, self.world)
         split = partial(epoch_shards, counts=sizes, steps=steps, batch=batch, world=self.world)
-        return epoch_pipeline(order, [split], self.source, partial(self.render, epoch=epoch), self.seed, epoch,
-                      self.shuffle_buffer)
+        return epoch_pipeline(order, [split], partial(self.source, epoch=epoch), partial(self.render, epoch=epoch),
+                              self.seed, epoch, self.shuffle_buffer)
 
 
 def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg: LoaderConfig, seed: int,
@@ -240,35 +250,46 @@ def train_pipeline(urls: list[str], store: FeatureStore, data_config: dict, cfg:
     ``fresh_scale``, each epoch draws a new random-resized crop of that scale per image instead (the store's
     aspect range and flip probability, seeded by (seed, epoch, key)), and a batch holds ``key``, ``image``,
     ``label`` (and a soft ``target``) alone: the path of training that needs no teacher output."""
-    renderer = renderer_of(store.manifest)
-    create_renderer(renderer)  # a store naming a renderer this version lacks fails here, in one line
     counts = counts or check_shards(store, urls)
     if cfg.views is not None and cfg.views > store.num_views:
         raise GenddError(f"{public_url(store.url)}: loader.views {cfg.views}: the store has {store.num_views} views per "
                          f"image; use at most {store.num_views}")
-    if fresh_scale is None and not cfg.eval_view and (cfg.views or store.num_views) < 2:
-        raise GenddError(f"{public_url(store.url)}: the store has one view per image, its eval view, which training "
-                         "leaves out; extract more views or set loader.eval_view: true")
+    if is_mixed_store(store.manifest):
+        log.info(_held_per_worker(urls, store, counts))
+    source = partial(_joined, store_url=store.url, skipped=_skipped_keys(store), verify=cfg.verify)
+    return rows_pipeline(urls, counts, store.manifest, store.num_views, source, data_config, cfg, seed, epoch, cuda,
+                         soft_labels, fresh_scale, where=public_url(store.url))
+
+
+def rows_pipeline(urls: list[str], counts: dict[str, int], manifest: dict, num_views: int, source: Callable,
+                  data_config: dict, cfg: LoaderConfig, seed: int, epoch: int = 0, cuda: bool = False,
+                  soft_labels: bool = False, fresh_scale: tuple[float, float] | None = None,
+                  teacher: Replay | None = None, where: str = "the store") -> DataLoader:
+    """`train_pipeline` over the rows that ``source`` yields (a pipeline stage: ``{"url", "rows"}`` and the epoch
+    -> `JoinedRow`), whose views are drawn and rendered as ``manifest`` says, ``num_views`` per row; with
+    ``teacher`` (a live teacher's `Replay`) a batch carries each view's ``teacher_image`` in place of the store's
+    outputs (`_render_train`)."""
+    renderer = renderer_of(manifest)
+    create_renderer(renderer)  # a store naming a renderer this version lacks fails here, in one line
+    if fresh_scale is None and not cfg.eval_view and (cfg.views or num_views) < 2:
+        raise GenddError(f"{where}: one view per image, its eval view, which training leaves out; extract more "
+                         "views or set loader.eval_view: true")
     fresh = None
     if fresh_scale is not None:
-        stored = store.manifest["views"]
+        stored = manifest["views"]
         fresh = ViewConfig(scale=fresh_scale, ratio=tuple(stored["ratio"]), hflip=stored["hflip"], seed=seed,
                            renderer=renderer)
     world = wds.utils.pytorch_worker_info()[1]
     _, batch = epoch_steps(sum(counts.values()), cfg.batch_size, world)  # a batch that cannot divide fails here
-    mixed = is_mixed_store(store.manifest)
-    if mixed:
-        log.info(_held_per_worker(urls, store, counts))
-    num_classes = store.manifest["teacher"]["num_classes"]
-    soft = soft_labels and (mixed or cfg.label_smoothing > 0)
+    num_classes = manifest["teacher"]["num_classes"]
+    soft = soft_labels and (is_mixed_store(manifest) or cfg.label_smoothing > 0)
     targets = {"num_classes": num_classes, "smoothing": cfg.label_smoothing} if soft else None
-    replay = Replay(store.manifest, data_config)
+    replay = Replay(manifest, data_config)
     if fresh is None:
         render = partial(_render_train, replay=replay, seed=seed, targets=targets, views=cfg.views,
-                         with_eval_view=cfg.eval_view)
+                         with_eval_view=cfg.eval_view, teacher=teacher)
     else:
         render = partial(_render_fresh, replay=replay, views=fresh, targets=targets)
-    source = partial(_joined, store_url=store.url, skipped=_skipped_keys(store), verify=cfg.verify)
     epochs = TrainEpochs(list(urls), counts, cfg.batch_size, world, seed, cfg.shuffle_buffer, source, render)
     return data_loader(EpochStream(epochs, epoch), batch, cfg.num_workers, cuda, drop_last=True)
 

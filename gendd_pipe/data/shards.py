@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import braceexpand
 import fsspec
 import numpy as np
+import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
@@ -112,6 +113,24 @@ def shard_name(url: str) -> str:
     path = urlsplit(url.rsplit("::", 1)[-1]).path if "://" in url else url  # no query string, no fragment
     base = path.rstrip("/").rsplit("/", 1)[-1]
     return base[: -len(".tar")] if base.endswith(".tar") else base
+
+
+def shard_labels(urls: list[str]) -> tuple[dict[str, int], int, int]:
+    """(sample count per shard URL, lowest label, highest label) of shards, read from their ``cls`` members
+    without decoding images; a sample without one counts as label -1 (`UNLABELED`)."""
+    counts, low, top = dict.fromkeys(urls, 0), None, UNLABELED
+    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+        counts[sample["__url__"]] += 1
+        label = UNLABELED
+        if "cls" in sample:
+            text = sample["cls"].decode("utf-8", "replace").strip()
+            try:
+                label = int(text)
+            except ValueError:
+                raise GenddError(f"{sample['__url__']}: sample {sample['__key__']!r} has cls {text[:20]!r}, "
+                                 "not an integer") from None
+        low, top = label if low is None else min(low, label), max(top, label)
+    return counts, UNLABELED if low is None else low, top
 
 
 class _HashingReader(io.RawIOBase):

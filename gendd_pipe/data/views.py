@@ -96,10 +96,10 @@ def random_view(width: int, height: int, cfg: ViewConfig, rng: np.random.Generat
     return np.array([top / height, left / width, h / height, w / width, flip], dtype=np.float32)
 
 
-def sample_views(
-    key: str, width: int, height: int, cfg: ViewConfig, size: tuple[int, int], crop_pct: float, crop_mode: str
-) -> np.ndarray:
-    """All ``cfg.count`` views of one image, shape (V, 5), view 0 the eval view."""
-    views = [eval_view(width, height, size, crop_pct, crop_mode)]
-    views += [random_view(width, height, cfg, seeds.rng(cfg.seed, key, v)) for v in range(1, cfg.count)]
-    return np.stack(views)
+def sample_views(key: str, width: int, height: int, cfg: ViewConfig, size: tuple[int, int], crop_pct: float,
+                 crop_mode: str, which: list[int] | None = None) -> np.ndarray:
+    """The views ``which`` (default all ``cfg.count``) of one image, shape (k, 5): view 0 the eval view, view v a
+    random one drawn from (seed, key, v)."""
+    which = range(cfg.count) if which is None else which
+    return np.stack([eval_view(width, height, size, crop_pct, crop_mode) if v == 0 else
+                     random_view(width, height, cfg, seeds.rng(cfg.seed, key, v)) for v in which])

@@ -20,6 +20,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from gendd_pipe.config import (ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range,
                                configclass, parse, to_dict, unknown_key)
 from gendd_pipe.data.loader import LoaderConfig
+from gendd_pipe.distill.live import LiveTeacherConfig
 from gendd_pipe.distill.methods import get_method, load_error, method_names, sections
 from gendd_pipe.errors import GenddError
 from gendd_pipe.models.student import StudentConfig
@@ -47,6 +48,8 @@ class DistillConfig:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # device, precision (a resume keeps amp), compile
     probe: bool | None = None  # fit a linear probe on train features each epoch; None: when unsupervised
+    teacher: LiveTeacherConfig | None = None  # a live teacher in place of the store: run beside the student on
+    # views drawn as an extraction of its settings draws them, a fresh one every epoch (gendd_pipe.distill.live)
     options: Any = Field(default=None, validate_default=True)  # the method's own section (its Config)
 
     @field_validator("method")
@@ -132,7 +135,7 @@ def upgrade(record: Mapping) -> dict:
         gendd["head_weight_decay"] = data.pop("head_weight_decay")
     if gendd:
         data["gendd"] = gendd
-    for key, value in (("schedule", "cosine"), ("decay_epochs", []), ("decay_rate", 0.1)):
+    for key, value in (("schedule", "cosine"), ("decay_epochs", []), ("decay_rate", 0.1), ("teacher", None)):
         data.setdefault(key, value)  # before the step schedule, every run was a cosine
     student = data.get("student")
     if isinstance(student, dict):  # before model arguments and the eval transform: timm's own

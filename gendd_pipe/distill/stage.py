@@ -1,7 +1,8 @@
 """Stage ``distill@RUN``: the ``distill`` section of a recipe, and one run of it trained into the layout.
 
 A recipe's ``distill`` section names the store, the shards and an output root,
-then ``common`` settings and ``runs``: each run is ``common`` with the run's own
+then ``common`` settings and ``runs`` (a run that names a live ``teacher`` learns from it instead of the store,
+`gendd_pipe.distill.live`): each run is ``common`` with the run's own
 keys laid over it, and its method defaults to the run's name. A run writes
 ``OUT/runs/RUN/`` (checkpoints, per-epoch metrics, config.yaml),
 ``OUT/metrics/RUN.json`` (best and last epoch, for ``dvc metrics``) and
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 class DistillStage:
     """The ``distill`` section: where students learn from, where they go, and the runs."""
 
-    store: str  # the feature store (path or URL)
+    store: str | None = None  # the feature store (path or URL) of the runs that name no live teacher
     shards: Shards  # train image shards
     val_shards: Shards  # val image shards
     out: OutputDir  # root of runs/RUN, metrics/RUN.json, plots/RUN.csv
@@ -52,9 +53,16 @@ class DistillStage:
     @model_validator(mode="after")
     def _every_run_validates(self):
         for name in self.runs or {"": None}:  # with no runs, common alone
-            self.run(name) if name else parse_run(merged({"method": DistillConfig.method}, self.common),
-                                                  "distill.common")
+            run = self.run(name) if name else parse_run(merged({"method": DistillConfig.method}, self.common),
+                                                        "distill.common")
+            if run.teacher is None and not self.store:
+                raise ConfigError("distill", ("store",), f"run {name or 'common'} names no live teacher, so it "
+                                  "learns from a store: set distill.store (or the run's teacher)")
         return self
+
+    def source(self, name: str) -> str | None:
+        """The store run ``name`` learns from: ``store``, or None for a run that names a live teacher."""
+        return None if self.run(name).teacher else self.store
 
     def run(self, name: str) -> DistillConfig:
         """The resolved settings of run ``name``."""
@@ -119,7 +127,7 @@ def run_stage(cfg: DistillStage, run: str, resume: bool | None = None, progress:
     directory = run_dir(cfg.out, run)
     if resume is None:  # decided (and a stale run cleared) by rank 0 alone under torchrun
         resume = on_rank0(lambda: _fresh_or_resume(directory, config), config.runtime)
-    summary = distill(cfg.store, list(cfg.shards), list(cfg.val_shards), directory, config, resume=resume,
+    summary = distill(cfg.source(run), list(cfg.shards), list(cfg.val_shards), directory, config, resume=resume,
                       progress=progress, stage1_cache=stage1_cache(cfg.out))
     if not summary:  # a torchrun process other than rank 0
         return summary

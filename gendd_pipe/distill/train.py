@@ -1,7 +1,7 @@
-"""The distill loop: a student trained from a feature store, without the teacher.
+"""The distill loop: a student trained from a feature store, without the teacher (or beside a live one).
 
-`distill` checks the store against the shards and the method, builds the student
-and method, and trains it phase by phase (`Phase`: one, or GenDD's stage 1 then
+`distill` checks the store (or the live teacher, `gendd_pipe.distill.live`) against the shards and the
+method, builds the student and method, and trains it phase by phase (`Phase`: one, or GenDD's stage 1 then
 stage 2), each phase with a fresh AdamW (beta2 ramped as the official GenDD code
 does) and its own per-step schedule with linear warmup (timm's
 `CosineLRScheduler` or `MultiStepLRScheduler`), one checkpoint per epoch
@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from gendd_pipe.data.shards import expand_urls, shard_name
 from gendd_pipe.distill.checkpoint import load_state, read_checkpoint, save_checkpoint
 from gendd_pipe.distill.config import DistillConfig
 from gendd_pipe.distill.evaluate import evaluate
+from gendd_pipe.distill.live import LiveTeacher
 from gendd_pipe.distill.methods import Phase, TeacherHead, create_method, get_method
 from gendd_pipe.distill.stage1 import cache_path, read_stage1, restore_stage1, save_stage1, stage1_key
 from gendd_pipe.errors import GenddError
@@ -62,6 +64,14 @@ from gendd_pipe.store.reader import FeatureStore
 log = logging.getLogger(__name__)
 
 
+def check_mixed(manifest: dict, cfg: DistillConfig, where: str) -> None:
+    """Refuse a method that needs one target class per sample on views that are mixed."""
+    if not cfg.unsupervised and is_mixed_store(manifest) and not get_method(cfg.method).mixed_labels:
+        raise GenddError(f"{where}: its views are mixed, so their labels are two classes mixed; method "
+                         f"{cfg.method} needs one target class per sample (use kd, gdkd, gendd or ce, or views "
+                         "without augment.mixup and augment.cutmix)")
+
+
 def check_method(store: FeatureStore, cfg: DistillConfig, counts: dict[str, int]) -> None:
     """Refuse a method the store cannot feed: top-k logits where it needs full ones, or missing labels."""
     if get_method(cfg.method).needs_logits and store.logits_mode not in ("full", "derived"):
@@ -70,10 +80,7 @@ def check_method(store: FeatureStore, cfg: DistillConfig, counts: dict[str, int]
                          "method)")
     if cfg.unsupervised:
         return
-    if is_mixed_store(store.manifest) and not get_method(cfg.method).mixed_labels:
-        raise GenddError(f"{store.url}: its views are mixed, so their labels are two classes mixed; method "
-                         f"{cfg.method} needs one target class per sample (use kd, gdkd, gendd or ce, or a store "
-                         "extracted without augment.mixup and augment.cutmix)")
+    check_mixed(store.manifest, cfg, store.url)
     num_classes = store.manifest["teacher"]["num_classes"]
     for name in counts:
         labels = store.shard(name)["labels"][...]
@@ -178,25 +185,39 @@ def phase_optimizer(method, phase: Phase, steps: int):
     return optimizer, scheduler
 
 
-def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, cfg: DistillConfig,
+def distill(store_url: str | None, shards: list[str], val_shards: list[str], out: str, cfg: DistillConfig,
             resume: bool = False, progress: bool = True, stage1_cache: str | None = None) -> dict:
-    """Train a student from the store; returns the summary (best and last epoch) also written to ``out``.
+    """Train a student from the store, or from the live teacher ``cfg.teacher`` names (``store_url`` None);
+    returns the summary (best and last epoch) also written to ``out``.
 
     Args:
         stage1_cache: a directory of finished GenDD stage-1 phases (`gendd_pipe.distill.stage1`): a run starts
             stage 2 from one trained with the same stage-1 settings, or trains stage 1 and keeps it there.
     """
-    store = FeatureStore.open(store_url)
+    if store_url and cfg.teacher:
+        raise GenddError(f"{public_url(store_url)}: the run names both a store and a live teacher "
+                         f"({cfg.teacher.name}); its teacher outputs come from one of them: drop the store or teacher")
+    if not store_url and not cfg.teacher:
+        raise GenddError("the run names no store and no live teacher: set distill.store (--store) or a run's teacher")
     urls, val_urls = expand_urls(shards), expand_urls(val_shards)
-    counts = check_shards(store, urls)
-    check_method(store, cfg, counts)
     runtime = cfg.runtime
     rank, world, device = join_world(runtime)
     fast_math(runtime, device)
+    if cfg.teacher is None:
+        store, live = FeatureStore.open(store_url), None
+        counts = check_shards(store, urls)
+        check_method(store, cfg, counts)
+        manifest, head = store.manifest, teacher_head(store, shard_name(urls[0]))
+        pipeline = partial(train_pipeline, urls, store)
+    else:
+        live = LiveTeacher(cfg.teacher, runtime, device)
+        counts = live.check(urls, cfg.unsupervised)
+        check_mixed(live.manifest, cfg, live.name)
+        manifest, head = live.manifest, live.head(urls[0], cfg.loader.batch_size)
+        pipeline = partial(live.pipeline, urls)
 
     torch.manual_seed(cfg.seed)
-    head = teacher_head(store, shard_name(urls[0]))
-    student = create_student(cfg.student, store.manifest["teacher"]["num_classes"])
+    student = create_student(cfg.student, manifest["teacher"]["num_classes"])
     method = place(create_method(cfg, student, head), runtime, device)
     derived = derived_head(head, cfg.method, device)
     steps, per_rank = epoch_steps(sum(counts.values()), cfg.loader.batch_size, world)
@@ -207,17 +228,17 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
     phases = get_method(cfg.method).phases(cfg)
     shared, cached = None, []
     if stage1_cache and phases[0].name == "stage1":
-        key = stage1_key(cfg, phases[0], store.manifest, urls, counts, val_urls, world)
+        key = stage1_key(cfg, phases[0], manifest, urls, counts, val_urls, world)
         shared = cache_path(stage1_cache, key)
         kept = on_rank0(lambda: read_stage1(shared), runtime) if start_epoch == 0 else None
         if kept:
             start_epoch = phases[0].epochs
             cached = restore_stage1(kept, method, shared)
     record = {"distributed": {"world_size": world, "rank_batch": per_rank, "batch_size": cfg.loader.batch_size},
-              "store": public_url(store.url), "shards": [public_url(u) for u in urls],
+              "store": public_url(store_url) if store_url else None, "shards": [public_url(u) for u in urls],
               "val_shards": [public_url(u) for u in val_urls],
-              "teacher": {**store.manifest["teacher"], "head_shape": list(head.weight.shape),
-                          "feature_norm": head.feature_norm, "preprocessing": store.manifest["preprocessing"]}}
+              "teacher": {**manifest["teacher"], "head_shape": list(head.weight.shape),
+                          "feature_norm": head.feature_norm, "preprocessing": manifest["preprocessing"]}}
     epochs = EpochLog(out, keep_through=start_epoch) if rank == 0 else None  # drops epochs past the checkpoint
     for line in cached if epochs else ():  # a stage 1 from the cache: its epochs as this run's
         epochs.append(line)
@@ -239,9 +260,9 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
             scheduler.load_state_dict(ckpt["scheduler"])
             if "scaler" in ckpt:
                 scaler.load_state_dict(ckpt["scaler"])
-        loader = train_pipeline(urls, store, student.data_config, cfg.loader, cfg.seed, max(first, start_epoch),
-                                counts, cuda=device.type == "cuda", soft_labels=not cfg.unsupervised,
-                                fresh_scale=phase.fresh_scale)  # every epoch of the phase
+        loader = pipeline(student.data_config, cfg.loader, cfg.seed, max(first, start_epoch), counts,
+                          cuda=device.type == "cuda", soft_labels=not cfg.unsupervised,
+                          fresh_scale=phase.fresh_scale)  # every epoch of the phase
         total = steps * phase.epochs
         for epoch in range(max(first, start_epoch), end):
             loader.dataset.set_epoch(epoch)
@@ -253,7 +274,7 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
             with StepBar(title, steps, progress and rank == 0) as bar:
                 for i, batch in enumerate(itertools.islice(batches, steps)):
                     step = (epoch - first) * steps + i  # of the phase
-                    batch = _on_device(batch, student.data_config, runtime, device, derived)
+                    batch = _on_device(batch, student.data_config, runtime, device, derived, live)
                     with autocast(runtime, device):
                         losses = model(batch, epoch)
                     optimizer.zero_grad(set_to_none=True)
@@ -304,13 +325,16 @@ def distill(store_url: str, shards: list[str], val_shards: list[str], out: str, 
 
 
 def _on_device(batch: dict, data_config: dict, runtime, device: torch.device,
-               head: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """A loader's batch on ``device``: pixels normalized there, the other tensors copied without blocking, and
-    with ``head`` (the teacher's classifier on ``device``) the teacher logits of a batch that has features alone
-    (a store of derived logits), ``feature @ W.T + b`` in one matmul."""
-    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "image" else v
-             for k, v in batch.items()}
+               head: tuple[torch.Tensor, torch.Tensor] | None = None, live: LiveTeacher | None = None) -> dict:
+    """A loader's batch on ``device``: pixels normalized there, the other tensors copied without blocking; with
+    ``live``, the live teacher's outputs of the batch's ``teacher_image``; and with ``head`` (the teacher's
+    classifier on ``device``) the teacher logits of a batch that has features alone (a store of derived logits,
+    a live teacher of a linear classifier), ``feature @ W.T + b`` in one matmul."""
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in ("image", "teacher_image") else v
+             for k, v in batch.items() if k != "teacher_image"}
     moved["image"] = network_input(batch["image"], data_config, runtime, device)  # one copy, as uint8
+    if live is not None and "teacher_image" in batch:
+        moved.update(live.outputs(batch["teacher_image"]))  # copied as uint8, normalized on the device
     if head is not None and "logits" not in moved:
         moved["logits"] = torch.addmm(head[1], moved["feature"], head[0].T)  # (B, C) float32
     return moved

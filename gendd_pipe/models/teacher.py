@@ -102,9 +102,9 @@ class Teacher:
         bias = fc.bias.detach().float().cpu().numpy() if fc.bias is not None else np.zeros(self.num_classes, np.float32)
         return weight, bias
 
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (N, 3, H, W) on any device -> (features (N, D), logits (N, C)), float32 on the CPU.
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, 3, H, W) on any device -> (features (N, D), logits (N, C)), float32 on the teacher's device.
 
         Images are normalized floats, or uint8 pixels (as renderers make them) that are normalized here, on
         the teacher's device, so only bytes are copied to it. The forward runs on the teacher's device in its
@@ -116,7 +116,13 @@ class Teacher:
             x = normalize_pixels(x, self.data_config["mean"], self.data_config["std"])
         with autocast(self.runtime, self.device):
             features, logits = self._forward(x)  # (N, D), (N, C)
-        return features.float().cpu(), logits.float().cpu()
+        return features.float(), logits.float()
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`, its outputs on the CPU (what extraction stores)."""
+        features, logits = self.forward(images)
+        return features.cpu(), logits.cpu()
 
     def manifest(self) -> dict:
         """The manifest's ``teacher`` and ``preprocessing`` sections."""
