@@ -117,13 +117,18 @@ def _local_file(path: str | None) -> list[str]:
     return [path] if path and "://" not in path and ":" not in path and path not in ("none", "pretrained") else []
 
 
-def _stage(name: str, params_ref, keys: list[str], deps: list[str], run: bool = False, **outputs) -> dict:
-    key = " ${key}" if run else ""
+def _stage(name: str, params_ref, keys: list[str], deps: list[str], run: bool = False,
+           runs: list[str] | None = None, **outputs) -> dict:
+    """A stage running ``stages/NAME.py``; with ``run``, one per run of ``distill.runs`` (``${key}``), or with
+    ``runs`` one per run named there (``${item}``)."""
+    key = " ${key}" if run else " ${item}" if runs else ""
     stage = {"cmd": f"python -m stages.{name}{key}{params_ref['arg']}", "deps": code_deps(f"stages.{name}") + deps,
              "params": [{params_ref["file"]: keys}] if params_ref["file"] else keys}
     if params_ref["wdir"]:
         stage = {"wdir": params_ref["wdir"], **stage}
     stage.update({kind: paths for kind, paths in outputs.items() if paths})
+    if runs:
+        return {"foreach": runs, "do": stage}
     return {"foreach": "${distill.runs}", "do": stage} if run else stage
 
 
@@ -158,13 +163,7 @@ def pipeline(params_path: str) -> dict:
         stages["probes"] = _stage("probes", ref, ["probes"], data_dirs(c.shards + c.val_shards) + [c.store],
                                   metrics=[{"${probes.out}": uncached}])
     if "distill" in cfg:
-        c = cfg["distill"]
-        keys = [f"distill.{k}" for k in ("store", "shards", "val_shards", "out", "common")] + ["distill.runs.${key}"]
-        stages["distill"] = _stage(
-            "distill", ref, keys, data_dirs(c.shards + c.val_shards) + _local_file(c.store), run=True,
-            outs=[{run_dir("${distill.out}", "${key}"): {"persist": True}}],
-            metrics=[{run_metrics("${distill.out}", "${key}"): uncached}],
-            plots=[{run_plot("${distill.out}", "${key}"): uncached}])
+        stages.update(_distill_stages(cfg["distill"], ref))
     if "evaluate" in cfg:
         c = cfg["evaluate"]
         stages["evaluate"] = _stage(
@@ -185,6 +184,29 @@ def pipeline(params_path: str) -> dict:
         if "report" in cfg:
             out["plots"] += [os.path.join(cfg["report"].out, n) for n in REPORT if n.endswith(".png")]
     return out
+
+
+def _distill_stages(c, ref) -> dict:
+    """One ``distill`` stage per run (``foreach``). Runs that name a live teacher depend on its weights, not on
+    the store: they are the ``distill-live`` stages, and the others, listed by name, the ``distill`` ones."""
+    live = [name for name in c.runs if c.run(name).teacher is not None]
+    cached = [name for name in c.runs if name not in live]
+    common = [f"distill.{k}" for k in ("shards", "val_shards", "out", "common")]
+    data = data_dirs(c.shards + c.val_shards)
+
+    def group(var: str, keys: list[str], deps: list[str], **each) -> dict:
+        return _stage("distill", ref, keys + [f"distill.runs.{var}"], data + deps, **each,
+                      outs=[{run_dir("${distill.out}", var): {"persist": True}}],
+                      metrics=[{run_metrics("${distill.out}", var): uncached}],
+                      plots=[{run_plot("${distill.out}", var): uncached}])
+
+    uncached = {"cache": False}
+    if not live:
+        return {"distill": group("${key}", ["distill.store", *common], _local_file(c.store), run=True)}
+    weights = sorted({path for name in live for path in _local_file(c.run(name).teacher.weights)})
+    stages = {"distill": group("${item}", ["distill.store", *common], _local_file(c.store), runs=cached)} if cached else {}
+    stages["distill-live"] = group("${item}", common, weights, runs=live)
+    return stages
 
 
 def _curves(distill) -> dict:
