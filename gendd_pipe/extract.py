@@ -38,8 +38,8 @@ from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher, cr
 from gendd_pipe.runtime import RuntimeConfig, resolve_device
 from gendd_pipe.shard_task import ShardConfig, extract_shard, view_manifest
 from gendd_pipe.storage import storage_errors
-from gendd_pipe.store.format import (MANIFEST_ATTR, SHARDS, check_compatible, logits_spec, parse_logits,
-                                     recorded_source)
+from gendd_pipe.store.format import (MANIFEST_ATTR, SHARDS, check_compatible, is_int8, logits_spec, parse_logits,
+                                     recorded_source, shard_views)
 from gendd_pipe.store.lease import Claims, Leases
 from gendd_pipe.store.reader import FeatureStore
 from gendd_pipe.store.writer import RESUME, is_complete, open_root, write_root
@@ -138,7 +138,7 @@ def extract(patterns: list[str], store: str, cfg: ExtractConfig, progress: bool 
         teacher = create_teacher(cfg.teacher, RuntimeConfig(device="cpu"))
     with Leases(store) as leases:
         root, manifest, cfg = _open_root(store, teacher, cfg, urls, leases)
-        todo = [u for u in urls if not is_complete(root, shard_name(u))]
+        todo = [u for u in urls if not is_complete(root, shard_name(u), cfg.views.count)]
         log.info("%s: %d of %d shards to extract%s", public_url(store), len(todo), len(urls),
                  f" ({len(urls) - len(todo)} complete already)" if len(todo) < len(urls) else "")
         try:
@@ -183,7 +183,17 @@ def _open_root(store: str, teacher: Teacher, cfg: ExtractConfig, urls: list[str]
     cfg = replace(cfg, logits=_logits_mode(cfg.logits, teacher, existing))
     check_compatible(store, existing, requested_manifest(teacher, cfg))
     _check_sources(store, root, urls)
-    return root, existing, cfg
+    count, stored = cfg.views.count, existing["views"]["count"]
+    if count < stored:
+        raise GenddError(f"{public_url(store)}: --views {count} is below its {stored} views per image; a store does "
+                         f"not shrink: train on its first {count} with distill --views {count} (loader.views), or "
+                         "extract into a new --out")
+    if count > stored and is_int8(existing):
+        raise GenddError(f"{public_url(store)}: --views {count}: its int8 features share one scale per chunk over "
+                         "every view, so new views would change the stored ones; extract into a new --out")
+    if count > stored:
+        log.info("%s: growing from %d to %d views per image", public_url(store), stored, count)
+    return root, {**existing, "views": {**existing["views"], "count": count}}, cfg
 
 
 def _extract_todo(urls: list[str], store: str, root, manifest: dict, cfg: ExtractConfig, devices: tuple[str, ...],
@@ -193,7 +203,7 @@ def _extract_todo(urls: list[str], store: str, root, manifest: dict, cfg: Extrac
     if not urls:
         return
     by_name = {shard_name(u): u for u in urls}
-    claims = Claims(store, root, leases, list(by_name))
+    claims = Claims(store, root, leases, list(by_name), cfg.views.count)
     in_process, waited, progressed = cfg.dask_workers == 0 and not cfg.scheduler, False, time.monotonic()
     task = narrow(cfg, ShardConfig)
     report = {"report": bar.add_images} if in_process else {}  # Dask tasks report through the worker's events
@@ -275,7 +285,9 @@ def _finalize(store: str, root, manifest: dict, urls: list[str]) -> dict:
                        "source_sha256": attrs["source_sha256"],
                        **({"int8_cosine": attrs["int8_cosine"]} if "int8_cosine" in attrs else {})})
         skipped += [{"shard": name, **s} for s in attrs["skipped"]]
-    manifest = {**manifest, "shards": shards, "skipped": skipped}
+    held = [shard_views(root[f"{SHARDS}/{s['name']}"]) for s in shards]
+    count = min(held, default=manifest["views"]["count"])  # the views every shard holds: all it reads as
+    manifest = {**manifest, "views": {**manifest["views"], "count": count}, "shards": shards, "skipped": skipped}
     measured = [s for s in shards if "int8_cosine" in s]
     if measured:  # the int8 codec's measured round trip over the whole store, the mean weighted by samples
         samples = sum(s["count"] for s in measured) or 1

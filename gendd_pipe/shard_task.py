@@ -31,7 +31,8 @@ from gendd_pipe.files import public_url
 from gendd_pipe.models.teacher import Teacher, TeacherConfig, cached_teacher
 from gendd_pipe.runtime import RuntimeConfig, normalize_pixels
 from gendd_pipe.storage import storage_errors
-from gendd_pipe.store.format import SHARDS, format_version, recorded_source, shard_schema
+from gendd_pipe.store.format import (CHECKSUMS, SHARDS, VIEWS_ATTR, checksum, format_version, recorded_source,
+                                     shard_schema, shard_views)
 from gendd_pipe.store.writer import RESUME, ShardWriter, is_complete, open_root
 
 log = logging.getLogger(__name__)
@@ -207,10 +208,13 @@ def extract_shard(url: str, store: str, manifest: dict, cfg: ShardConfig, device
     where = f"write feature shard {name}"
     with storage_errors(store, where, hint=RESUME):
         root = open_root(store)
-    if is_complete(root, name):  # run again by Dask because the worker holding its result was lost: committed
-        log.debug("feature shard %s: complete already, left as it is", name)
+    if is_complete(root, name, manifest["views"]["count"]):  # run again by Dask because the worker holding its
+        log.debug("feature shard %s: complete already, left as it is", name)  # result was lost: committed
         return _entry(name, dict(root[f"{SHARDS}/{name}"].attrs))
     teacher = cached_teacher(cfg.teacher, task_runtime(cfg.runtime, devices), cfg.threads)
+    if is_complete(root, name):
+        with storage_errors(store, where, hint=RESUME):
+            return grow_shard(root[f"{SHARDS}/{name}"], url, store, manifest, cfg, teacher, report)
     reader = ShardReader(url, cfg.on_error, teacher.num_classes, decode=False)
     skipped: list[dict] = []
     with storage_errors(store, where, hint=RESUME):
@@ -223,13 +227,73 @@ def extract_shard(url: str, store: str, manifest: dict, cfg: ShardConfig, device
                 writer.append(rows)
             n += len(batch)
             report(len(batch))
-        attrs = {"source": source or recorded_source(url), "source_sha256": reader.sha256, "count": n, "skipped": skipped}
+        attrs = {"source": source or recorded_source(url), "source_sha256": reader.sha256, "count": n,
+                 "skipped": skipped, VIEWS_ATTR: manifest["views"]["count"]}
         with storage_errors(store, where, hint=RESUME):
             attrs = writer.commit(attrs)
     finally:
         writer.close()
     log.debug("feature shard %s: %d samples, %d skipped, from %s", name, n, len(skipped), public_url(url))
     return _entry(name, attrs)
+
+
+def grow_shard(group, url: str, store: str, manifest: dict, cfg: ShardConfig, teacher: Teacher,
+               report: Callable[[int], None] = report_progress) -> dict:
+    """Add to a complete feature shard the views its rows lack, up to the manifest's count N: views ``V..N-1``
+    drawn, rendered and run through the teacher as an N-view extraction does them (`plan_views`), so the shard
+    then holds what one of N views would. Its stored views keep their bytes: its per-view arrays grow along the
+    view axis (new chunks), their checksums are made again over all N, and its ``views`` attribute, written as V
+    before and as N last, says which views are whole, so a shard killed midway is grown again from its V views
+    and readers read its first V (`FeatureStore.read_shard`) until the store's manifest says N.
+
+    Returns:
+        The shard's manifest entry, as `extract_shard` does.
+    """
+    name, have, want = group.basename, shard_views(group), manifest["views"]["count"]
+    schema, sums = shard_schema(manifest), dict(group.attrs.get(CHECKSUMS) or {})
+    stored = {key: group[key][:, :have] for key, spec in schema.items() if spec.per_view}
+    for key, data in stored.items():
+        if key in sums and checksum(data) != sums[key]:
+            raise GenddError(f"{public_url(store)}: shard {name}: array {key} does not match its checksum, so it "
+                             "cannot grow (gendd-pipe verify names what is damaged; re-extract into a new --out)")
+    keys = group["keys"][...].tolist()
+    reader = ShardReader(url, "skip", teacher.num_classes, decode=False)
+    rows = set(keys)
+    samples = [s for s in reader if isinstance(s, Sample) and s.key in rows]
+    if [s.key for s in samples] != keys or reader.sha256 != group.attrs["source_sha256"]:
+        raise GenddError(f"{public_url(url)}: not the shard feature shard {name} was extracted from (its samples or "
+                         f"bytes differ: sha256 {reader.sha256[:12]}, the store's {group.attrs['source_sha256'][:12]}); "
+                         "pass the original shard to grow it")
+    which = list(range(have, want))
+    replay, dc, on_cpu = Replay(manifest, teacher.data_config), teacher.data_config, teacher.device.type == "cpu"
+    plan = plan_views(samples, cfg.views, cfg.augment, replay, dc, which)
+
+    def one(i: int):
+        row = {k: a[i] for k, a in plan.items()}
+        pixels = replay.views(samples[i], row, samples, plan)
+        return samples[i], row, normalize_pixels(pixels, dc["mean"], dc["std"]) if on_cpu else pixels
+
+    per_batch, grown, batch = max(1, cfg.batch_size // len(which)), {key: [] for key in stored}, []
+    threads = cfg.render_threads or cfg.threads or 1
+    for i, item in enumerate(prefetched(one, range(len(samples)), threads, 2 * per_batch)):
+        batch.append(item)
+        if len(batch) == per_batch or i == len(samples) - 1:
+            computed = _forward(teacher, batch, manifest["logits"])
+            for key in grown:
+                grown[key].append(computed[key].astype(schema[key].dtype, copy=False))
+            report(len(batch))
+            batch = []
+    group.attrs[VIEWS_ATTR] = have  # before the arrays grow: their first `have` views are the whole ones
+    for key, old in stored.items():
+        new = np.concatenate(grown[key]) if grown[key] else np.zeros((0, want - have, *old.shape[2:]), old.dtype)
+        data = np.concatenate([old, new], axis=1)
+        array = group[key]
+        array.resize(data.shape)
+        array[:, have:] = data[:, have:]
+        sums[key] = checksum(data)
+    group.attrs.update({VIEWS_ATTR: want, CHECKSUMS: sums})
+    log.debug("feature shard %s: grown from %d to %d views", name, have, want)
+    return _entry(name, dict(group.attrs))
 
 
 def _entry(name: str, attrs: dict) -> dict:

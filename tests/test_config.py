@@ -70,7 +70,7 @@ def test_yaml_ambiguities_are_coerced_to_the_field_types(recipe):
     (["distill.common.unsupervised=true", "distill.runs.kd.method=dkd"],
      "distill.runs.kd: method dkd needs labels and cannot run unsupervised"),
     (["distill.common.gendd.predict.sampling_steps=0"], "distill.common.gendd.predict.sampling_steps: must be > 0"),
-    (["distill.store=null"], "distill.store: must be a string, got None"),
+    (["distill.store=null"], "distill.store: run kd names no live teacher, so it learns from a store"),
 ])
 def test_every_error_is_one_line_naming_the_key_path(recipe, sets, message):
     with pytest.raises(ConfigError) as error:

@@ -22,7 +22,8 @@ writer, the reader, ``info``/``verify`` and extraction all read::
 
     store.zarr/                 attrs["gendd_pipe"] = manifest
       teacher/head_weight (C, D) float32, teacher/head_bias (C,) float32
-      shards/<name>/            attrs: source, source_sha256, count, skipped, checksums, complete
+      shards/<name>/            attrs: source, source_sha256, count, skipped, checksums, complete (and views,
+                                where the shard was grown: the views its rows hold)
         keys (n,) str, labels (n,) int64, views (n, V, 5) float32,
         jitter (n, V, 6) float32 (version 4), augment (n, V, L, 3) float32 and/or mix (n, V, 7) float32
         (version 3: `gendd_pipe.data.augment`),
@@ -54,7 +55,7 @@ READABLE_VERSIONS = (1, 2, 3, 4)  # what this code opens and distills
 MANIFEST_ATTR = "gendd_pipe"
 SHARDS = "shards"
 HEAD_WEIGHT, HEAD_BIAS = "teacher/head_weight", "teacher/head_bias"
-COMPLETE, CHECKSUMS = "complete", "checksums"
+COMPLETE, CHECKSUMS, VIEWS_ATTR = "complete", "checksums", "views"
 VIEW_ARRAYS = ("views", "jitter", "augment", "mix")  # a row's arrays that make the pixels of its views
 # The columns of the per-view arrays (`gendd_pipe.data.views`, `gendd_pipe.data.augment` draw and replay them).
 VIEW_FIELDS = ("top", "left", "height", "width", "hflip")
@@ -86,6 +87,8 @@ class ArraySpec:
         dtype: A numpy dtype name, or ``str`` for variable-length UTF-8.
         payload: Teacher output: counted against raw fp32 by ``info``, checked finite by ``verify``.
         per_chunk: One row per chunk of samples (the int8 codec's scales), not one per sample.
+        per_view: One entry per view in each row (its first axis after the rows): what growing a store by
+            views extends (`gendd_pipe.shard_task`).
     """
 
     name: str
@@ -93,6 +96,7 @@ class ArraySpec:
     dtype: str
     payload: bool = False
     per_chunk: bool = False
+    per_view: bool = False
 
     def rows(self, samples: int, chunk_size: int) -> int:
         """The rows this array has in a shard of ``samples`` samples."""
@@ -103,22 +107,25 @@ def shard_schema(manifest: dict) -> dict[str, ArraySpec]:
     """Every array a feature shard of this store holds, by name, in the order they are written: the one
     description of a shard that writing, reading, checking and extracting follow."""
     v, teacher, logits = manifest["views"]["count"], manifest["teacher"], manifest["logits"]
+    view = dict(per_view=True)
     specs = [ArraySpec("keys", (), "str"), ArraySpec("labels", (), "int64"),
-             ArraySpec("views", (v, len(VIEW_FIELDS)), "float32")]
+             ArraySpec("views", (v, len(VIEW_FIELDS)), "float32", **view)]
     augmented = augment_arrays(manifest)
     if "jitter" in augmented:
-        specs.append(ArraySpec("jitter", (v, len(JITTER_FIELDS)), "float32"))
+        specs.append(ArraySpec("jitter", (v, len(JITTER_FIELDS)), "float32", **view))
     if "augment" in augmented:
-        specs.append(ArraySpec("augment", (v, manifest["augment"]["layers"], len(RANDAUGMENT_FIELDS)), "float32"))
+        specs.append(ArraySpec("augment", (v, manifest["augment"]["layers"], len(RANDAUGMENT_FIELDS)), "float32",
+                               **view))
     if "mix" in augmented:
-        specs.append(ArraySpec("mix", (v, len(MIX_FIELDS)), "float32"))
+        specs.append(ArraySpec("mix", (v, len(MIX_FIELDS)), "float32", **view))
     width = teacher["num_features"]
-    specs.append(ArraySpec("features", (v, width), "int8" if is_int8(manifest) else "float16", payload=True))
+    specs.append(ArraySpec("features", (v, width), "int8" if is_int8(manifest) else "float16", payload=True,
+                           **view))
     if logits["mode"] == "full":
-        specs.append(ArraySpec("logits", (v, teacher["num_classes"]), "float16", payload=True))
+        specs.append(ArraySpec("logits", (v, teacher["num_classes"]), "float16", payload=True, **view))
     elif logits["mode"] == "topk":
-        specs += [ArraySpec("topk_values", (v, logits["k"]), "float16", payload=True),
-                  ArraySpec("topk_indices", (v, logits["k"]), "int32")]
+        specs += [ArraySpec("topk_values", (v, logits["k"]), "float16", payload=True, **view),
+                  ArraySpec("topk_indices", (v, logits["k"]), "int32", **view)]
     if is_int8(manifest):  # the int8 codec's scales, one row per chunk of features
         specs.append(ArraySpec("feature_scales", (width,), "float32", per_chunk=True))
     return {spec.name: spec for spec in specs}
@@ -215,10 +222,21 @@ def logits_spec(section: dict) -> str:
     return section["mode"] + (f":{section['k']}" if "k" in section else "")
 
 
+def shard_views(group, default: int | None = None) -> int:
+    """The views every row of a complete feature shard holds, which its checksums cover: its ``views`` attribute
+    (written with the shard, and by growing it: before its arrays grow, and again once the new views are
+    written); for a shard written before there was one, ``default`` (a reader's manifest count: such a shard
+    is read before any growth began) or its views array's width."""
+    held = group.attrs.get(VIEWS_ATTR) or default
+    return int(held if held is not None else group["views"].shape[1])
+
+
 def check_compatible(store: str, existing: dict, requested: dict) -> None:
-    """Refuse to extend a store whose bytes would come from another teacher, recipe or precision."""
+    """Refuse to extend a store whose bytes would come from another teacher, recipe or precision. The view count
+    may differ: a request of more views grows the store (`gendd_pipe.extract`), of fewer is refused there."""
     existing = {"compute": COMPUTE_BEFORE_PRECISION, **existing}
-    existing["views"] = {"renderer": RENDERER_BEFORE, **existing.get("views", {})}
+    existing["views"] = {"renderer": RENDERER_BEFORE, **existing.get("views", {}),
+                         "count": requested["views"]["count"]}
     if existing.get("format_version") not in WRITTEN_VERSIONS:
         raise GenddError(f"{store}: format version {existing.get('format_version')} cannot be extended by this "
                          f"version, which writes versions {', '.join(map(str, WRITTEN_VERSIONS))} (it still reads "

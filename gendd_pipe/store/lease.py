@@ -185,10 +185,11 @@ class Claims:
         root: Its root group.
         leases: This writer's leases on it.
         names: The shards to see complete, in the order they are claimed.
+        views: The views each of them must hold to count as complete (a store growing by views); None: any.
     """
 
-    def __init__(self, store: str, root: zarr.Group, leases: Leases, names: list[str]):
-        self.store, self.root, self.leases = store, root, leases
+    def __init__(self, store: str, root: zarr.Group, leases: Leases, names: list[str], views: int | None = None):
+        self.store, self.root, self.leases, self.views = store, root, leases, views
         self.todo, self.written = list(names), set()
 
     def claimed(self):
@@ -198,7 +199,7 @@ class Claims:
             with storage_errors(self.store, f"write the lease of feature shard {name}", hint=RESUME):
                 if not self.leases.take(name):
                     continue
-            if is_complete(self.root, name):
+            if is_complete(self.root, name, self.views):
                 self._release(name)
                 continue
             yield name
@@ -210,7 +211,7 @@ class Claims:
 
     def settle(self) -> list[str]:
         """Drop the complete shards from `todo` (this writer's, and any another writer completed); returns them."""
-        complete = [name for name in self.todo if is_complete(self.root, name)]
+        complete = [name for name in self.todo if is_complete(self.root, name, self.views)]
         self.todo = [name for name in self.todo if name not in complete]
         return complete
 

@@ -7,7 +7,8 @@
     >>> store.view_features("train-000000", view=0)                  # (n, D) float32, any codec
     >>> lazy = store.to_dask()                                       # whole-store dask arrays
 
-Only shards whose ``complete`` attribute is set are visible. `read_shard` checks
+Only shards whose ``complete`` attribute is set are visible, each with the store's count of views (a shard
+grown ahead of the others, `gendd_pipe.extract`, is read at that count until every shard has its views). `read_shard` checks
 what it reads against the checksums written with the shard, so a flipped byte,
 a lost chunk or a truncated array is an error naming the shard and the array,
 never silently wrong features.
@@ -22,7 +23,8 @@ from gendd_pipe.errors import GenddError
 from gendd_pipe.files import public_url
 from gendd_pipe.storage import nothing_at, storage_errors
 from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, READABLE_VERSIONS,
-                                     SHARDS, checksum, dequantize_int8, derive_logits, is_int8, shard_schema)
+                                     SHARDS, checksum, dequantize_int8, derive_logits, is_int8, shard_schema,
+                                     shard_views)
 
 
 class FeatureStore:
@@ -139,12 +141,14 @@ class FeatureStore:
     def check_arrays(self, name: str, verify: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
         """Read one shard's arrays; returns them and the problems found (missing, unreadable, short, checksum)."""
         group = self.shard(name)
-        n = int(group.attrs["count"])
+        n, held = int(group.attrs["count"]), shard_views(group, self.num_views)
         sums = dict(group.attrs.get(CHECKSUMS) or {})  # stores written before checksums have none
         data, problems = {}, []
+        if held < self.num_views:
+            return data, [f"shard {name}: holds {held} views per row, the store {self.num_views}"]
         for key, spec in shard_schema(self.manifest).items():
-            try:
-                data[key] = group[key][...]
+            try:  # a shard grown ahead of the store holds more views than it reads: its checksum covers them
+                data[key] = group[key][:, :held] if spec.per_view else group[key][...]
             except KeyError:
                 problems.append(f"shard {name}: array {key} is missing")
                 continue
@@ -156,6 +160,8 @@ class FeatureStore:
                 problems.append(f"shard {name}: {key} has {len(data[key])} rows, count says {rows}")
             elif verify and key in sums and checksum(data[key]) != sums[key]:
                 problems.append(f"shard {name}: array {key} does not match its checksum (damaged or rewritten)")
+            if spec.per_view and held > self.num_views:
+                data[key] = data[key][:, :self.num_views]
         return data, problems
 
     def to_dask(self) -> dict:

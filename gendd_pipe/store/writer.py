@@ -17,7 +17,7 @@ import zarr
 
 from gendd_pipe.errors import GenddError
 from gendd_pipe.store.format import (CHECKSUMS, COMPLETE, HEAD_BIAS, HEAD_WEIGHT, MANIFEST_ATTR, SHARDS, ArraySpec,
-                                     Checksum, compressor, quantize_int8)
+                                     Checksum, compressor, quantize_int8, shard_views)
 
 RESUME = "complete shards are kept, re-run to resume"  # what a failed write leaves behind
 
@@ -35,9 +35,11 @@ def write_root(root: zarr.Group, manifest: dict, head: tuple[np.ndarray, np.ndar
     root.attrs[MANIFEST_ATTR] = manifest
 
 
-def is_complete(root: zarr.Group, name: str) -> bool:
+def is_complete(root: zarr.Group, name: str, views: int | None = None) -> bool:
+    """Whether feature shard ``name`` is committed (and, given ``views``, holds that many views per row)."""
     group = root.get(f"{SHARDS}/{name}")
-    return group is not None and bool(group.attrs.get(COMPLETE, False))
+    complete = group is not None and bool(group.attrs.get(COMPLETE, False))
+    return complete and (views is None or shard_views(group) >= views)
 
 
 class ShardWriter:
