@@ -6,11 +6,12 @@
 Real MNIST digits are written as shards and extracted (weights none, two views) by
 each teacher; every timing then trains the same student on the same batches:
 
-- cache speedup: a step with the teacher run online (its forward of the batch, then
-  the student's step: the official way) over a step from the cache (the loader, its
-  workers running beside the step, then the student's step); cache efficiency: that
-  speedup over its bound ``(t_teacher + t_student) / t_student``, the three times
-  measured in the same run.
+- cache speedup: a step of a run naming a live teacher (its loader rendering a fresh
+  view of each image for both networks, the teacher's forward of the batch under
+  no_grad, then the student's step: the official way, as `distill` runs it) over a
+  step from the cache (the loader, its workers running beside the step, then the
+  student's step); cache efficiency: that speedup over its bound
+  ``(t_teacher + t_student) / t_student``, the four times measured in the same run.
 - loader headroom: samples/s of the loader alone over the samples/s the step consumes.
 - loader against its peer: samples/s of one worker of the training loader (as it feeds
   a GPU) over one of the loader a timm user writes (webdataset, PIL decode, timm's
@@ -53,11 +54,12 @@ from gendd_pipe.distill.config import DistillConfig  # noqa: E402
 from gendd_pipe.distill.evaluate import evaluate, load_method  # noqa: E402
 from gendd_pipe.distill.methods import create_method  # noqa: E402
 from gendd_pipe.distill.methods.gendd import GenddConfig  # noqa: E402
-from gendd_pipe.distill.train import _on_device, teacher_head  # noqa: E402
+from gendd_pipe.distill.live import LiveTeacher, LiveTeacherConfig, LiveViews  # noqa: E402
+from gendd_pipe.distill.train import _on_device, derived_head, teacher_head  # noqa: E402
 from gendd_pipe.extract import ExtractConfig, extract  # noqa: E402
 from gendd_pipe.models.gendd_head import HeadConfig, SamplingConfig  # noqa: E402
 from gendd_pipe.models.student import StudentConfig, create_student  # noqa: E402
-from gendd_pipe.models.teacher import TeacherConfig, create_teacher  # noqa: E402
+from gendd_pipe.models.teacher import TeacherConfig  # noqa: E402
 from gendd_pipe.runtime import RuntimeConfig, autocast, grad_scaler, place, resolve_device  # noqa: E402
 from gendd_pipe.store.reader import FeatureStore  # noqa: E402
 
@@ -109,18 +111,20 @@ def seconds_per(fn, items: list, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def cached_steps(trainer: Trainer, loader, steps: int, device: torch.device, repeats: int) -> float:
-    """Seconds per step of the loader (its workers running beside) feeding ``trainer``, median of ``repeats``
-    epochs; the first batch of each epoch, which waits for the workers to start, is not timed."""
+def loader_steps(trainer: Trainer, loader, steps: int, device: torch.device, repeats: int, head=None,
+                 live: LiveTeacher | None = None) -> float:
+    """Seconds per step of the loader (its workers running beside) feeding ``trainer`` as the distill loop feeds
+    it (`_on_device`: with ``live``, the live teacher's forward of each batch), median of ``repeats`` epochs; the
+    first batch of each epoch, which waits for the workers to start, is not timed."""
     times = []
     for epoch in range(repeats):
         loader.dataset.set_epoch(epoch)
         batches = iter(loader)
-        trainer.step(_on_device(next(batches), trainer.data_config, trainer.runtime, device))
+        trainer.step(_on_device(next(batches), trainer.data_config, trainer.runtime, device, head, live))
         _sync(device)
         start = time.perf_counter()
         for batch in itertools.islice(batches, steps):
-            trainer.step(_on_device(batch, trainer.data_config, trainer.runtime, device))
+            trainer.step(_on_device(batch, trainer.data_config, trainer.runtime, device, head, live))
         _sync(device)
         times.append((time.perf_counter() - start) / steps)
     return statistics.median(times)
@@ -247,23 +251,25 @@ def bench_device(args, device: torch.device, stores: dict, shards: list[str]) ->
                  "input_size": args.input_size, "loader_workers": workers(None)}
     for role, name in (("light", args.light), ("heavy", args.heavy)):
         store = FeatureStore.open(stores[name])
-        loader = train_pipeline(shards, store, create_student(student, 1000).data_config, loader_cfg, 0,
-                                cuda=device.type == "cuda")
+        data_config = create_student(student, 1000).data_config
+        loader = train_pipeline(shards, store, data_config, loader_cfg, 0, cuda=device.type == "cuda")
         trainer = Trainer(DistillConfig(method="kd", student=student), store, shard_name(shards[0]),
                           runtime, device)
-        batches = [_on_device(b, trainer.data_config, runtime, device) for b in itertools.islice(loader, args.steps)]
-        teacher = create_teacher(TeacherConfig(name, "none", input_size=args.input_size), runtime)
-        pixels = [b["image"] for b in itertools.islice(loader, args.steps)]  # uint8, as an image loader gives them
-
-        def online(index: int) -> None:  # the teacher's forward of the batch, then the student's step
-            features, logits = teacher(pixels[index])
-            batch = dict(batches[index], feature=features.to(device), logits=logits.to(device))
-            trainer.step(batch)
-
-        t_teacher = seconds_per(lambda i: teacher(pixels[i]), range(args.steps), device, args.repeats)
+        head = derived_head(teacher_head(store, shard_name(shards[0])), "kd", device)
+        batches = [_on_device(b, trainer.data_config, runtime, device, head)
+                   for b in itertools.islice(loader, args.steps)]
+        # the product's online path: a run naming a live teacher (its loader renders a fresh view of each image
+        # for both networks, the teacher runs on the batch under no_grad, then the student's step)
+        live = LiveTeacher(LiveTeacherConfig(name=name, weights="none", input_size=args.input_size,
+                                             views=LiveViews(scale=store.manifest["views"]["scale"])),
+                           runtime, device)
+        online = live.pipeline(shards, data_config, loader_cfg, 0, 0, live.check(shards, False),
+                               cuda=device.type == "cuda")
+        pixels = [b["teacher_image"] for b in itertools.islice(online, args.steps)]  # uint8, as loaders give them
+        t_teacher = seconds_per(lambda i: live.outputs(pixels[i]), range(args.steps), device, args.repeats)
         t_student = seconds_per(lambda i: trainer.step(batches[i]), range(args.steps), device, args.repeats)
-        t_online = seconds_per(online, range(args.steps), device, args.repeats)
-        t_cache = cached_steps(trainer, loader, args.steps, device, args.repeats)
+        t_online = loader_steps(trainer, online, args.steps, device, args.repeats, head, live)
+        t_cache = loader_steps(trainer, loader, args.steps, device, args.repeats, head)
         speedup, bound = t_online / t_cache, (t_teacher + t_student) / t_student
         out[role] = {"teacher": name, "teacher_s": t_teacher, "student_s": t_student, "online_s": t_online,
                      "cache_s": t_cache, "cache_speedup": speedup, "bound": bound, "cache_efficiency": speedup / bound}

@@ -74,6 +74,6 @@ def test_bad_inputs_are_one_line_errors(tmp_path, digit_shards, photos):
     _one_line_error(_invoke("prepare", "--dataset", tmp_path / "nodir", "--out", tmp_path / "o"),
                     "nodir: not a directory")
     assert _invoke("extract", digit_shards[0], *out, *TINY, "--dask-workers", "0").exit_code == 0
-    _one_line_error(_invoke("extract", digit_shards[0], *out, *TINY[:-3], "--views", "3", "--dask-workers", "0"),
+    _one_line_error(_invoke("extract", digit_shards[0], *out, *TINY[:-3], "--hflip", "0.0", "--dask-workers", "0"),
                     "s.zarr", "another views")
     assert FeatureStore.open(str(tmp_path / "s.zarr")).num_samples == 40
