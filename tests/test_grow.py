@@ -124,8 +124,10 @@ def many(tmp_path_factory, mnist_records):
     root = tmp_path_factory.mktemp("grow-many")
     write_shards(mnist_records[: 24 * SHARDS], str(root / "shards"), "train", 24)
     pattern = str(root / "shards" / f"train-{{000000..{SHARDS - 1:06d}}}.tar")
+    cfg = ExtractConfig(teacher=TeacherConfig("resnet18", "none", input_size=64), batch_size=24, logits="full",
+                        dask_workers=0, threads=1)  # what ARGS ask for
     for views, name in ((2, "two.zarr"), (6, "six.zarr")):
-        subprocess.run(_command(pattern, root / name, views), check=True, capture_output=True, timeout=600)
+        extract([pattern], str(root / name), _views(cfg, views), progress=False)
     return {"pattern": pattern, "two": root / "two.zarr", "six": root / "six.zarr"}
 
 

@@ -153,3 +153,25 @@ def test_a_live_run_from_the_command_line(digit_store, tmp_path):
     ckpt = read_checkpoint(str(tmp_path / "out" / "runs" / "kd" / "last.safetensors"))
     assert ckpt["store"] is None and ckpt["config"]["teacher"]["name"] == "resnet18"
     assert ckpt["config"]["teacher"]["views"]["count"] is None and ckpt["teacher"]["head_shape"] == [1000, 512]
+
+
+@pytest.mark.slow
+def test_a_live_run_under_torchrun(digit_store, tmp_path):
+    """Two torchrun processes (gloo), each running the live teacher on its own half of every global batch; rank 0
+    counts the shards and writes."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "gendd_pipe.cli", "distill", "-r", "kd-live",
+           "--method", "kd", "--teacher", "resnet18", "--teacher-weights", "none", "--teacher-input-size", "32",
+           "--student", "resnet10t", "--input-size", "32", "--epochs", "1", "--batch-size", "16",
+           "--shards", digit_store["train"][0], "--shards", digit_store["train"][1],
+           "--val-shards", digit_store["val"][0], "--out", str(tmp_path / "ddp"), "-q"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ckpt = read_checkpoint(str(tmp_path / "ddp" / "runs" / "kd-live" / "last.safetensors"))
+    assert ckpt["distributed"] == {"world_size": 2, "rank_batch": 8, "batch_size": 16} and ckpt["store"] is None
+    assert ckpt["config"]["teacher"]["views"]["count"] is None and ckpt["epoch"] == 1

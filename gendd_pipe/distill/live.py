@@ -105,6 +105,8 @@ class LiveTeacher:
                          "logits": {"mode": "derived" if self.linear else "full"}}
         self.name = f"live teacher {cfg.name}"
         self.replay = Replay(self.manifest, self.teacher.data_config)
+        log.info("%s on %s: %s", self.name, device, "a fresh view of each image every epoch" if cfg.views.count is None
+                 else f"the {cfg.views.count} views of a {cfg.views.count}-view store")
 
     @property
     def num_views(self) -> int:

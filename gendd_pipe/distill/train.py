@@ -211,7 +211,7 @@ def distill(store_url: str | None, shards: list[str], val_shards: list[str], out
         pipeline = partial(train_pipeline, urls, store)
     else:
         live = LiveTeacher(cfg.teacher, runtime, device)
-        counts = live.check(urls, cfg.unsupervised)
+        counts = on_rank0(lambda: live.check(urls, cfg.unsupervised), runtime)  # one read of the shards' labels
         check_mixed(live.manifest, cfg, live.name)
         manifest, head = live.manifest, live.head(urls[0], cfg.loader.batch_size)
         pipeline = partial(live.pipeline, urls)
