@@ -14,6 +14,7 @@ the same resolved config in both.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -119,6 +120,37 @@ def _sh(cwd, *cmd, timeout=900):
     return done.stdout + done.stderr
 
 
+@contextlib.contextmanager
+def _sh_beside(cwd, *cmd, timeout=900):
+    """``cmd`` run in the background (one thread per torch pool) while the block runs; it must then end with 0."""
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    log = os.path.join(os.path.dirname(cwd), f"{os.path.basename(cwd)}.log")
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            yield
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:  # the block failed, or the command outlived its timeout
+                proc.kill()
+                proc.wait()
+    output = open(log).read()
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}:\n{output[-3000:]}"
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op threads in this process set to ``count`` for the block."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def dvc_repository(path, recipe: str, params: dict) -> str:
     """A git + DVC repository holding the project's code, the recipe's committed dvc.yaml and ``params``."""
     shutil.copytree(os.path.join(ROOT, "gendd_pipe"), path / "gendd_pipe",
@@ -153,19 +185,20 @@ def test_a_recipe_runs_alike_through_the_cli_and_dvc(recipe, tmp_path, digit_fol
     if shards:
         _invoke("prepare", "--dataset", shards["dataset"], "--out", shards["out"], "--shard-size", 8,
                 "--val-fraction", 0.25, "-q")
-    run_by_cli("params.yaml", params)
-    out = params["report"]["out"]
-    table = open(os.path.join(out, "results.md")).read()
-    assert all(f"| {name} |" in table for name in params["distill"]["runs"])
-    assert {"results.md", "results.json", "accuracy.png", "comparison.png"} <= set(os.listdir(out))
-    assert Image.open(os.path.join(out, "accuracy.png")).size[0] > 100
 
     repo = tmp_path / "dvc"
     repo.mkdir()
     relative = dvc_repository(repo, recipe, params)
     if shards:
         shutil.copytree(cli / shards["out"], repo / shards["out"])
-    _sh(repo, DVC, "repro", dvc_yaml_path(relative))
+    # `dvc repro` in its own processes while the CLI runs the stages here: one core each
+    with _sh_beside(repo, DVC, "repro", dvc_yaml_path(relative)), torch_threads(1):
+        run_by_cli("params.yaml", params)
+        out = params["report"]["out"]
+        table = open(os.path.join(out, "results.md")).read()
+        assert all(f"| {name} |" in table for name in params["distill"]["runs"])
+        assert {"results.md", "results.json", "accuracy.png", "comparison.png"} <= set(os.listdir(out))
+        assert Image.open(os.path.join(out, "accuracy.png")).size[0] > 100
     by_cli, by_dvc = resolved_configs(cli), resolved_configs(repo)
     if shards:  # made by hand beside the recipe, not by a stage of it
         by_cli.pop(os.path.join(shards["out"], "config.yaml")), by_dvc.pop(os.path.join(shards["out"], "config.yaml"))
