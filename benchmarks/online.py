@@ -47,11 +47,10 @@ from gendd_pipe.models.teacher import TeacherConfig, create_teacher  # noqa: E40
 from gendd_pipe.recipe import load_params, section  # noqa: E402
 from gendd_pipe.store.reader import FeatureStore  # noqa: E402
 
-BEIT_L = {"teacher": "BEiT-L/16 at 224 px", "teacher_gflops": 2 * 61.6, "student": "ResNet-50 at 224 px",
-          "student_gflops": 3 * 2 * 4.1, "images": 1_281_167, "epochs": 300}
-# The BEiT-L -> ResNet-50 recipe (pipelines/imagenet-beitl-r50): timm's figures of 61.6 GMACs for
-# beit_large_patch16_224 and 4.1 GMACs for resnet50 (x 2 FLOPs per MAC; a training step is about three
-# forwards' worth: forward plus a backward of twice its cost), ImageNet-1k's train images, 300 epochs.
+BEIT_L = {"teacher": "BEiT-L at 224 px", "teacher_gflops": 119.3, "student": "ResNet-50 at 224 px",
+          "student_gflops": 24.3, "images": 1_281_167, "epochs": 620, "views": 64}
+# The BEiT-L -> ResNet-50 recipe's figures (docs/recipes.md, "What the cache saves": torch's flop counter on
+# the two timm models; a training step is a forward and a backward), for the projection in docs/results.md.
 
 
 def disk_bytes(path: str) -> int:
