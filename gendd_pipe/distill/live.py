@@ -130,8 +130,7 @@ class LiveTeacher:
     def plan(self):
         """``plan(samples, which=None)``: the views ``which`` (default all ``views.count``) of a shard's rows
         (`plan_views`), with nothing of the network in it (it goes to the loader's workers)."""
-        views = narrow(self.config.views, ViewConfig) if self.config.views.count else ViewConfig(
-            **{**to_dict(self.config.views), "count": 2})
+        views = ViewConfig(**{**to_dict(self.config.views), "count": self.num_views})
         return partial(plan_views, views=views, augment=self.config.augment, replay=self.replay,
                        data_config=self.teacher.data_config)
 
